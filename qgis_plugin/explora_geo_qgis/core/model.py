@@ -1,0 +1,155 @@
+"""An exported explora-geo ONNX model: its metadata and an ONNX Runtime session.
+
+The bundle (``docs/architecture.md``): input ``image`` ``[N, C, H, W]`` float32, already scaled; outputs
+``embedding`` ``[N, D]`` and, for classifiers, ``probabilities`` ``[N, K]``. Metadata lives in the ONNX
+``metadata_props`` as JSON strings (also in a ``<model>.json`` sidecar).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import PluginError
+from .scaling import Scaler
+
+ORT_INSTALL_HINT = (
+    "the Python package onnxruntime is missing from QGIS's Python; install it into that Python, e.g. "
+    "'python3 -m pip install onnxruntime' (Windows: run it in the OSGeo4W Shell; Debian/Ubuntu: "
+    "'pip install --user onnxruntime' with the system python3), then restart QGIS."
+)
+REQUIRED_KEYS = ("model_type", "bands", "tile_size", "gsd_m", "normalization", "embedding_dim")
+
+
+def import_onnxruntime() -> Any:
+    """The ``onnxruntime`` module, or a :class:`PluginError` saying how to install it."""
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise PluginError(ORT_INSTALL_HINT) from err
+    return onnxruntime
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Parsed model metadata.
+
+    Attributes:
+        model_type: ``"classifier"`` or ``"embedder"``.
+        bands: input band names, in input channel order.
+        tile_size: input height = width, pixels.
+        gsd_m: ground sample distance the model expects, metres per pixel.
+        embedding_dim: D, length of the ``embedding`` output.
+        class_names: K names (classifiers), else empty.
+        class_colors: K ``"#rrggbb"`` colours (classifiers), else empty.
+        scaler: the input scaling.
+        raw: every metadata entry, JSON-decoded.
+    """
+
+    model_type: str
+    bands: tuple[str, ...]
+    tile_size: int
+    gsd_m: float
+    embedding_dim: int
+    class_names: tuple[str, ...]
+    class_colors: tuple[str, ...]
+    scaler: Scaler
+    raw: Mapping[str, Any] = field(repr=False)
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.model_type == "classifier"
+
+    @classmethod
+    def from_metadata(cls, props: Mapping[str, str], source: str = "the model") -> ModelInfo:
+        """Parse ONNX ``metadata_props`` (string -> JSON string)."""
+        raw: dict[str, Any] = {}
+        for key, value in props.items():
+            try:
+                raw[key] = json.loads(value)
+            except (TypeError, ValueError):
+                raw[key] = value
+        missing = [k for k in REQUIRED_KEYS if k not in raw]
+        if missing:
+            raise PluginError(f"{source} has no explora-geo metadata ({', '.join(missing)} missing); "
+                              "export it with 'explora-geo export --format onnx'.")
+        bands = tuple(str(b) for b in raw["bands"])
+        scaler = Scaler.from_dict(raw["normalization"])
+        if scaler.bands and tuple(scaler.bands) != bands:
+            order = {b: i for i, b in enumerate(scaler.bands)}
+            if set(order) != set(bands):
+                raise PluginError(f"{source}: normalisation bands {list(scaler.bands)} differ from the input "
+                                  f"bands {list(bands)}; re-export the model.")
+            idx = [order[b] for b in bands]
+            scaler = Scaler(scaler.scheme, bands, scaler.sub[idx], scaler.mul[idx],
+                            None if scaler.low is None else scaler.low[idx],
+                            None if scaler.high is None else scaler.high[idx])
+        names = tuple(str(c) for c in raw.get("class_names") or ())
+        colors = tuple(str(c) for c in raw.get("class_colors") or ())
+        if raw["model_type"] == "classifier" and not names:
+            raise PluginError(f"{source} is a classifier without class_names; re-export it with a head.")
+        if len(colors) != len(names):
+            colors = default_colors(len(names))
+        return cls(str(raw["model_type"]), bands, int(raw["tile_size"]), float(raw["gsd_m"]),
+                   int(raw["embedding_dim"]), names, colors, scaler, raw)
+
+
+def default_colors(k: int) -> tuple[str, ...]:
+    """``k`` distinct ``#rrggbb`` colours (evenly spaced hues)."""
+    import colorsys
+
+    out = []
+    for i in range(k):
+        r, g, b = colorsys.hsv_to_rgb(i / max(k, 1), 0.65, 0.9)
+        out.append(f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}")
+    return tuple(out)
+
+
+class OnnxModel:
+    """An ONNX Runtime session over an exported explora-geo model.
+
+    Args:
+        path: the ``.onnx`` file.
+        prefer_gpu: use ``CUDAExecutionProvider`` when onnxruntime offers it.
+        threads: intra-op threads (0 = onnxruntime's default, all cores).
+    """
+
+    def __init__(self, path: str | Path, *, prefer_gpu: bool = True, threads: int = 0) -> None:
+        ort = import_onnxruntime()
+        path = Path(path)
+        if not path.is_file():
+            raise PluginError(f"model file {path} does not exist; choose the .onnx file 'explora-geo export' wrote.")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        available = ort.get_available_providers()
+        wanted = [p for p in ("CUDAExecutionProvider",) if prefer_gpu and p in available]
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=[*wanted, "CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own exception types for unreadable files
+            raise PluginError(f"model file {path} cannot be loaded by onnxruntime ({err}); "
+                              "re-export it with 'explora-geo export'.") from err
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.info = ModelInfo.from_metadata(meta, source=f"model file {path.name}")
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        if "embedding" not in self.output_names:
+            raise PluginError(f"model file {path.name} has no 'embedding' output; re-export it with explora-geo.")
+        if self.info.is_classifier and "probabilities" not in self.output_names:
+            raise PluginError(f"model file {path.name} is a classifier without a 'probabilities' output; "
+                              "re-export it with explora-geo.")
+
+    @property
+    def execution_provider(self) -> str:
+        """The provider that runs the model, e.g. ``"CPUExecutionProvider"`` or ``"CUDAExecutionProvider"``."""
+        return str(self.session.get_providers()[0])
+
+    def run(self, batch: np.ndarray, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Forward ``batch`` ``[N, C, T, T]`` float32 (scaled); returns output name -> ``[N, ...]`` array."""
+        names = list(outputs or self.output_names)
+        values = self.session.run(names, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        return dict(zip(names, values))

@@ -1,0 +1,188 @@
+"""Writers for the per-tile outputs: GeoTIFF rasters and a GeoPackage grid, via GDAL/OGR (``osgeo``).
+
+Every writer writes to a hidden temporary name in the destination folder and renames it into place only when
+complete (``os.replace``), so a failure or a cancel never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .errors import PluginError
+
+CLASS_NODATA = 255
+FLOAT_NODATA = -9999.0
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[str]:
+    """Yield a temporary path beside ``path`` (same suffix); on success rename it to ``path``, else delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
+    os.close(fd)
+    os.unlink(tmp)  # GDAL drivers want to create the file themselves
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, f"{tmp}-wal", f"{tmp}-shm", f"{tmp}.aux.xml"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+
+
+def _gdal() -> tuple[object, object, object]:
+    try:
+        from osgeo import gdal, ogr, osr
+    except ImportError as err:  # QGIS always ships osgeo; a bare Python may not
+        raise PluginError("GDAL's Python bindings (osgeo) are missing; run this inside QGIS's Python.") from err
+    gdal.UseExceptions()
+    ogr.UseExceptions()
+    return gdal, ogr, osr
+
+
+def hex_to_rgb(color: str) -> tuple[int, int, int]:
+    """``"#rrggbb"`` -> ``(r, g, b)`` in 0..255."""
+    value = color.lstrip("#")
+    if not re.fullmatch(r"[0-9a-fA-F]{6}", value):
+        raise PluginError(f"class colour {color!r} is not '#rrggbb'; fix class_colors in the model metadata.")
+    return int(value[0:2], 16), int(value[2:4], 16), int(value[4:6], 16)
+
+
+def write_geotiff(
+    path: str | Path,
+    bands: np.ndarray,
+    geotransform: Sequence[float],
+    crs_wkt: str,
+    *,
+    nodata: float | None = None,
+    descriptions: Sequence[str] = (),
+    class_names: Sequence[str] = (),
+    class_colors: Sequence[str] = (),
+) -> Path:
+    """Write ``bands`` ``[B, H, W]`` (uint8, int16, int32 or float32) as a tiled, compressed GeoTIFF.
+
+    Args:
+        path: destination ``.tif``.
+        geotransform: GDAL geotransform (origin and pixel size in CRS units).
+        crs_wkt: the CRS as WKT.
+        nodata: nodata value of every band.
+        descriptions: one description per band.
+        class_names, class_colors: for a single-band class raster, category names and a colour table.
+    """
+    gdal, _, _ = _gdal()
+    types = {np.dtype(np.uint8): gdal.GDT_Byte, np.dtype(np.int16): gdal.GDT_Int16,
+             np.dtype(np.int32): gdal.GDT_Int32, np.dtype(np.float32): gdal.GDT_Float32}
+    if bands.ndim != 3 or bands.dtype not in types:
+        raise ValueError(f"bands must be [B, H, W] of {sorted(map(str, types))}, got {bands.shape} {bands.dtype}")
+    n, h, w = bands.shape
+    options = ["COMPRESS=DEFLATE", "TILED=YES", "BIGTIFF=IF_SAFER"]
+    if n > 1:
+        options.append("INTERLEAVE=BAND")
+    with atomic_path(path) as tmp:
+        ds = gdal.GetDriverByName("GTiff").Create(tmp, w, h, n, types[bands.dtype], options)
+        ds.SetGeoTransform(tuple(float(v) for v in geotransform))
+        ds.SetProjection(crs_wkt)
+        for i in range(n):
+            band = ds.GetRasterBand(i + 1)
+            if nodata is not None:
+                band.SetNoDataValue(float(nodata))
+            if i < len(descriptions):
+                band.SetDescription(str(descriptions[i]))
+            band.WriteArray(bands[i])
+        if class_names:
+            band = ds.GetRasterBand(1)
+            band.SetCategoryNames([str(c) for c in class_names])
+            table = gdal.ColorTable()
+            for k, color in enumerate(class_colors):
+                table.SetColorEntry(k, (*hex_to_rgb(color), 255))
+            band.SetColorTable(table)
+            band.SetColorInterpretation(gdal.GCI_PaletteIndex)
+        ds.FlushCache()
+        ds = None
+    return Path(path)
+
+
+def field_name(label: str, taken: set[str]) -> str:
+    """A GeoPackage-safe, unique field name ``p_<label>`` for a class's probability."""
+    base = "p_" + (re.sub(r"[^0-9A-Za-z_]+", "_", label).strip("_").lower() or "class")
+    name, i = base[:60], 2
+    while name in taken:
+        name, i = f"{base[:56]}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def write_tile_grid(
+    path: str | Path,
+    geotransform: Sequence[float],
+    crs_wkt: str,
+    columns: dict[str, np.ndarray],
+    *,
+    layer_name: str = "tiles",
+    where: np.ndarray | None = None,
+) -> Path:
+    """Write one polygon per output cell to a GeoPackage, with one attribute per entry of ``columns``.
+
+    Args:
+        path: destination ``.gpkg`` (replaced if it exists).
+        geotransform: the cell grid's GDAL geotransform (north-up).
+        crs_wkt: the CRS as WKT.
+        columns: field name -> ``[R, K]`` array (int, float or str values).
+        layer_name: GeoPackage layer name.
+        where: ``[R, K]`` bool; only these cells are written (all when ``None``).
+    """
+    _, ogr, osr = _gdal()
+    arrays = {name: np.asarray(values) for name, values in columns.items()}
+    shape = next(iter(arrays.values())).shape
+    rows, cols = np.nonzero(np.ones(shape, bool) if where is None else where)
+    x0, dx, _, y0, _, dy = geotransform
+    srs = osr.SpatialReference()
+    srs.ImportFromWkt(crs_wkt)
+    srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    with atomic_path(path) as tmp:
+        ds = ogr.GetDriverByName("GPKG").CreateDataSource(tmp)
+        layer = ds.CreateLayer(layer_name, srs, ogr.wkbPolygon, ["SPATIAL_INDEX=YES"])
+        kinds = {}
+        for name, values in arrays.items():
+            if values.dtype.kind in "iub":
+                kind = ogr.OFTInteger64 if values.dtype.itemsize > 4 else ogr.OFTInteger
+            elif values.dtype.kind == "f":
+                kind = ogr.OFTReal
+            else:
+                kind = ogr.OFTString
+            layer.CreateField(ogr.FieldDefn(name, kind))
+            kinds[name] = values.dtype.kind
+        defn = layer.GetLayerDefn()
+        ds.StartTransaction()
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            feature = ogr.Feature(defn)
+            left, top = x0 + c * dx, y0 + r * dy
+            ring = ogr.Geometry(ogr.wkbLinearRing)
+            for x, y in ((left, top), (left + dx, top), (left + dx, top + dy), (left, top + dy), (left, top)):
+                ring.AddPoint_2D(x, y)
+            polygon = ogr.Geometry(ogr.wkbPolygon)
+            polygon.AddGeometry(ring)
+            feature.SetGeometry(polygon)
+            for name, values in arrays.items():
+                value = values[r, c]
+                if kinds[name] == "f":
+                    if np.isfinite(value):
+                        feature.SetField(name, float(value))
+                    else:
+                        feature.SetFieldNull(name)
+                elif kinds[name] in "iub":
+                    feature.SetField(name, int(value))
+                else:
+                    feature.SetField(name, str(value))
+            layer.CreateFeature(feature)
+        ds.CommitTransaction()
+        ds = None
+    return Path(path)
