@@ -1,0 +1,460 @@
+"""Find rasters, name their bands and decide the target grid: the :class:`Catalog` of an input.
+
+An input is a folder (searched recursively), a glob, one file, or a list of those. Two layouts are
+recognised:
+
+- **multi-band mosaics**: every file holds all bands (GeoTIFF, VRT, ...). Band names come from, in order of
+  precedence, a user list ``band_names``, the files' band descriptions when every band has one, or the
+  sensor preset when the file's band count equals the preset's.
+- **per-band files**: names like ``T33UUU_20170216T102101_B02.jp2`` or ``<patch>_B8A.tif`` (optionally with a
+  ``_10m`` suffix, as in L2A SAFE products). Files sharing the part before ``_B..`` form one *scene*; the
+  bands of a scene are resampled to the grid of its finest requested band.
+
+A :class:`Source` is one readable unit (a mosaic file or a scene) with the requested bands located by name.
+The catalog also resolves nodata (user value, else file metadata, else an assumed 0) and the Sentinel-2 L2A
++1000 DN offset (processing baseline >= 04.00 in a SAFE-style name, or ``BOA_ADD_OFFSET`` metadata).
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import os
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from explora_geo.errors import ExploraGeoError
+from explora_geo.sensors import Sensor, canonical_band_name, get_sensor, select_bands
+
+__all__ = [
+    "RASTER_SUFFIXES",
+    "RasterInfo",
+    "Source",
+    "Catalog",
+    "find_rasters",
+    "inspect_raster",
+    "build_catalog",
+    "dn_offset_from",
+]
+
+#: File suffixes treated as rasters when a folder is searched.
+RASTER_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".jp2", ".vrt", ".img")
+
+# "<stem>_B02", "<stem>_B8A_20m" (extension removed).
+_BAND_FILE = re.compile(r"^(?P<stem>.+?)_(?P<band>B(?:0?[1-9]|1[0-2]|8A))(?:_(?P<res>\d+m))?$", re.IGNORECASE)
+# SAFE product names carry the processing baseline, e.g. ..._N0400_..., ..._N0509_...
+_BASELINE = re.compile(r"_N(\d{4})(?:_|$)")
+
+DataSpec = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    """Header facts of one raster file (no pixels read).
+
+    ``transform`` is the rasterio affine (CRS units per pixel); ``block`` the internal tile/strip shape
+    ``(rows, cols)`` of band 1; ``tags`` the dataset-level plus band-1 metadata.
+    """
+
+    path: str
+    crs: Any
+    transform: Any
+    width: int
+    height: int
+    count: int
+    dtype: str
+    nodata: float | None
+    descriptions: tuple[str | None, ...]
+    block: tuple[int, int]
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def res(self) -> tuple[float, float]:
+        """Pixel size ``(x, y)`` in CRS units (positive)."""
+        return abs(self.transform.a), abs(self.transform.e)
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """``(left, bottom, right, top)`` in CRS units."""
+        from rasterio.transform import array_bounds
+
+        west, south, east, north = array_bounds(self.height, self.width, self.transform)
+        return min(west, east), min(south, north), max(west, east), max(south, north)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One readable unit: a multi-band file, or a scene of per-band files.
+
+    Args:
+        name: the file (or scene stem) for messages.
+        channels: per requested band, ``(path, 1-based band index)``, in the requested band order.
+        crs: the unit's own CRS.
+        transform: affine of the unit's grid at the target resolution (pixels are cut on this grid).
+        width, height: grid size in pixels.
+        block: internal block shape ``(rows, cols)`` of the first channel's file (tile-aligned reads).
+        nodata: value marking missing pixels (``None``: none).
+    """
+
+    name: str
+    channels: tuple[tuple[str, int], ...]
+    crs: Any
+    transform: Any
+    width: int
+    height: int
+    block: tuple[int, int]
+    nodata: float | None
+
+    @property
+    def files(self) -> list[str]:
+        """Distinct files read by this unit, in channel order."""
+        return list(dict.fromkeys(p for p, _ in self.channels))
+
+
+@dataclass
+class Catalog:
+    """Everything known about an input before reading pixels.
+
+    Attributes:
+        kind: ``"mosaic"`` (multi-band files) or ``"band_files"`` (one file per band).
+        bands: requested band names (canonical), in output order.
+        file_bands: band names of the files (mosaics: in file order; band files: bands found).
+        sources: readable units, see :class:`Source`.
+        crs, res: target CRS (rasterio ``CRS``) and resolution ``(x, y)`` of the torchgeo view.
+        nodata: nodata value; ``nodata_origin`` says where it came from (``user``/``file``/``assumed``).
+        offset: DN offset subtracted before normalising (Sentinel-2 L2A baseline >= 04.00: 1000);
+            ``offset_origin`` says why.
+        notes: human-readable choices made (default CRS/resolution, ...), for logs.
+    """
+
+    kind: str
+    bands: tuple[str, ...]
+    file_bands: tuple[str, ...]
+    sources: list[Source]
+    crs: Any
+    res: tuple[float, float]
+    nodata: float | None
+    nodata_origin: str
+    offset: float
+    offset_origin: str
+    sensor: Sensor | None
+    scenes: dict[str, dict[str, str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def files(self) -> list[str]:
+        """Every file of the input, sorted."""
+        return sorted({p for s in self.sources for p in s.files})
+
+    def describe(self) -> str:
+        """A few lines for logs: files, CRS, resolution, bands, nodata, offset and the choices made."""
+        files = self.files
+        shown = ", ".join(Path(f).name for f in files[:3]) + (f", ... ({len(files)} files)" if len(files) > 3 else "")
+        lines = [
+            f"data: {self.kind}, {len(self.sources)} unit(s): {shown}",
+            f"crs: {self.crs.to_string() if self.crs is not None else None}; res: {self.res[0]:g} x {self.res[1]:g}",
+            f"bands: {', '.join(self.bands)}",
+            f"nodata: {self.nodata} ({self.nodata_origin}); dn offset: {self.offset:g} ({self.offset_origin})",
+        ]
+        return "\n".join(lines + self.notes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Discovery
+# ----------------------------------------------------------------------------------------------------------
+
+def find_rasters(data: DataSpec) -> list[str]:
+    """Raster files of ``data``: a folder (recursive, by :data:`RASTER_SUFFIXES`), a glob, a file, or a list.
+
+    Raises:
+        ExploraGeoError: a path that does not exist, an empty folder, a folder or glob with no raster.
+    """
+    items = [data] if isinstance(data, str | os.PathLike) else list(data)
+    if not items:
+        raise ExploraGeoError("no input given; pass a folder, a glob or a list of raster files.")
+    found: list[str] = []
+    for item in items:
+        text = os.fspath(item)
+        if any(ch in text for ch in "*?["):
+            matches = sorted(m for m in globlib.glob(text, recursive=True) if os.path.isfile(m))
+            if not matches:
+                raise ExploraGeoError(f"no file matches the glob {text!r}; check the pattern.")
+            found += matches
+        elif os.path.isdir(text):
+            entries = [p for p in Path(text).rglob("*") if p.is_file()]
+            if not entries:
+                raise ExploraGeoError(f"folder {text} is empty; point --data at a folder of rasters.")
+            rasters = sorted(str(p) for p in entries if p.suffix.lower() in RASTER_SUFFIXES)
+            if not rasters:
+                raise ExploraGeoError(
+                    f"folder {text} has no raster ({'/'.join(RASTER_SUFFIXES)}); point --data at GeoTIFF/JP2 files."
+                )
+            found += rasters
+        elif os.path.isfile(text):
+            found.append(text)
+        else:
+            raise ExploraGeoError(f"path {text} does not exist; check --data.")
+    return sorted(dict.fromkeys(os.path.abspath(f) for f in found))
+
+
+def inspect_raster(path: str) -> RasterInfo:
+    """Read the header of ``path``.
+
+    Raises:
+        ExploraGeoError: the file cannot be opened as a raster or has no georeferencing.
+    """
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    try:
+        with rasterio.open(path) as src:
+            if src.crs is None or src.transform.is_identity:
+                raise ExploraGeoError(f"{path} has no CRS/geotransform; georeference it (e.g. gdal_translate -a_srs).")
+            tags = {**src.tags(), **src.tags(1)}
+            return RasterInfo(
+                path=path, crs=src.crs, transform=src.transform, width=src.width, height=src.height,
+                count=src.count, dtype=src.dtypes[0], nodata=src.nodata, descriptions=tuple(src.descriptions),
+                block=tuple(src.block_shapes[0]), tags=tags,
+            )
+    except RasterioError as err:
+        raise ExploraGeoError(f"cannot read {path} as a raster ({err}); replace or remove the file.") from err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Band names, nodata, offset
+# ----------------------------------------------------------------------------------------------------------
+
+def _file_band_names(info: RasterInfo, sensor: Sensor | None, band_names: Sequence[str] | None) -> list[str]:
+    """Band names of a multi-band file: user list > descriptions > sensor preset."""
+    source = Path(info.path).name
+    if band_names is not None:
+        if len(band_names) != info.count:
+            raise ExploraGeoError(
+                f"{info.path} has {info.count} bands but {len(band_names)} band names were given; "
+                "give one name per band of every file."
+            )
+        return list(band_names)
+    if all(d for d in info.descriptions):
+        return [str(d) for d in info.descriptions]
+    if sensor is not None and info.count == len(sensor.bands):
+        return sensor.band_names
+    preset = f"the {sensor.name} preset has {len(sensor.bands)}" if sensor else "no sensor preset was given"
+    raise ExploraGeoError(
+        f"{source} has {info.count} unnamed bands and {preset}; pass band names (one per band, in file order)."
+    )
+
+
+def dn_offset_from(paths: Sequence[str], tags: Sequence[dict[str, str]]) -> tuple[float, str]:
+    """The Sentinel-2 L2A digital-number offset evidenced by file names or metadata.
+
+    Returns ``(offset, origin)``: 1000 when a ``BOA_ADD_OFFSET`` tag says so (its magnitude) or when a
+    SAFE-style name shows processing baseline >= 04.00 (``_N0400_``, ``_N0509_``) of an L2A product; else 0.
+    """
+    for meta in tags:
+        for key, value in meta.items():
+            if "BOA_ADD_OFFSET" in key.upper():
+                try:
+                    return abs(float(value)), f"metadata {key}={value}"
+                except ValueError:
+                    continue
+    for path in paths:
+        text = os.path.abspath(path)
+        match = _BASELINE.search(text)
+        if match and int(match.group(1)) >= 400 and "L2A" in text.upper():
+            return 1000.0, f"processing baseline N{match.group(1)} in {Path(path).name}"
+    return 0.0, "none detected"
+
+
+def _resolve_nodata(infos: Sequence[RasterInfo], nodata: float | None) -> tuple[float | None, str]:
+    if nodata is not None:
+        return float(nodata), "user"
+    values = {i.nodata for i in infos if i.nodata is not None}
+    if len(values) > 1:
+        raise ExploraGeoError(
+            f"files declare different nodata values {sorted(values)}; pass one nodata value explicitly."
+        )
+    if values:
+        return float(values.pop()), "file metadata"
+    return 0.0, "assumed: files declare none, 0 is the fill value of mosaic gaps"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Grids
+# ----------------------------------------------------------------------------------------------------------
+
+def _default_crs(infos: Sequence[RasterInfo]) -> tuple[Any, str]:
+    area: Counter[str] = Counter()
+    by_wkt = {}
+    for info in infos:
+        key = info.crs.to_wkt()
+        by_wkt[key] = info.crs
+        area[key] += info.width * info.height
+    key, _ = area.most_common(1)[0]
+    note = "the only CRS of the files" if len(area) == 1 else f"the CRS covering most pixels of {len(area)} CRSs"
+    return by_wkt[key], note
+
+
+def _unit_grid(info: RasterInfo, res: tuple[float, float]) -> tuple[Any, int, int]:
+    """Grid of ``info`` in its own CRS at ``res``: the file's own when the resolution matches."""
+    from affine import Affine
+
+    if abs(info.res[0] - res[0]) < 1e-9 * res[0] and abs(info.res[1] - res[1]) < 1e-9 * res[1]:
+        return info.transform, info.width, info.height
+    left, bottom, right, top = info.bounds
+    width, height = int(round((right - left) / res[0])), int(round((top - bottom) / res[1]))
+    return Affine(res[0], 0.0, left, 0.0, -res[1], top), width, height
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Catalog
+# ----------------------------------------------------------------------------------------------------------
+
+def _requested(bands: Sequence[str], sensor: Sensor | None) -> tuple[str, ...]:
+    if not bands:
+        raise ExploraGeoError("no bands requested; pass band names, e.g. B02,B03,B04.")
+    if sensor is None:
+        return tuple(canonical_band_name(b) for b in bands)
+    return tuple(sensor.canonical(b) or canonical_band_name(b) for b in bands)
+
+
+def build_catalog(
+    data: DataSpec,
+    *,
+    bands: Sequence[str],
+    sensor: str | Sensor | None = "sentinel2",
+    band_names: Sequence[str] | None = None,
+    nodata: float | None = None,
+    res: float | tuple[float, float] | None = None,
+    crs: Any = None,
+    dn_offset: float | str = "auto",
+) -> Catalog:
+    """Discover and validate ``data``; see the module docstring for the rules.
+
+    Args:
+        data: folder, glob, file or list of those.
+        bands: band names wanted, in output order.
+        sensor: preset whose band list and aliases name the files' bands (``None``: no preset).
+        band_names: names of the bands of every multi-band file, in file order (overrides the rest).
+        nodata: nodata value (overrides the files' metadata).
+        res: target resolution in CRS units (default: the finest native resolution in the target CRS).
+        crs: target CRS of the torchgeo view (anything ``rasterio.crs.CRS.from_user_input`` takes;
+            default: the CRS covering most pixels).
+        dn_offset: ``"auto"`` (detect the L2A +1000 offset) or a number of DN to subtract.
+
+    Raises:
+        ExploraGeoError: naming the file or value at fault.
+    """
+    from rasterio.crs import CRS
+
+    preset = get_sensor(sensor) if sensor is not None else None
+    wanted = _requested(bands, preset)
+    paths = find_rasters(data)
+    infos = [inspect_raster(p) for p in paths]
+    band_files = [(_BAND_FILE.match(Path(p).stem), i) for p, i in zip(paths, infos, strict=True)]
+    is_band_files = band_names is None and all(m is not None and i.count == 1 for m, i in band_files)
+
+    notes: list[str] = []
+    if crs is None:
+        target_crs, why = _default_crs(infos)
+        notes.append(f"crs chosen: {target_crs.to_string()} ({why}); pass crs= to choose another")
+    else:
+        try:
+            target_crs = CRS.from_user_input(crs)
+        except Exception as err:  # rasterio raises CRSError
+            raise ExploraGeoError(f"unknown CRS {crs!r} ({err}); pass e.g. EPSG:32633.") from err
+
+    if is_band_files:
+        catalog_kind, file_bands, sources, scenes, ref_infos = "band_files", *_band_file_sources(
+            band_files, wanted, preset
+        )
+    else:
+        catalog_kind = "mosaic"
+        file_bands, sources_idx = _mosaic_band_indexes(infos, wanted, preset, band_names)
+        scenes, ref_infos = {}, infos
+        sources = []
+
+    if res is None:
+        in_crs = [i for i in ref_infos if i.crs == target_crs] or list(ref_infos)
+        finest = min(in_crs, key=lambda i: i.res[0] * i.res[1])
+        target_res = finest.res
+        notes.append(f"res chosen: {target_res[0]:g} x {target_res[1]:g} (finest native resolution); pass res= to change")
+    else:
+        target_res = (float(res), float(res)) if isinstance(res, int | float) else (float(res[0]), float(res[1]))
+        if min(target_res) <= 0:
+            raise ExploraGeoError(f"resolution {res} is not positive; pass a pixel size in CRS units.")
+
+    value, origin = _resolve_nodata(infos, nodata)
+    if catalog_kind == "mosaic":
+        for info in infos:
+            transform, width, height = _unit_grid(info, target_res)
+            channels = tuple((info.path, k + 1) for k in sources_idx)
+            sources.append(Source(Path(info.path).name, channels, info.crs, transform, width, height,
+                                  info.block, value))
+    else:
+        sources = [
+            Source(s.name, s.channels, s.crs, *_unit_grid(ref, target_res), s.block, value)
+            for s, ref in zip(sources, ref_infos, strict=True)
+        ]
+    if isinstance(dn_offset, str):
+        if dn_offset != "auto":
+            raise ExploraGeoError(f"dn_offset {dn_offset!r} is not 'auto' or a number; pass e.g. 1000 or 'auto'.")
+        offset, offset_origin = dn_offset_from(paths, [i.tags for i in infos])
+    else:
+        offset, offset_origin = float(dn_offset), "user"
+    return Catalog(catalog_kind, wanted, tuple(file_bands), sources, target_crs, target_res, value, origin,
+                   offset, offset_origin, preset, scenes, notes)
+
+
+def _mosaic_band_indexes(
+    infos: Sequence[RasterInfo], wanted: Sequence[str], sensor: Sensor | None, band_names: Sequence[str] | None
+) -> tuple[list[str], list[int]]:
+    """Common band names of multi-band files and the 0-based indexes of ``wanted`` in them."""
+    counts = Counter(i.count for i in infos)
+    if len(counts) > 1:
+        common = counts.most_common(1)[0][0]
+        odd = next(i for i in infos if i.count != common)
+        raise ExploraGeoError(
+            f"{odd.path} has {odd.count} bands but most files have {common}; mosaic files must share their bands."
+        )
+    names0 = _file_band_names(infos[0], sensor, band_names)
+    for info in infos[1:]:
+        names = _file_band_names(info, sensor, band_names)
+        if names != names0:
+            raise ExploraGeoError(
+                f"{info.path} names its bands {names}, unlike {Path(infos[0].path).name} ({names0}); "
+                "mosaic files must share band order."
+            )
+    idx = select_bands(names0, wanted, sensor=sensor, source=Path(infos[0].path).name)
+    return names0, idx
+
+
+def _band_file_sources(
+    band_files: Sequence[tuple[re.Match[str] | None, RasterInfo]], wanted: Sequence[str], sensor: Sensor | None
+) -> tuple[list[str], list[Source], dict[str, dict[str, str]], list[RasterInfo]]:
+    """Group per-band files into scenes; each scene's grid is its finest requested band."""
+    scenes: dict[str, dict[str, RasterInfo]] = {}
+    for match, info in band_files:
+        assert match is not None
+        key = os.path.join(os.path.dirname(info.path), match.group("stem"))
+        name = canonical_band_name(match.group("band"))
+        if sensor is not None:
+            name = sensor.canonical(name) or name
+        scenes.setdefault(key, {})[name] = info
+    found = sorted({b for s in scenes.values() for b in s})
+    sources, refs = [], []
+    for key, members in sorted(scenes.items()):
+        names = list(members)
+        idx = select_bands(names, wanted, sensor=sensor, source=f"scene {Path(key).name}")
+        chosen = [members[names[i]] for i in idx]
+        ref = min(chosen, key=lambda i: i.res[0] * i.res[1])
+        for info in chosen:
+            if info.crs != ref.crs:
+                raise ExploraGeoError(f"{info.path} is in {info.crs} but its scene is in {ref.crs}; reproject it.")
+        refs.append(ref)
+        sources.append(Source(Path(key).name, tuple((i.path, 1) for i in chosen), ref.crs, ref.transform,
+                              ref.width, ref.height, ref.block, None))
+    mapping = {k: {b: i.path for b, i in m.items()} for k, m in scenes.items()}
+    return found, sources, mapping, refs
