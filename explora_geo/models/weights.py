@@ -1,0 +1,586 @@
+"""Source weights: find a pre-trained checkpoint, convert it, and load it strictly into a backbone.
+
+``load_source_weights(model, spec)`` accepts:
+
+- ``"random"``: no weights (the report says so loudly);
+- a local file: ``.pth`` / ``.pt`` / ``.bin`` (``torch.load(weights_only=True)``) or ``.safetensors``
+  (with an explora-geo ``.json`` sidecar when it is a merged backbone). Containers (``model``,
+  ``state_dict``, ``teacher``) and prefixes (``module.``, ``backbone.``, Lightning's ``model.`` ...) are
+  unwrapped by locating the ViT blocks; official DINOv2 files (``mask_token``, ``register_tokens``,
+  LayerScale) and MAE files (with or without the decoder) are recognised;
+- a timm pretrained name (``vit_large_patch14_dinov2.lvd142m``), resolved through timm's pretrained config
+  and the Hugging Face cache (``HF_HUB_OFFLINE=1`` works when the file is cached);
+- a torchgeo weight name (``ViTSmall16_Weights.SENTINEL2_ALL_DINO``), resolved through torch.hub's cache.
+
+Loading is strict about the transformer: a missing or mis-shaped block / norm / cls key is an
+:class:`~explora_geo.errors.ExploraGeoError`. Only legitimately new parts may be initialised (the head;
+for a group-channel ViT loaded from a plain ViT: the group patch embeddings' non-RGB kernels, the
+position and group encodings), and the :class:`LoadReport` lists every key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from explora_geo.errors import ExploraGeoError
+from explora_geo.models.group_channel_vit import GroupChannelViT
+from explora_geo.models.group_channel_vit import checkpoint_filter_fn as group_channel_filter
+from explora_geo.sensors import get_sensor, select_bands
+
+__all__ = [
+    "LoadReport",
+    "SourceCheckpoint",
+    "load_source_weights",
+    "resolve_source",
+    "read_checkpoint_file",
+    "unwrap_state_dict",
+    "split_extra",
+    "rgb_to_group_kernels",
+]
+
+StateDict = dict[str, torch.Tensor]
+OtherKernels = Literal["mean", "random"]
+
+_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".pth.tar")
+_WEIGHTS_HINT = "pass --weights PATH (a local checkpoint file) or --weights random for a smoke run"
+_ANCHOR = "blocks.0.norm1.weight"
+# Keys a ViT of another architecture would not share; a mismatch there is an error, never a silent re-init.
+_STRICT = re.compile(r"^(blocks\.|norm\.|cls_token$|reg_token$|patch_embed\.|pos_embed$)")
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_source_weights` did.
+
+    Attributes:
+        source: the spec as given, resolved (file path / timm name / torchgeo name / ``random``).
+        loaded_keys: model keys whose values come from the checkpoint (possibly converted / resampled).
+        new_keys: model keys left newly initialised (head, group-channel embeddings ...).
+        resampled_keys: keys interpolated to the model's geometry (position grid, patch-kernel size, channels).
+        ignored_keys: checkpoint keys the model has no place for (a 1000-class head, a plain ViT's pos_embed
+            when loading a group-channel ViT ...).
+        extra: checkpoint tensors outside the encoder, original names (MAE decoder, ``mask_token``), for the
+            SSL objectives.
+        notes: one line per conversion decision (RGB kernel mapping, cls/pos folding ...).
+        meta: what the weights expect, when known: ``bands``, ``normalization`` (``mean``/``std``),
+            ``input_size``, the sidecar of an explora-geo backbone file.
+        random: ``True`` when no weights were loaded at all.
+    """
+
+    source: str
+    loaded_keys: list[str] = field(default_factory=list)
+    new_keys: list[str] = field(default_factory=list)
+    resampled_keys: list[str] = field(default_factory=list)
+    ignored_keys: list[str] = field(default_factory=list)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    random: bool = False
+
+    def summary(self) -> str:
+        """One short paragraph for logs and the CLI."""
+        if self.random:
+            return (f"RANDOM INITIALISATION: no source weights were loaded (spec {self.source!r}); "
+                    "results will not reflect a pre-trained model.")
+        parts = [f"Loaded {len(self.loaded_keys)} tensors from {self.source}"]
+        if self.resampled_keys:
+            parts.append(f"resampled {', '.join(self.resampled_keys)}")
+        if self.new_keys:
+            parts.append(f"newly initialised {_abbrev(self.new_keys)}")
+        if self.ignored_keys:
+            parts.append(f"ignored {_abbrev(self.ignored_keys)}")
+        if self.extra:
+            parts.append(f"kept {len(self.extra)} non-encoder tensors for the objective ({_abbrev(list(self.extra))})")
+        text = "; ".join(parts) + "."
+        if self.notes:
+            text += " " + " ".join(n.rstrip(".") + "." for n in self.notes)
+        return text
+
+
+def _abbrev(keys: Sequence[str], n: int = 4) -> str:
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+@dataclass
+class SourceCheckpoint:
+    """A checkpoint as read: the raw object (a state dict or a container), where it came from, what it expects.
+
+    ``bands`` are the source's input band names when known (torchgeo metadata, a backbone sidecar).
+    """
+
+    raw: Any
+    source: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    bands: list[str] | None = None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading checkpoints
+# --------------------------------------------------------------------------------------------------------
+
+def read_checkpoint_file(path: str | os.PathLike[str]) -> SourceCheckpoint:
+    """Read a local checkpoint: ``.safetensors`` (+ explora-geo ``.json`` sidecar) or a torch pickle.
+
+    Raises:
+        ExploraGeoError: missing, unreadable or corrupt file (named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ExploraGeoError(f"weights file {path} does not exist; {_WEIGHTS_HINT}.")
+    meta: dict[str, Any] = {}
+    bands: list[str] | None = None
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw: Any = load_file(str(path), device="cpu")
+            sidecar = path.with_suffix(".json")
+            if sidecar.is_file():
+                data = json.loads(sidecar.read_text())
+                if isinstance(data, dict) and data.get("format") == "explora-geo-backbone":
+                    meta = {"sidecar": data, "bands": data.get("bands"), "normalization": data.get("normalization")}
+                    bands = list(data["bands"]) if data.get("bands") else None
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except ExploraGeoError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any reader failure is a bad file, reported by name
+        reason = " ".join(str(err).split())[:160]
+        raise ExploraGeoError(
+            f"cannot read weights file {path} ({type(err).__name__}: {reason}); the file is corrupt or not a "
+            "PyTorch/safetensors checkpoint: re-download it or pass another file."
+        ) from err
+    if not isinstance(raw, dict):
+        raise ExploraGeoError(f"weights file {path} holds a {type(raw).__name__}, not a state dict; "
+                              "save model.state_dict() instead.")
+    return SourceCheckpoint(raw, str(path), meta, bands)
+
+
+def _timm_checkpoint(name: str) -> SourceCheckpoint:
+    """A timm pretrained name, through its pretrained cfg: the HF hub cache first, then torch.hub's."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise ExploraGeoError(f"timm has no pretrained weights called {name!r}; {_WEIGHTS_HINT}.")
+    meta = {"input_size": list(cfg.input_size), "normalization": {"mean": list(cfg.mean), "std": list(cfg.std)},
+            "license": cfg.license}
+    if cfg.file:
+        found = read_checkpoint_file(cfg.file)
+        return SourceCheckpoint(found.raw, f"{name} ({cfg.file})", meta)
+    failures: list[str] = []
+    if cfg.hf_hub_id:
+        from huggingface_hub import hf_hub_download
+
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        for filename in names:
+            try:
+                local = hf_hub_download(repo, filename, revision=revision or None)
+            except Exception as err:  # noqa: BLE001 - offline / not cached / missing entry: try the next one
+                failures.append(type(err).__name__)
+                continue
+            found = read_checkpoint_file(local)
+            return SourceCheckpoint(found.raw, f"{name} (hf-hub {repo}/{filename})", meta)
+    if cfg.url:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
+        if cached.is_file():
+            return SourceCheckpoint(read_checkpoint_file(cached).raw, f"{name} ({cached})", meta)
+        if not _offline():
+            try:
+                raw = torch.hub.load_state_dict_from_url(cfg.url, map_location="cpu", progress=True,
+                                                         weights_only=True)
+                return SourceCheckpoint(raw, f"{name} ({cfg.url})", meta)
+            except Exception as err:  # noqa: BLE001 - no network
+                failures.append(type(err).__name__)
+    raise ExploraGeoError(
+        f"weights {name!r} are not in the local Hugging Face / torch.hub cache and cannot be downloaded "
+        f"({', '.join(failures) or 'offline'}); {_WEIGHTS_HINT}."
+    )
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _torchgeo_checkpoint(name: str) -> SourceCheckpoint:
+    """A torchgeo weight enum name, e.g. ``ViTSmall16_Weights.SENTINEL2_ALL_DINO``, through torch.hub's cache."""
+    from torchgeo.models import get_weight
+
+    try:
+        weights = get_weight(name)
+    except ValueError:
+        raise ExploraGeoError(f"torchgeo has no weights called {name!r}; list them with "
+                              "`torchgeo.models.list_models()` and their *_Weights enums.") from None
+    meta: dict[str, Any] = {k: v for k, v in weights.meta.items() if isinstance(v, (str, int, float, list))}
+    norm = _transform_normalization(weights.transforms)
+    if norm is not None:
+        meta["normalization"] = norm
+    try:
+        raw = weights.get_state_dict(progress=True)
+    except Exception as err:  # noqa: BLE001 - offline / not cached
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+        raise ExploraGeoError(
+            f"torchgeo weights {name} are not cached at {cached} and cannot be downloaded "
+            f"({type(err).__name__}); put the file there, or {_WEIGHTS_HINT}."
+        ) from err
+    bands = [str(b) for b in meta["bands"]] if isinstance(meta.get("bands"), list) else None
+    return SourceCheckpoint(raw, f"torchgeo {name}", meta, bands)
+
+
+def _transform_normalization(transforms: Any) -> dict[str, list[float]] | None:
+    """``mean``/``std`` of the first Normalize-like module in a torchgeo weights' transforms."""
+    modules = transforms.modules() if isinstance(transforms, nn.Module) else ()
+    for module in modules:
+        mean, std = getattr(module, "mean", None), getattr(module, "std", None)
+        if isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor):
+            return {"mean": mean.flatten().tolist(), "std": std.flatten().tolist()}
+    return None
+
+
+def resolve_source(spec: str | os.PathLike[str]) -> SourceCheckpoint | None:
+    """Find the checkpoint ``spec`` names (``None`` for ``"random"``).
+
+    Raises:
+        ExploraGeoError: unknown name (with close timm names), missing/corrupt file, weights not obtainable.
+    """
+    text = str(spec)
+    if text.strip().lower() == "random":
+        return None
+    path = Path(text).expanduser()
+    if path.exists():
+        return read_checkpoint_file(path)
+    if "_Weights." in text:
+        return _torchgeo_checkpoint(text)
+    if os.sep in text or text.endswith(_FILE_SUFFIXES):
+        raise ExploraGeoError(f"weights file {text} does not exist; {_WEIGHTS_HINT}.")
+    import timm
+
+    if timm.is_model(text.split(".")[0]) and timm.is_model_pretrained(text):
+        return _timm_checkpoint(text)
+    close = difflib.get_close_matches(text, timm.list_pretrained(), n=4, cutoff=0.6)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise ExploraGeoError(
+        f"weights {text!r} are neither a file, a timm pretrained name nor a torchgeo weight name{hint}; "
+        f"{_WEIGHTS_HINT}."
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Converting to timm ViT keys
+# --------------------------------------------------------------------------------------------------------
+
+def unwrap_state_dict(raw: dict[str, Any]) -> tuple[StateDict, list[str]]:
+    """Find the ViT encoder in a checkpoint: unwrap containers and strip prefixes.
+
+    Containers tried in order: ``teacher`` (DINO/DINOv2 training files), ``model`` (MAE), ``state_dict``
+    (Lightning), ``module``. The encoder is located by its ``blocks.0.norm1.weight`` key; its prefix
+    (``module.``, ``backbone.``, ``model.``, ``teacher.backbone.`` ...) is removed. When several prefixes
+    qualify, one containing ``teacher`` is preferred, then ``backbone``, then the shortest.
+
+    Returns:
+        ``(state_dict, ignored)``: tensors under the encoder prefix (un-prefixed; top-level non-prefixed
+        tensors such as an MAE decoder are kept too) and the keys left out.
+    """
+    obj: Any = raw
+    for key in ("teacher", "model", "state_dict", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict) and _ANCHOR not in obj:
+            obj = obj[key]
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    prefixes = [k[: -len(_ANCHOR)] for k in tensors if k.endswith(_ANCHOR)]
+    if not prefixes:
+        return tensors, []
+    prefix = sorted(prefixes, key=lambda p: ("teacher" not in p, "backbone" not in p, len(p)))[0]
+    if not prefix:
+        return tensors, []
+    out: StateDict = {}
+    ignored: list[str] = []
+    for k, v in tensors.items():
+        if k.startswith(prefix):
+            out[k[len(prefix):]] = v
+        elif not any(k.startswith(p) for p in prefixes if p):
+            out.setdefault(k, v)
+        else:
+            ignored.append(k)
+    return out, ignored
+
+
+def split_extra(state_dict: StateDict) -> tuple[StateDict, StateDict, bool]:
+    """Separate non-encoder tensors.
+
+    MAE decoder keys (``decoder_*``) and ``mask_token`` go to ``extra`` (original names). A DINOv2 file
+    (a ``mask_token`` and no decoder) is converted to timm keys with timm's DINOv2 converter (register
+    tokens become ``reg_token``, with the cls position folded into ``cls_token``; SwiGLU ``w12``/``w3``
+    become ``fc1``/``fc2``).
+
+    Returns:
+        ``(encoder_state_dict, extra, is_dinov2)``.
+    """
+    extra = {k: v for k, v in state_dict.items() if k.startswith("decoder_") or k == "mask_token"}
+    is_dinov2 = "mask_token" in state_dict and not any(k.startswith("decoder_") for k in state_dict)
+    encoder = {k: v for k, v in state_dict.items() if k not in extra}
+    if is_dinov2:
+        from timm.models.vision_transformer import _convert_dinov2  # timm's own DINOv2 key conversion
+
+        encoder = _convert_dinov2({**encoder, "mask_token": extra["mask_token"]}, None)  # type: ignore[arg-type]
+    return encoder, extra, is_dinov2
+
+
+def _pos_prefix_tokens(state_dict: StateDict) -> int:
+    """How many prefix (cls/register) entries the source ``pos_embed`` has: 0 or 1."""
+    pos = state_dict.get("pos_embed")
+    if pos is None or "reg_token" in state_dict:
+        return 0
+    n = pos.shape[1]
+    return 0 if int(n**0.5) ** 2 == n else 1
+
+
+# --------------------------------------------------------------------------------------------------------
+# RGB / multi-band source -> group-channel patch embeddings
+# --------------------------------------------------------------------------------------------------------
+
+def rgb_to_group_kernels(
+    weight: torch.Tensor,
+    model: GroupChannelViT,
+    *,
+    source_bands: Sequence[str],
+    sensor: str,
+    other_kernels: OtherKernels = "mean",
+) -> tuple[list[torch.Tensor], list[str]]:
+    """Per-group patch-embedding kernels of ``model`` from a plain ViT's kernel.
+
+    Args:
+        weight: source kernel ``[D, C_src, p, p]`` (already resampled to the model's patch size).
+        source_bands: names of the source's ``C_src`` input channels, e.g. ``["B04", "B03", "B02"]`` for an
+            RGB model (channel 0 = red), or the 13 names of a torchgeo Sentinel-2 model.
+        sensor: preset whose aliases match band names.
+        other_kernels: for model bands the source lacks: ``"mean"`` = the source kernel averaged over its
+            channels, divided by the size of the band's group (so a group with no source band responds to
+            a flat image like the source stem, up to the ``C_src / group size`` ratio); ``"random"`` = keep
+            the model's fresh initialisation.
+
+    Returns:
+        One ``[D, len(group), p, p]`` tensor per group, and a note per group saying what each band got.
+    """
+    kernels, notes = [], []
+    mean_kernel = weight.mean(dim=1)  # [D, p, p]
+    for g, group in enumerate(model.band_groups):
+        fresh = model.patch_embeds[g].proj.weight.detach().clone()
+        chans, said = [], []
+        for i, band in enumerate(group):
+            try:
+                (src,) = select_bands(source_bands, [band], sensor=sensor)
+            except ExploraGeoError:
+                src = None
+            if src is not None:
+                chans.append(weight[:, src])
+                said.append(f"{band}<-ch{src}")
+            elif other_kernels == "mean":
+                chans.append(mean_kernel / len(group))
+                said.append(f"{band}<-mean/{len(group)}")
+            else:
+                chans.append(fresh[:, i])
+                said.append(f"{band}<-random")
+        kernels.append(torch.stack(chans, dim=1))
+        notes.append(f"patch_embeds.{g}: {' '.join(said)}")
+    return kernels, notes
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------
+
+def load_source_weights(
+    model: nn.Module,
+    spec: str | os.PathLike[str],
+    *,
+    img_size: int | tuple[int, int] | None = None,
+    rgb_bands: Sequence[str] | None = None,
+    other_kernels: OtherKernels = "mean",
+) -> LoadReport:
+    """Load source weights into ``model`` (a timm ``VisionTransformer`` or a :class:`GroupChannelViT`).
+
+    Args:
+        model: the backbone, changed in place.
+        spec: ``"random"``, a file path, a timm pretrained name or a torchgeo weight name (module doc).
+        img_size: if given, the model's input size is set to it first (``set_input_size``), so the position
+            grid is resampled to that size.
+        rgb_bands: names of the source's red, green, blue bands in the model's naming, for RGB sources into a
+            group-channel ViT; default: the model's sensor preset ``rgb`` (Sentinel-2: B04, B03, B02).
+        other_kernels: group-channel kernels of bands the source lacks: ``"mean"`` or ``"random"``
+            (:func:`rgb_to_group_kernels`).
+
+    Returns:
+        A :class:`LoadReport`.
+
+    Raises:
+        ExploraGeoError: unobtainable/corrupt weights, or a checkpoint of another architecture (a missing or
+            mis-shaped block, norm, token or embedding key, named with both shapes).
+    """
+    if img_size is not None and hasattr(model, "set_input_size"):
+        model.set_input_size(img_size=img_size)
+    found = resolve_source(spec)
+    if found is None:
+        return LoadReport(source="random", random=True,
+                          new_keys=list(model.state_dict()), notes=["no source weights: random initialisation"])
+    state_dict, ignored = unwrap_state_dict(found.raw)
+    if _ANCHOR not in state_dict:
+        raise ExploraGeoError(f"{found.source} has no ViT blocks (no key ending in {_ANCHOR}); "
+                              f"it is not a ViT checkpoint: {_WEIGHTS_HINT}.")
+    encoder, extra, is_dinov2 = split_extra(state_dict)
+    report = LoadReport(source=found.source, ignored_keys=ignored, extra=extra, meta=dict(found.meta))
+    if is_dinov2:
+        report.notes.append("DINOv2 checkpoint: mask_token kept in extra, LayerScale kept")
+    if isinstance(model, GroupChannelViT):
+        target, allowed_new = _for_group_channel(encoder, model, found, report, rgb_bands, other_kernels)
+    else:
+        target, allowed_new = _for_timm_vit(encoder, model, report)
+    _load_strict(model, target, allowed_new, report)
+    return report
+
+
+def _record_resampled(before: StateDict, after: StateDict, report: LoadReport) -> None:
+    for key in ("pos_embed", "patch_embed.proj.weight"):
+        if key in before and key in after and before[key].shape != after[key].shape:
+            report.resampled_keys.append(f"{key} {tuple(before[key].shape)}->{tuple(after[key].shape)}")
+
+
+def _for_timm_vit(encoder: StateDict, model: nn.Module, report: LoadReport) -> tuple[StateDict, set[str]]:
+    """Resample with timm's own ViT checkpoint filter; adapt the input channels with timm's helper."""
+    from timm.models import adapt_input_conv
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    target = checkpoint_filter_fn(dict(encoder), model)
+    _record_resampled(encoder, target, report)
+    key = "patch_embed.proj.weight"
+    have = model.state_dict().get(key)
+    if key in target and have is not None and target[key].shape[1] != have.shape[1]:
+        src_chans = target[key].shape[1]
+        target[key] = adapt_input_conv(have.shape[1], target[key], base_chans=src_chans)
+        report.resampled_keys.append(f"{key} channels {src_chans}->{have.shape[1]} (timm adapt_input_conv)")
+    return target, {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+
+
+def _for_group_channel(
+    encoder: StateDict,
+    model: GroupChannelViT,
+    found: SourceCheckpoint,
+    report: LoadReport,
+    rgb_bands: Sequence[str] | None,
+    other_kernels: OtherKernels,
+) -> tuple[StateDict, set[str]]:
+    """Map a plain-ViT (or group-channel) encoder onto a group-channel ViT."""
+    heads = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+    if any(k.startswith("patch_embeds.") for k in encoder):  # our own group-channel checkpoint
+        target = group_channel_filter(dict(encoder), model)
+        if "pos_embed" in encoder and encoder["pos_embed"].shape != target["pos_embed"].shape:
+            report.resampled_keys.append(
+                f"pos_embed {tuple(encoder['pos_embed'].shape)}->{tuple(target['pos_embed'].shape)}")
+        if found.bands and found.bands != model.band_names:
+            raise ExploraGeoError(
+                f"{found.source} was trained on bands {', '.join(found.bands)}, the model has "
+                f"{', '.join(model.band_names)}; build the model with the checkpoint's bands."
+            )
+        return target, heads
+
+    from timm.layers import resample_patch_embed
+
+    target = {k: v for k, v in encoder.items() if k.startswith(("blocks.", "norm.", "head.", "fc_norm."))}
+    cls = encoder.get("cls_token")
+    if cls is not None:
+        if _pos_prefix_tokens(encoder) == 1:
+            cls = cls + encoder["pos_embed"][:, :1]
+            report.notes.append("cls_token includes the source's cls position embedding (no pos for prefix tokens)")
+        target["cls_token"] = cls
+    if "reg_token" in encoder:
+        if model.reg_token is not None:
+            target["reg_token"] = encoder["reg_token"]
+        else:
+            report.ignored_keys.append("reg_token")
+            report.notes.append("source register tokens ignored: build the model with reg_tokens=N to keep them")
+    if "pos_embed" in encoder:
+        report.ignored_keys.append("pos_embed")
+        report.notes.append("position/group encodings stay the group-channel sin-cos ones")
+    weight, bias = encoder.get("patch_embed.proj.weight"), encoder.get("patch_embed.proj.bias")
+    if weight is None:
+        raise ExploraGeoError(f"{found.source} has no patch_embed.proj.weight; checkpoint of another architecture? "
+                              f"{_WEIGHTS_HINT}.")
+    if tuple(weight.shape[-2:]) != model.patch_size:
+        resampled = resample_patch_embed(weight, list(model.patch_size))
+        report.resampled_keys.append(
+            f"patch_embed.proj.weight {tuple(weight.shape)}->{tuple(resampled.shape)} (timm resample_patch_embed)")
+        weight = resampled
+    sensor = model.sensor or "sentinel2"
+    if found.bands is not None and len(found.bands) == weight.shape[1]:
+        source_bands = list(found.bands)
+    elif weight.shape[1] == 3:
+        source_bands = list(rgb_bands or get_sensor(sensor).rgb or ())
+        if len(source_bands) != 3:
+            raise ExploraGeoError(f"sensor {sensor} has no RGB bands; pass rgb_bands=[red, green, blue].")
+    else:
+        raise ExploraGeoError(
+            f"{found.source} has a {weight.shape[1]}-channel patch embedding with unknown band names; "
+            "use an RGB source or a checkpoint whose bands are known."
+        )
+    kernels, notes = rgb_to_group_kernels(weight, model, source_bands=source_bands, sensor=sensor,
+                                          other_kernels=other_kernels)
+    report.notes.extend(notes)
+    report.ignored_keys.extend(k for k in ("patch_embed.proj.weight", "patch_embed.proj.bias") if k in encoder)
+    for g, kernel in enumerate(kernels):
+        target[f"patch_embeds.{g}.proj.weight"] = kernel
+        if bias is not None:
+            target[f"patch_embeds.{g}.proj.bias"] = bias
+    report.ignored_keys.extend(k for k in encoder if k not in target and k not in report.ignored_keys
+                               and not k.startswith(("cls_token", "reg_token")))
+    allowed = heads | {"pos_embed", "group_embed"}
+    allowed |= {k for k in model.state_dict() if k.startswith("patch_embeds.")}
+    return target, allowed
+
+
+def _load_strict(model: nn.Module, target: StateDict, allowed_new: set[str], report: LoadReport) -> None:
+    """Check every model key against ``target`` and load; raise for architecture mismatches."""
+    own = model.state_dict()
+    usable: StateDict = {}
+    for key, value in target.items():
+        if key not in own:
+            if key.startswith("norm.") and "fc_norm.weight" in own:
+                report.notes.append("source final norm ignored: the model pools with fc_norm (global_pool='avg')")
+            elif _STRICT.match(key) and key not in report.ignored_keys:
+                raise ExploraGeoError(
+                    f"checkpoint key {key} {tuple(value.shape)} has no place in the model; checkpoint of another "
+                    f"architecture (deeper / with registers)? Build the matching model or {_WEIGHTS_HINT}."
+                )
+            if key not in report.ignored_keys:
+                report.ignored_keys.append(key)
+            continue
+        if value.shape != own[key].shape:
+            if key in allowed_new and key.startswith(("head.", "fc_norm.")):
+                report.ignored_keys.append(key)  # e.g. a 1000-class head for a 10-class model
+                continue
+            raise ExploraGeoError(
+                f"checkpoint key {key} has shape {tuple(value.shape)} but the model needs {tuple(own[key].shape)}; "
+                f"checkpoint of another architecture? Build the matching model or {_WEIGHTS_HINT}."
+            )
+        usable[key] = value
+    for key in own:
+        if key in usable:
+            continue
+        if key not in allowed_new:
+            raise ExploraGeoError(
+                f"checkpoint lacks {key} (model shape {tuple(own[key].shape)}, checkpoint: missing); checkpoint of "
+                f"another architecture? Build the matching model or {_WEIGHTS_HINT}."
+            )
+        report.new_keys.append(key)
+    result = model.load_state_dict(usable, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    report.loaded_keys = sorted(usable)
