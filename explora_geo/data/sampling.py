@@ -1,0 +1,278 @@
+"""Deterministic random patches with nodata rejection: :class:`WindowSampler` and :class:`PatchDataset`.
+
+Sample ``i`` of epoch ``e`` is drawn with ``numpy.random.default_rng([seed, e, i, attempt])``, so it depends
+only on ``(seed, e, i)`` whatever the worker count or the order of reads. A draw picks a unit (file or
+scene) with probability proportional to the area where a patch can be cut (inside the region of interest when
+one is given: the patch centre must lie in it), then a pixel-aligned window of that unit's grid. A patch
+with more than ``max_nodata_fraction`` missing pixels is rejected and redrawn (``attempt + 1``).
+
+Two readers: the fast path (:class:`~explora_geo.data.fast.PatchReader`, the unit's own grid, cached), and
+the torchgeo path (the :mod:`~explora_geo.data.datasets` dataset, reprojected to the catalog's CRS and
+resolution; the window's centre is mapped to that grid).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from explora_geo.data.catalog import Catalog, Source
+from explora_geo.data.nodata import fill_nodata, nodata_fraction, valid_mask
+from explora_geo.errors import ExploraGeoError
+from explora_geo.normalization import Normalization
+
+__all__ = ["Window", "WindowSampler", "PatchDataset", "EpochSampler", "load_roi"]
+
+
+@dataclass(frozen=True)
+class Window:
+    """A square patch of unit ``source``: top-left ``(row, col)`` and side ``size`` in pixels of its grid."""
+
+    source: int
+    row: int
+    col: int
+    size: int
+
+
+def load_roi(path: str | os.PathLike[str]) -> Any:
+    """The union of a vector file's geometries, with its CRS, as a one-row GeoSeries.
+
+    Raises:
+        ExploraGeoError: the file is missing, unreadable, empty or has no CRS.
+    """
+    import geopandas as gpd
+
+    if not os.path.exists(path):
+        raise ExploraGeoError(f"region of interest {path} does not exist; pass a vector file (GeoPackage, ...).")
+    try:
+        frame = gpd.read_file(path)
+    except Exception as err:  # pyogrio raises several types
+        raise ExploraGeoError(f"cannot read region of interest {path} ({err}); pass a vector file.") from err
+    if frame.empty or frame.crs is None:
+        raise ExploraGeoError(f"region of interest {path} is empty or has no CRS; give it polygons and a CRS.")
+    return gpd.GeoSeries([frame.geometry.union_all()], crs=frame.crs)
+
+
+class WindowSampler:
+    """Draws pixel windows over a set of units.
+
+    Args:
+        sources: the units.
+        size: patch side in pixels.
+        roi: optional one-row GeoSeries (see :func:`load_roi`), reprojected to each unit's CRS.
+
+    Raises:
+        ExploraGeoError: the patch is larger than every unit, or the ROI misses the data.
+    """
+
+    def __init__(self, sources: Sequence[Source], size: int, roi: Any = None) -> None:
+        import shapely
+        from shapely import affinity
+
+        if size < 1:
+            raise ExploraGeoError(f"patch size {size} is not positive; pass a size in pixels, e.g. 224.")
+        self.size = size
+        self.regions: list[Any] = []
+        self.shapes = [(s.width, s.height) for s in sources]
+        weights = []
+        for source in sources:
+            half = size / 2
+            region = shapely.box(half, half, source.width - half, source.height - half)
+            if source.width < size or source.height < size:
+                region = shapely.Polygon()
+            elif roi is not None:
+                inv = ~source.transform
+                geom = roi.to_crs(source.crs).iloc[0]
+                pix = affinity.affine_transform(geom, [inv.a, inv.b, inv.d, inv.e, inv.c, inv.f])
+                region = region.intersection(pix)
+            shapely.prepare(region)
+            self.regions.append(region)
+            weights.append(region.area if not region.is_empty else 0.0)
+        total = float(sum(weights))
+        if total <= 0:
+            largest = max(sources, key=lambda s: s.width * s.height)
+            if all(s.width < size or s.height < size for s in sources):
+                raise ExploraGeoError(
+                    f"patch size {size} px is larger than every input (largest: {largest.name}, "
+                    f"{largest.width} x {largest.height} px); use a smaller patch size."
+                )
+            raise ExploraGeoError("the region of interest does not overlap the data; check the ROI file and its CRS.")
+        self.probs = np.asarray(weights) / total
+
+    def draw(self, rng: np.random.Generator) -> Window:
+        """One window: a unit by area, then a centre uniformly inside its region."""
+        import shapely
+
+        index = int(rng.choice(len(self.probs), p=self.probs))
+        region = self.regions[index]
+        xmin, ymin, xmax, ymax = region.bounds
+        for _ in range(10000):  # rejection sampling of the centre; a box accepts at once
+            x, y = rng.uniform(xmin, xmax), rng.uniform(ymin, ymax)
+            if shapely.contains_xy(region, x, y):
+                break
+        width, height = self.shapes[index]
+        col = min(max(int(round(x - self.size / 2)), 0), width - self.size)
+        row = min(max(int(round(y - self.size / 2)), 0), height - self.size)
+        return Window(index, row, col, self.size)
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Yields ``(epoch, i)`` for ``i`` in ``start..length-1``; Lightning calls :meth:`set_epoch`.
+
+    ``resume`` (a dict with ``epoch`` and ``next_index``, shared with the data module) makes the resumed
+    epoch skip the samples already consumed.
+    """
+
+    def __init__(self, length: int, resume: dict[str, int] | None = None) -> None:
+        self.length = length
+        self.epoch = 0
+        self.resume = resume if resume is not None else {}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose samples the next iteration yields."""
+        self.epoch = epoch
+
+    def _start(self) -> int:
+        return self.resume.get("next_index", 0) if self.resume.get("epoch", -1) == self.epoch else 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, i) for i in range(self._start(), self.length))
+
+    def __len__(self) -> int:
+        return self.length - self._start()
+
+
+def _with_offset(normalization: Normalization | None, catalog: Catalog) -> Normalization | None:
+    """``normalization`` for the catalog's bands, given the catalog's DN offset unless it has its own."""
+    if normalization is None:
+        return None
+    norm = normalization.select(catalog.bands)
+    if norm.offset is None and catalog.offset:
+        norm = dataclasses.replace(norm, offset=(catalog.offset,) * len(norm.bands))
+    return norm
+
+
+class PatchDataset(Dataset[dict[str, Any]]):
+    """Random patches of a catalog, indexed by ``(epoch, i)`` (or ``i``, meaning epoch 0).
+
+    Args:
+        catalog: the input (see :func:`~explora_geo.data.catalog.build_catalog`).
+        patch_size: side in pixels.
+        length: samples per epoch.
+        seed: base seed.
+        normalization: applied last (bands must match ``catalog.bands``); ``None`` keeps digital numbers
+            (minus the catalog's DN offset when the normalisation does not carry one).
+        max_nodata_fraction: reject patches with more missing pixels than this (0..1).
+        roi: optional region of interest (one-row GeoSeries).
+        fast: read through :class:`~explora_geo.data.fast.PatchReader` (own grid, cached) instead of torchgeo.
+        cache_dir, cache_bytes: passed to the reader (``cache_bytes=0`` disables the cache).
+        max_draws: draws before giving up on a sample (then the data is declared nodata).
+
+    Each item: ``image`` float32 ``[C, H, W]`` (filled, normalised), ``valid_mask`` bool ``[H, W]``,
+    ``index`` int64 ``[2]`` = (epoch, i), ``rejected`` int64 (redraws needed), ``source`` int64 (unit).
+    """
+
+    def __init__(self, catalog: Catalog, *, patch_size: int, length: int, seed: int = 0,
+                 normalization: Normalization | None = None, max_nodata_fraction: float = 0.5, roi: Any = None,
+                 fast: bool = True, cache_dir: str | os.PathLike[str] | None = None,
+                 cache_bytes: int | None = None, max_draws: int = 100) -> None:
+        if not 0.0 <= max_nodata_fraction <= 1.0:
+            raise ExploraGeoError(f"max_nodata_fraction {max_nodata_fraction} is not in [0, 1].")
+        if length < 1:
+            raise ExploraGeoError(f"samples per epoch {length} is not positive.")
+        self.catalog = catalog
+        self.patch_size = patch_size
+        self.length = length
+        self.seed = seed
+        self.normalization = _with_offset(normalization, catalog)
+        self.max_nodata_fraction = max_nodata_fraction
+        self.max_draws = max_draws
+        self.fast = fast
+        self.windows = WindowSampler(catalog.sources, patch_size, roi)
+        self._reader: Any = None
+        self._dataset: Any = None
+        if fast:
+            from explora_geo.data.fast import PatchReader
+
+            self._reader = PatchReader(catalog.sources, cache_dir=cache_dir, cache_bytes=cache_bytes)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def read(self, window: Window) -> np.ndarray:
+        """Raw pixels ``[C, size, size]`` (digital numbers) of ``window``."""
+        if self.fast:
+            return self._reader.read(window.source, window.row, window.col, window.size, window.size)
+        return self._read_torchgeo(window)
+
+    def _read_torchgeo(self, window: Window) -> np.ndarray:
+        from pyproj import Transformer
+
+        if self._dataset is None:
+            from explora_geo.data.datasets import open_dataset
+
+            self._dataset = open_dataset(None, bands=(), catalog=self.catalog)  # type: ignore[arg-type]
+        ds, source = self._dataset, self.catalog.sources[window.source]
+        half = window.size / 2
+        x, y = source.transform * (window.col + half, window.row + half)
+        if source.crs != self.catalog.crs:
+            x, y = Transformer.from_crs(source.crs, self.catalog.crs, always_xy=True).transform(x, y)
+        xres, yres = self.catalog.res
+        xmin, ymax = ds.bounds[0].start, ds.bounds[1].stop
+        left = xmin + round((x - half * xres - xmin) / xres) * xres
+        top = ymax - round((ymax - (y + half * yres)) / yres) * yres
+        sample = ds[left:left + window.size * xres:xres, top - window.size * yres:top:yres]
+        return sample["image"].numpy()
+
+    def draw(self, epoch: int, i: int) -> tuple[Window, np.ndarray, np.ndarray, int]:
+        """``(window, raw pixels, valid mask, rejections)`` of sample ``i`` of ``epoch``.
+
+        Raises:
+            ExploraGeoError: no acceptable patch in ``max_draws`` draws (the data is (nearly) all nodata).
+        """
+        for attempt in range(self.max_draws):
+            rng = np.random.default_rng([self.seed, epoch, i, attempt])
+            window = self.windows.draw(rng)
+            raw = self.read(window)
+            valid = valid_mask(raw, self.catalog.nodata)
+            if nodata_fraction(valid) <= self.max_nodata_fraction and valid.any():
+                return window, raw, valid, attempt
+        raise ExploraGeoError(
+            f"no patch with at most {self.max_nodata_fraction:.0%} nodata (value {self.catalog.nodata}) in "
+            f"{self.max_draws} draws; the data is (nearly) all nodata: check the files, the nodata value or "
+            "the region of interest."
+        )
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, i = key if isinstance(key, tuple) else (0, int(key))
+        window, raw, valid, rejected = self.draw(epoch, i)
+        image = fill_nodata(raw, valid)
+        if self.normalization is not None:
+            image = self.normalization(image)
+        elif self.catalog.offset:
+            image = image - np.float32(self.catalog.offset)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
+            "valid_mask": torch.from_numpy(valid),
+            "index": torch.tensor([epoch, i], dtype=torch.long),
+            "rejected": torch.tensor(rejected, dtype=torch.long),
+            "source": torch.tensor(window.source, dtype=torch.long),
+        }
+
+    def close(self) -> None:
+        """Release this process's file handles (before forking workers, for instance)."""
+        if self._reader is not None:
+            self._reader.close()
+        self._dataset = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_dataset"] = None
+        return state
