@@ -1,0 +1,1 @@
+"""The explora-geo Processing algorithms (QGIS side; the work happens in ``..core``)."""

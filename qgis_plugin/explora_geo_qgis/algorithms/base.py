@@ -1,0 +1,188 @@
+"""Shared parameters and the tiled-inference run of the explora-geo Processing algorithms."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsFeatureRequest,
+    QgsProcessing,
+    QgsProcessingAlgorithm,
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingFeatureSource,
+    QgsProcessingFeedback,
+    QgsProcessingParameterExtent,
+    QgsProcessingParameterFeatureSource,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterString,
+    QgsRasterLayer,
+    QgsRectangle,
+)
+
+from ..core.bands import layer_band_label, parse_mapping, resolve_bands
+from ..core.errors import PluginError
+from ..core.model import OnnxModel
+from ..core.pipeline import Cancelled, TileResults, run_tiles
+from ..core.tiling import TileGrid
+from .raster_source import LayerReader, WorkingGrid, make_grid, working_crs
+
+
+@dataclass
+class Run:
+    """What a tiled run produced: the per-tile results, the grids and the model."""
+
+    results: TileResults
+    grid: WorkingGrid
+    tiles: TileGrid
+    model: OnnxModel
+
+    @property
+    def cell_geotransform(self) -> tuple[float, ...]:
+        return self.tiles.cell_geotransform(self.grid.geotransform)
+
+    @property
+    def crs_wkt(self) -> str:
+        return self.grid.crs.toWkt()
+
+
+def geometries_as_wkt(source: QgsProcessingFeatureSource, crs: QgsCoordinateReferenceSystem,
+                      context: QgsProcessingContext) -> list[str]:
+    """The non-empty geometries of ``source``, transformed to ``crs``, as WKT."""
+    transform = QgsCoordinateTransform(source.sourceCrs(), crs, context.transformContext())
+    out = []
+    for feature in source.getFeatures(QgsFeatureRequest().setNoAttributes()):
+        geometry = feature.geometry()
+        if not geometry.isEmpty():
+            geometry.transform(transform)
+            out.append(geometry.asWkt())
+    return out
+
+
+def device_name(provider: str) -> str:
+    """``"CUDAExecutionProvider"`` -> ``"GPU (CUDA)"``, ``"CPUExecutionProvider"`` -> ``"CPU"``."""
+    return {"CUDAExecutionProvider": "GPU (CUDA)", "CPUExecutionProvider": "CPU"}.get(provider, provider)
+
+
+class TiledModelAlgorithm(QgsProcessingAlgorithm):
+    """Base of the algorithms that run an exported explora-geo model over a raster, tile by tile."""
+
+    INPUT = "INPUT"
+    MODEL = "MODEL"
+    BAND_MAPPING = "BAND_MAPPING"
+    EXTENT = "EXTENT"
+    MASK = "MASK"
+    OVERLAP = "OVERLAP"
+    BATCH_SIZE = "BATCH_SIZE"
+    MIN_VALID = "MIN_VALID"
+    NODATA = "NODATA"
+
+    def group(self) -> str:
+        return "ExPLoRA models"
+
+    def groupId(self) -> str:
+        return "explora_models"
+
+    def add_common_parameters(self) -> None:
+        """Input raster, model, band mapping, area, overlap, batch size and nodata handling."""
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Input raster"))
+        self.addParameter(QgsProcessingParameterFile(
+            self.MODEL, "Model (.onnx exported by explora-geo)", QgsProcessingParameterFile.Behavior.File,
+            extension="onnx"))
+        self.addParameter(QgsProcessingParameterString(
+            self.BAND_MAPPING, "Band mapping, e.g. 'B02=2, B03=3' (empty: from band names, else by position)",
+            optional=True))
+        self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Extent (empty: whole layer)", optional=True))
+        self.addParameter(QgsProcessingParameterFeatureSource(
+            self.MASK, "Mask polygons (only pixels inside are used)",
+            [QgsProcessing.SourceType.TypeVectorPolygon], optional=True))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.OVERLAP, "Tile overlap (% of the tile)", QgsProcessingParameterNumber.Type.Double,
+            defaultValue=0.0, minValue=0.0, maxValue=90.0))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.BATCH_SIZE, "Batch size (tiles per forward pass)", QgsProcessingParameterNumber.Type.Integer,
+            defaultValue=32, minValue=1, maxValue=4096))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.MIN_VALID, "Minimum valid-pixel fraction of a tile (others are skipped)",
+            QgsProcessingParameterNumber.Type.Double, defaultValue=0.5, minValue=0.0, maxValue=1.0))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.NODATA, "Extra nodata value (besides the layer's own)", QgsProcessingParameterNumber.Type.Double,
+            optional=True))
+
+    def run_model(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback,
+                  outputs: tuple[str, ...], need_classifier: bool = False) -> Run:
+        """Validate the parameters, build the working grid and run the model on every tile."""
+        try:
+            return self._run_model(parameters, context, feedback, outputs, need_classifier)
+        except PluginError as err:
+            raise QgsProcessingException(str(err)) from err
+        except Cancelled as err:
+            raise QgsProcessingException("cancelled by the user; no output was written.") from err
+
+    def _run_model(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback,
+                   outputs: tuple[str, ...], need_classifier: bool) -> Run:
+        layer: QgsRasterLayer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        if layer is None or not layer.isValid():
+            raise PluginError("the input raster layer is missing or invalid; choose a readable raster.")
+        model_path = self.parameterAsFile(parameters, self.MODEL, context)
+        model = OnnxModel(model_path)
+        info = model.info
+        if need_classifier and not info.is_classifier:
+            raise PluginError(f"model {os.path.basename(model_path)} is an embedder (no classes); export it "
+                              "with --head to classify, or use the embed algorithm.")
+        provider = layer.dataProvider()
+        labels = [layer_band_label(provider.generateBandName(i)) for i in range(1, layer.bandCount() + 1)]
+        mapping_text = self.parameterAsString(parameters, self.BAND_MAPPING, context)
+        override = parse_mapping(mapping_text, info.bands) if mapping_text.strip() else None
+        bands = resolve_bands(info.bands, labels, override, source=f"layer '{layer.name()}'")
+        feedback.pushInfo("Band mapping: " + ", ".join(f"{m}<-band {b}" for m, b in zip(info.bands, bands)))
+
+        area = QgsRectangle(layer.extent())
+        if parameters.get(self.EXTENT):
+            area = area.intersect(self.parameterAsExtent(parameters, self.EXTENT, context, layer.crs()))
+        mask_source = self.parameterAsSource(parameters, self.MASK, context)
+        mask_wkts = None
+        if mask_source is not None:
+            to_layer = QgsCoordinateTransform(mask_source.sourceCrs(), layer.crs(), context.transformContext())
+            area = area.intersect(to_layer.transformBoundingBox(mask_source.sourceExtent()))
+        if area.isEmpty():
+            raise PluginError("the extent/mask does not overlap the input raster; choose an area over it.")
+        crs = working_crs(layer, area)
+        if crs != layer.crs():
+            feedback.pushInfo(f"Layer CRS {layer.crs().authid()} is geographic: working in {crs.authid()}.")
+            area = QgsCoordinateTransform(layer.crs(), crs, context.transformContext()).transformBoundingBox(area)
+        if mask_source is not None:
+            mask_wkts = geometries_as_wkt(mask_source, crs, context)
+        grid = make_grid(crs, area, info.gsd_m)
+        overlap = self.parameterAsDouble(parameters, self.OVERLAP, context) / 100.0
+        tiles = TileGrid.from_overlap(grid.width, grid.height, info.tile_size, overlap)
+        nodata = parameters.get(self.NODATA)
+        reader = LayerReader(layer, bands, grid, nodata=None if nodata in (None, "") else
+                             self.parameterAsDouble(parameters, self.NODATA, context), mask_wkts=mask_wkts)
+        ep = model.execution_provider
+        feedback.pushInfo(f"ONNX Runtime execution provider: {ep} ({device_name(ep)}); "
+                          f"{tiles.n_tiles} tiles of {info.tile_size} px at {info.gsd_m:g} m, "
+                          f"stride {tiles.stride} px, grid {grid.width} x {grid.height} px.")
+        results = run_tiles(
+            reader, tiles, model, outputs=outputs,
+            batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
+            min_valid=self.parameterAsDouble(parameters, self.MIN_VALID, context),
+            progress=feedback.setProgress, is_cancelled=feedback.isCanceled)
+        skipped = tiles.n_tiles - results.tiles_run
+        feedback.pushInfo(f"Ran {results.tiles_run} tiles in {results.seconds:.2f} s: "
+                          f"{results.tiles_per_second:.1f} tiles/s on {device_name(ep)} ({ep}); "
+                          f"{skipped} tiles skipped (valid fraction below the minimum); "
+                          f"{results.forward_seconds:.2f} s inside ONNX Runtime.")
+        if feedback.isCanceled():
+            raise Cancelled()
+        return Run(results, grid, tiles, model)
+
+    def check_cancel(self, feedback: QgsProcessingFeedback) -> None:
+        """Stop before writing the next output when the user cancelled."""
+        if feedback.isCanceled():
+            raise QgsProcessingException("cancelled by the user; outputs not yet written were not created.")

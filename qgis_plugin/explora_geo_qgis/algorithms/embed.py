@@ -1,0 +1,46 @@
+"""``explora_geo:embed``: a D-band GeoTIFF of per-tile embeddings."""
+
+from __future__ import annotations
+
+import numpy as np
+from qgis.core import QgsProcessingContext, QgsProcessingFeedback, QgsProcessingParameterRasterDestination
+
+from ..core.writers import FLOAT_NODATA, write_geotiff
+from .base import TiledModelAlgorithm
+
+
+class EmbedAlgorithm(TiledModelAlgorithm):
+    """Write the model's embedding of every tile as the bands of one output cell."""
+
+    OUTPUT = "OUTPUT"
+
+    def name(self) -> str:
+        return "embed"
+
+    def displayName(self) -> str:
+        return "Tile embeddings (ExPLoRA)"
+
+    def shortHelpString(self) -> str:
+        return ("Runs an ONNX model exported by 'explora-geo export' over the raster and writes a GeoTIFF with "
+                "one pixel per tile and one band per embedding dimension (D bands, float32). Tiles with too few "
+                f"valid pixels are nodata ({FLOAT_NODATA:g}).")
+
+    def createInstance(self) -> EmbedAlgorithm:
+        return EmbedAlgorithm()
+
+    def initAlgorithm(self, config: dict | None = None) -> None:
+        self.add_common_parameters()
+        self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "Embeddings (D-band GeoTIFF)"))
+
+    def processAlgorithm(self, parameters: dict, context: QgsProcessingContext,
+                         feedback: QgsProcessingFeedback) -> dict:
+        out = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
+        run = self.run_model(parameters, context, feedback, ("embedding",))
+        bands = np.moveaxis(run.results.outputs["embedding"], -1, 0).astype(np.float32)  # [D, R, K]
+        bands[:, ~run.results.ran] = FLOAT_NODATA
+        self.check_cancel(feedback)
+        write_geotiff(out, bands, run.cell_geotransform, run.crs_wkt, nodata=FLOAT_NODATA,
+                      descriptions=[f"emb_{i:03d}" for i in range(bands.shape[0])])
+        return {self.OUTPUT: out, "TILES_RUN": run.results.tiles_run,
+                "TILES_PER_SECOND": run.results.tiles_per_second,
+                "EXECUTION_PROVIDER": run.model.execution_provider}

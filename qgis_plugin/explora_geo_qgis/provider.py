@@ -1,0 +1,26 @@
+"""The ``explora_geo`` Processing provider."""
+
+from __future__ import annotations
+
+from qgis.core import QgsProcessingProvider
+
+from .algorithms.classify import ClassifyAlgorithm
+from .algorithms.embed import EmbedAlgorithm
+from .algorithms.similarity import SimilarityAlgorithm
+
+
+class ExploraGeoProvider(QgsProcessingProvider):
+    """Provides ``explora_geo:classify``, ``explora_geo:embed`` and ``explora_geo:similarity``."""
+
+    def id(self) -> str:
+        return "explora_geo"
+
+    def name(self) -> str:
+        return "ExPLoRA geo"
+
+    def longName(self) -> str:
+        return "ExPLoRA geo: adapted vision transformers for Earth observation (ONNX Runtime)"
+
+    def loadAlgorithms(self) -> None:
+        for algorithm in (ClassifyAlgorithm(), EmbedAlgorithm(), SimilarityAlgorithm()):
+            self.addAlgorithm(algorithm)
