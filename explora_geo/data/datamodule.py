@@ -1,0 +1,188 @@
+"""``PretrainDataModule``: random patches of a mosaic for self-supervised pre-training (Lightning).
+
+Batches are dicts: ``image`` float32 ``[B, C, H, W]`` (normalised, bands in ``bands`` order, nodata filled),
+``valid_mask`` bool ``[B, H, W]``, plus ``index`` int64 ``[B, 2]`` (epoch, sample), ``rejected`` int64 ``[B]``
+(redraws each sample needed) and ``source`` int64 ``[B]`` (the unit it came from).
+
+Determinism: sample ``i`` of epoch ``e`` depends only on ``(seed, e, i)``. Samples are visited in index order,
+so the data position is ``(epoch, next index)``; :meth:`PretrainDataModule.state_dict` stores it and a resumed
+run skips the samples already consumed (they are not read).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from explora_geo.data.catalog import Catalog, DataSpec, build_catalog
+from explora_geo.data.sampling import EpochSampler, PatchDataset, load_roi
+from explora_geo.errors import ExploraGeoError
+from explora_geo.normalization import Normalization
+from explora_geo.sensors import Sensor
+
+__all__ = ["PretrainDataModule"]
+
+
+class _TrackedLoader(DataLoader):
+    """A DataLoader that reports each batch to ``on_batch`` in the main process (position, rejections)."""
+
+    on_batch: Any = None
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        for batch in super().__iter__():
+            if self.on_batch is not None:
+                self.on_batch(batch)
+            yield batch
+
+
+class PretrainDataModule(L.LightningDataModule):
+    """Random normalised patches of GeoTIFF mosaics or per-band scenes.
+
+    Args:
+        data: folder, glob, raster file or list of those.
+        bands: band names of the model input, in order.
+        sensor: preset naming the files' bands (and their aliases); ``None``: names from the files.
+        patch_size: patch side in pixels.
+        batch_size: patches per batch.
+        num_workers: DataLoader worker processes (each opens its own file handles).
+        samples_per_epoch: patches per epoch.
+        normalization: scaling applied to every patch (``None``: digital numbers minus the DN offset).
+        nodata: nodata value (default: the files' metadata, else 0).
+        max_nodata_fraction: patches with more missing pixels are redrawn (0..1).
+        roi: vector file restricting where patches are centred (any CRS).
+        res, crs: resolution / CRS of the torchgeo path (defaults chosen and reported by :meth:`describe`);
+            the fast path cuts patches on each file's own grid at ``res``.
+        seed: base seed.
+        fast: use the cached fast reader (True) or torchgeo's reader (False).
+        cache_dir: folder of the decoded-block cache (default ``~/.cache/explora-geo/blocks``).
+        band_names: names of the bands of multi-band files, in file order (when neither descriptions nor the
+            sensor preset name them, e.g. EuroSAT's B8A-last order).
+        dn_offset: ``"auto"`` (detect the Sentinel-2 L2A +1000 DN offset) or DN to subtract.
+        cache_bytes: cache size bound in bytes (default: half the free disk, at most 64 GiB; 0: off).
+    """
+
+    def __init__(
+        self,
+        data: DataSpec,
+        *,
+        bands: Sequence[str],
+        sensor: str | Sensor | None = "sentinel2",
+        patch_size: int,
+        batch_size: int,
+        num_workers: int = 0,
+        samples_per_epoch: int,
+        normalization: Normalization | None,
+        nodata: float | None = None,
+        max_nodata_fraction: float = 0.5,
+        roi: str | None = None,
+        res: float | None = None,
+        crs: Any = None,
+        seed: int = 0,
+        fast: bool = True,
+        cache_dir: str | os.PathLike[str] | None = None,
+        band_names: Sequence[str] | None = None,
+        dn_offset: float | str = "auto",
+        cache_bytes: int | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or num_workers < 0:
+            raise ExploraGeoError(f"batch_size {batch_size} / num_workers {num_workers} must be >= 1 / >= 0.")
+        self.data = data
+        self.bands = tuple(bands)
+        self.sensor = sensor
+        self.patch_size = int(patch_size)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.samples_per_epoch = int(samples_per_epoch)
+        self.normalization = normalization
+        self.nodata = nodata
+        self.max_nodata_fraction = float(max_nodata_fraction)
+        self.roi = roi
+        self.res = res
+        self.crs = crs
+        self.seed = int(seed)
+        self.fast = fast
+        self.cache_dir = cache_dir
+        self.band_names = band_names
+        self.dn_offset = dn_offset
+        self.cache_bytes = cache_bytes
+        self.catalog: Catalog | None = None
+        self.dataset: PatchDataset | None = None
+        self.rejected_count = 0
+        self.samples_seen = 0
+        self._position: dict[str, int] = {}
+        self._sampler: EpochSampler | None = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str | None = None) -> None:
+        """Build the catalog and the patch dataset, and draw sample 0 once to validate the input."""
+        if self.dataset is not None:
+            return
+        self.catalog = build_catalog(
+            self.data, bands=self.bands, sensor=self.sensor, band_names=self.band_names, nodata=self.nodata,
+            res=self.res, crs=self.crs, dn_offset=self.dn_offset,
+        )
+        roi = load_roi(self.roi) if self.roi is not None else None
+        self.dataset = PatchDataset(
+            self.catalog, patch_size=self.patch_size, length=self.samples_per_epoch, seed=self.seed,
+            normalization=self.normalization, max_nodata_fraction=self.max_nodata_fraction, roi=roi,
+            fast=self.fast, cache_dir=self.cache_dir, cache_bytes=self.cache_bytes,
+        )
+        try:
+            self.dataset.draw(0, 0)  # raises a clear error for all-nodata data before workers start
+        finally:
+            self.dataset.close()  # no handle may be inherited by the workers
+
+    def train_dataloader(self) -> DataLoader:
+        """Batches of ``samples_per_epoch`` patches; see the module docstring for the keys."""
+        self.setup()
+        assert self.dataset is not None
+        self._sampler = EpochSampler(self.samples_per_epoch, self._position)
+        loader = _TrackedLoader(
+            self.dataset, batch_size=self.batch_size, sampler=self._sampler, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, pin_memory=False,
+        )
+        loader.on_batch = self._observe
+        return loader
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _observe(self, batch: dict[str, Any]) -> None:
+        epoch, last = (int(v) for v in batch["index"][-1])
+        self._position.update(epoch=epoch, next_index=last + 1)
+        self.rejected_count += int(batch["rejected"].sum())
+        self.samples_seen += int(batch["index"].shape[0])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Data position (epoch, next sample index), seed and counters, for Lightning checkpoints."""
+        return {"epoch": self._position.get("epoch", 0), "next_index": self._position.get("next_index", 0),
+                "seed": self.seed, "rejected_count": self.rejected_count, "samples_seen": self.samples_seen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume at the stored position: the stored epoch skips the samples already consumed."""
+        if int(state_dict.get("seed", self.seed)) != self.seed:
+            raise ExploraGeoError(
+                f"checkpoint data seed {state_dict['seed']} differs from seed {self.seed}; resume with the same seed."
+            )
+        self._position.clear()
+        self._position.update(epoch=int(state_dict["epoch"]), next_index=int(state_dict["next_index"]))
+        self.rejected_count = int(state_dict.get("rejected_count", 0))
+        self.samples_seen = int(state_dict.get("samples_seen", 0))
+
+    def describe(self) -> str:
+        """Files, CRS, resolution, bands, nodata, offset, reader and rejections so far (for logs)."""
+        self.setup()
+        assert self.catalog is not None and self.dataset is not None
+        reader = "fast (cached, own grid)" if self.fast else "torchgeo"
+        if self.fast:
+            r = self.dataset._reader
+            reader += f", cache {r.cache_dir} ({sum(r.cached)}/{len(r.cached)} units, {r.cached_bytes / 2**30:.2f} GiB)"
+        roi = f"; roi: {Path(self.roi).name}" if self.roi else ""
+        return (f"{self.catalog.describe()}\nreader: {reader}; patch {self.patch_size} px; "
+                f"{self.samples_per_epoch} samples/epoch{roi}\n"
+                f"rejected patches so far: {self.rejected_count} of {self.samples_seen + self.rejected_count} drawn "
+                f"(max nodata fraction {self.max_nodata_fraction:g})")
