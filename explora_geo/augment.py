@@ -1,0 +1,119 @@
+"""Multi-crop augmentation for DINO-style training, for images with any number of bands.
+
+Built from kornia augmentations, so it runs on the training device (GPU) on whole batches. Everything here is
+valid for multispectral input: geometric transforms (random resized crop, horizontal and vertical flips, both
+fine for overhead imagery), Gaussian blur and noise act per band, and the "colour" jitter is a per-band gain and offset plus a
+global brightness factor, so it never assumes three RGB channels (no hue / saturation / grey-scale, which are
+defined for RGB only and would mix unrelated spectral bands).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import kornia.augmentation as K
+import torch
+from torch import Tensor, nn
+
+__all__ = ["MultiCropConfig", "MultiCrop", "band_jitter"]
+
+
+@dataclass
+class MultiCropConfig:
+    """Multi-crop settings (DINOv2 defaults: 2 global crops of 224 px, scale 0.32-1; 8 local of 98 px, 0.05-0.32).
+
+    Args:
+        global_size, local_size: crop sides in pixels (multiples of the patch size).
+        n_global: global crops (2 in DINO; the teacher sees these).
+        n_local: local crops (student only); 0 disables them.
+        global_scale, local_scale: (min, max) area fraction of the source image each crop covers.
+        jitter_p: probability of the band jitter per crop.
+        gain, offset, brightness: band-jitter strengths: per-band gain ``1 +- gain``, per-band offset
+            ``+- offset`` (in normalised units), global brightness factor ``1 +- brightness``.
+        blur_p: probability of a Gaussian blur per crop (sigma 0.1-2 px).
+        noise_std: std of additive Gaussian noise (normalised units), 0 = off.
+    """
+
+    global_size: int = 224
+    local_size: int = 98
+    n_global: int = 2
+    n_local: int = 8
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    jitter_p: float = 0.8
+    gain: float = 0.2
+    offset: float = 0.05
+    brightness: float = 0.2
+    blur_p: float = 0.5
+    noise_std: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+def band_jitter(images: Tensor, *, p: float, gain: float, offset: float, brightness: float) -> Tensor:
+    """Random per-image, per-band affine jitter ``x * brightness * gain_c + offset_c`` (any number of bands).
+
+    Args:
+        images: ``[B, C, H, W]`` normalised.
+        p: probability that an image is jittered.
+        gain, offset, brightness: half-widths of the uniform draws (see :class:`MultiCropConfig`).
+
+    Returns:
+        ``[B, C, H, W]``, same dtype/device. Uses the global torch RNG.
+    """
+    b, c = images.shape[:2]
+    dev, dt = images.device, images.dtype
+
+    def uniform(*shape: int) -> Tensor:
+        return torch.rand(*shape, 1, 1, device=dev, dtype=dt) * 2 - 1
+
+    apply = (torch.rand(b, 1, 1, 1, device=dev) < p).to(dt)
+    scale = (1 + brightness * uniform(b, 1)) * (1 + gain * uniform(b, c))
+    shift = offset * uniform(b, c)
+    return images * (1 + apply * (scale - 1)) + apply * shift
+
+
+class MultiCrop(nn.Module):
+    """Global and local crops of a batch: ``forward(images) -> (global_crops, local_crops)``.
+
+    Args:
+        config: :class:`MultiCropConfig`.
+
+    ``forward`` takes ``[B, C, H, W]`` and returns two lists: ``n_global`` tensors ``[B, C, Sg, Sg]`` and
+    ``n_local`` tensors ``[B, C, Sl, Sl]``. Each crop of each image gets its own random parameters.
+    """
+
+    def __init__(self, config: MultiCropConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.global_view = self._pipeline(config.global_size, config.global_scale)
+        self.local_view = self._pipeline(config.local_size, config.local_scale)
+
+    def _pipeline(self, size: int, scale: tuple[float, float]) -> K.AugmentationSequential:
+        cfg = self.config
+        steps: list[nn.Module] = [
+            K.RandomResizedCrop((size, size), scale=scale, ratio=(3 / 4, 4 / 3)),
+            K.RandomHorizontalFlip(),
+            K.RandomVerticalFlip(),
+        ]
+        if cfg.blur_p > 0:
+            kernel = max(3, (size // 10) | 1)
+            steps.append(K.RandomGaussianBlur((kernel, kernel), (0.1, 2.0), p=cfg.blur_p))
+        if cfg.noise_std > 0:
+            steps.append(K.RandomGaussianNoise(std=cfg.noise_std, p=0.5))
+        return K.AugmentationSequential(*steps)
+
+    def _jitter(self, x: Tensor) -> Tensor:
+        cfg = self.config
+        return band_jitter(x, p=cfg.jitter_p, gain=cfg.gain, offset=cfg.offset, brightness=cfg.brightness)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """See the class docstring."""
+        images = images.float()
+        globals_ = [self._jitter(self.global_view(images)) for _ in range(self.config.n_global)]
+        locals_ = [self._jitter(self.local_view(images)) for _ in range(self.config.n_local)]
+        return globals_, locals_
