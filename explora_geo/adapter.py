@@ -48,7 +48,6 @@ __all__ = [
     "adapter_state_dict",
     "load_adapter_state_dict",
     "count_parameters",
-    "is_group_channel",
     "CATEGORIES",
 ]
 
@@ -293,7 +292,7 @@ class LoRALinear(nn.Linear):
 # Apply / merge
 # --------------------------------------------------------------------------------------------------------
 
-def is_group_channel(model: nn.Module) -> bool:
+def _is_group_channel(model: nn.Module) -> bool:
     """Whether ``model`` is a multi-spectral group-channel ViT (it has ``patch_embeds`` or ``group_embed``)."""
     return hasattr(model, "patch_embeds") or hasattr(model, "group_embed")
 
@@ -371,7 +370,7 @@ def apply_explora(model: nn.Module, config: ExploraConfig | None = None) -> nn.M
         for module in model.modules():
             if _is_norm(module):
                 module.requires_grad_(True)
-    train_embeddings = is_group_channel(model) if config.train_embeddings is None else config.train_embeddings
+    train_embeddings = _is_group_channel(model) if config.train_embeddings is None else config.train_embeddings
     trainable_roots = (_PREFIX_TOKENS if config.train_cls_token else ()) + (
         _GROUP_EMBEDDINGS if train_embeddings else ()
     )

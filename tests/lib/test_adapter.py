@@ -313,3 +313,50 @@ def test_paper_count_on_a_real_cpu_build() -> None:
     model = apply_explora(timm.create_model("vit_base_patch14_dinov2", pretrained=False, img_size=56),
                           ExploraConfig())
     assert count_parameters(model)["trainable"] / 1e6 == pytest.approx(9.3, abs=0.05)
+
+
+# ------------------------------------------------------------------------------ group-channel ViT
+
+def tiny_group_channel(seed: int = 0) -> nn.Module:
+    """A 3-block Sentinel-2 group-channel ViT (10 bands in 3 groups, 16 px, patch 8: 1 + 3 x 4 tokens)."""
+    from explora_geo.models import create_backbone
+
+    torch.manual_seed(seed)
+    return create_backbone("group_channel_vit_tiny_patch8_96", bands="sentinel2", img_size=16, embed_dim=64,
+                           depth=3, num_heads=4)
+
+
+def test_group_channel_embeddings_train_by_default_and_merge_exactly() -> None:
+    source = tiny_group_channel().eval()
+    x = torch.randn(2, len(source.band_names), 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = source(x)
+    model = apply_explora(tiny_group_channel(), ExploraConfig(unfreeze="L", rank=4, alpha=4.0))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"pos_embed", "group_embed", "cls_token", "patch_embeds.0.proj.weight",
+            "patch_embeds.2.proj.bias"} <= trainable
+    emb = count_parameters(model)["by_category"]["embeddings"]
+    assert emb["trainable"] == emb["total"] > 0
+    model.eval()
+    with torch.no_grad():
+        assert (model(x) - expected).abs().max().item() <= 1e-6
+
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    model.train()
+    train_a_few_steps(model, x)
+    assert all(torch.equal(model.get_parameter(n), v) for n, v in frozen.items())
+    model.eval()
+    vanilla = tiny_group_channel(seed=9).eval()
+    vanilla.load_state_dict(merged_state_dict(model), strict=True)
+    with torch.no_grad():
+        adapted, merged = model(x), vanilla(x)
+    assert ((adapted - merged).norm() / adapted.norm()).item() <= 1e-5
+    qkv = merged_state_dict(model)["blocks.0.attn.qkv.weight"]
+    assert torch.equal(qkv[64:128], frozen["blocks.0.attn.qkv.weight"][64:128])
+    assert not torch.equal(qkv[:64], frozen["blocks.0.attn.qkv.weight"][:64])
+
+
+def test_group_channel_embeddings_can_be_frozen() -> None:
+    model = apply_explora(tiny_group_channel(), ExploraConfig(rank=2, train_embeddings=False))
+    assert not model.pos_embed.requires_grad and not model.patch_embeds[0].proj.weight.requires_grad
+    assert model.cls_token.requires_grad
