@@ -111,10 +111,14 @@ def create_backbone(
         return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kw)
     names = _flat_bands(bands)
     if names is not None:
-        kwargs.setdefault("in_chans", len(names))
+        if kwargs.setdefault("in_chans", len(names)) != len(names):
+            raise ExploraGeoError(
+                f"in_chans={kwargs['in_chans']} does not match the {len(names)} bands {', '.join(names)}; "
+                "drop in_chans or change the bands."
+            )
+    elif "in_chans" not in kwargs:
+        names = SENSORS["rgb"].model_bands  # a plain timm ViT without bands is an RGB model
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
-    if names is None and getattr(model, "in_chans", kwargs.get("in_chans", 3)) == 3 and "in_chans" not in kwargs:
-        names = SENSORS["rgb"].model_bands
     if names is not None:
         model.band_names = list(names)
     return model
