@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,7 +263,9 @@ def _write_onnx(module: nn.Module, example: Tensor, path: str, outputs: list[str
     import onnx
 
     dynamic = {"image": {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # shape checks in the models become constants for the fixed C, H, W: expected, not a problem
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(module, (example,), path, input_names=["image"], output_names=outputs,
                           dynamic_axes=dynamic, opset_version=ONNX_OPSET, dynamo=False)
     model = onnx.load(path)
