@@ -1,0 +1,138 @@
+"""Input discovery, band naming, grids, nodata and DN offset; bad input gives one clear error (and CLI exit 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_data_nodata import smooth, write_tif
+
+from explora_geo.cli import main
+from explora_geo.data.catalog import build_catalog, dn_offset_from, find_rasters
+from explora_geo.data.datasets import MosaicDataset, open_dataset
+from explora_geo.errors import ExploraGeoError
+
+RGBN = ["B02", "B03", "B04", "B08"]
+
+
+@pytest.fixture()
+def mosaic(tmp_path: Path) -> Path:
+    folder = tmp_path / "mosaic"
+    write_tif(folder / "a.tif", smooth((4, 96, 96), 1), descriptions=RGBN)
+    write_tif(folder / "b.tif", smooth((4, 96, 96), 2), descriptions=RGBN, origin=(300960.0, 5800000.0))
+    (folder / "notes.txt").write_text("not a raster")
+    return folder
+
+
+def test_folder_glob_and_list_find_the_same_files(mosaic: Path) -> None:
+    by_folder = find_rasters(mosaic)
+    assert [Path(p).name for p in by_folder] == ["a.tif", "b.tif"]
+    assert find_rasters(str(mosaic / "*.tif")) == by_folder
+    assert find_rasters([mosaic / "b.tif", mosaic / "a.tif"]) == by_folder
+
+
+def test_bands_by_description_in_requested_order(mosaic: Path) -> None:
+    ds = open_dataset(mosaic, bands=["nir", "B02"], sensor="sentinel2")
+    assert isinstance(ds, MosaicDataset)
+    assert ds.catalog.bands == ("B08", "B02")
+    x, y, _ = ds.bounds
+    sample = ds[x.start:x.start + 320:10, y.stop - 320:y.stop:10]
+    import rasterio
+
+    with rasterio.open(mosaic / "a.tif") as src:
+        expected = src.read([4, 1], window=((0, 32), (0, 32))).astype(np.float32)
+    assert sample["image"].shape == (2, 32, 32)
+    np.testing.assert_array_equal(sample["image"].numpy(), expected)
+
+
+def test_user_band_names_override_and_must_match_count(mosaic: Path) -> None:
+    cat = build_catalog(mosaic, bands=["B04"], band_names=["B04", "B03", "B02", "B08"])
+    assert cat.sources[0].channels[0][1] == 1
+    with pytest.raises(ExploraGeoError, match=r"a\.tif has 4 bands but 3 band names"):
+        build_catalog(mosaic, bands=["B04"], band_names=["B04", "B03", "B02"])
+
+
+def test_default_crs_and_res_are_chosen_and_reported(tmp_path: Path) -> None:
+    write_tif(tmp_path / "big.tif", smooth((4, 64, 64)), descriptions=RGBN, crs="EPSG:32632", origin=(700000, 5800000))
+    write_tif(tmp_path / "small.tif", smooth((4, 32, 32)), descriptions=RGBN, res=20.0)
+    cat = build_catalog(tmp_path, bands=RGBN)
+    assert cat.crs.to_epsg() == 32632 and cat.res == (10.0, 10.0)
+    assert any("crs chosen: EPSG:32632" in n for n in cat.notes)
+    assert "res: 10 x 10" in cat.describe()
+    explicit = build_catalog(tmp_path, bands=RGBN, crs="EPSG:32633", res=20)
+    assert explicit.crs.to_epsg() == 32633 and explicit.res == (20.0, 20.0)
+    # the 20 m file's own grid at 10 m doubles its pixel count
+    small = next(s for s in cat.sources if s.name == "small.tif")
+    assert (small.width, small.height) == (64, 64)
+
+
+def test_nodata_from_user_metadata_or_assumed(tmp_path: Path) -> None:
+    write_tif(tmp_path / "n.tif", smooth((4, 32, 32)), descriptions=RGBN, nodata=65535)
+    assert build_catalog(tmp_path, bands=RGBN).nodata == 65535
+    assert build_catalog(tmp_path, bands=RGBN, nodata=7).nodata_origin == "user"
+    other = tmp_path / "other"
+    write_tif(other / "m.tif", smooth((4, 32, 32)), descriptions=RGBN)
+    cat = build_catalog(other, bands=RGBN)
+    assert cat.nodata == 0 and cat.nodata_origin.startswith("assumed")
+
+
+def test_l2a_offset_from_name_tag_or_user(tmp_path: Path) -> None:
+    assert dn_offset_from(["/x/S2B_MSIL2A_20230101T100309_N0509_R122_T33UUU.SAFE/B02.jp2"], [{}])[0] == 1000
+    assert dn_offset_from(["/x/S2B_MSIL2A_20200101T100309_N0213_R122_T33UUU.SAFE/B02.jp2"], [{}])[0] == 0
+    assert dn_offset_from(["/x/S2B_MSIL1C_20230101T100309_N0509_R122.SAFE/B02.jp2"], [{}])[0] == 0
+    write_tif(tmp_path / "t.tif", smooth((4, 32, 32)), descriptions=RGBN, tags={"BOA_ADD_OFFSET_B2": "-1000"})
+    cat = build_catalog(tmp_path, bands=RGBN)
+    assert cat.offset == 1000 and "BOA_ADD_OFFSET" in cat.offset_origin
+    assert build_catalog(tmp_path, bands=RGBN, dn_offset=0).offset == 0
+
+
+def test_per_band_files_form_scenes(tmp_path: Path) -> None:
+    write_tif(tmp_path / "T33UUU_20230101T100309_B02_10m.tif", smooth((1, 64, 64)))
+    write_tif(tmp_path / "T33UUU_20230101T100309_B05_20m.tif", smooth((1, 32, 32), 1), res=20.0)
+    cat = build_catalog(tmp_path, bands=["B05", "B02"])
+    assert cat.kind == "band_files" and len(cat.sources) == 1
+    assert (cat.sources[0].width, cat.res) == (64, (10.0, 10.0))
+    assert [Path(p).name[-11:] for p, _ in cat.sources[0].channels] == ["B05_20m.tif", "B02_10m.tif"]
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def _error(data: object, **kwargs: object) -> str:
+    with pytest.raises(ExploraGeoError) as info:
+        build_catalog(data, **{"bands": RGBN, **kwargs})  # type: ignore[arg-type]
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_bad_inputs_name_the_culprit(tmp_path: Path, mosaic: Path) -> None:
+    assert "does not exist" in _error(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    assert "empty" in _error(tmp_path / "empty")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("x")
+    assert "has no raster" in _error(tmp_path / "docs")
+    assert "no file matches" in _error(str(tmp_path / "*.nothing"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.tif").write_bytes(b"II*\x00" + b"\x00" * 64)
+    assert "broken.tif" in _error(bad)
+    mixed = tmp_path / "mixed"
+    write_tif(mixed / "four.tif", smooth((4, 32, 32)), descriptions=RGBN)
+    write_tif(mixed / "four2.tif", smooth((4, 32, 32)), descriptions=RGBN)
+    write_tif(mixed / "three.tif", smooth((3, 32, 32)), descriptions=RGBN[:3])
+    assert "three.tif has 3 bands" in _error(mixed)
+    assert "lacks band(s) B12" in _error(mosaic, bands=["B02", "B12"])
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "corrupt", "band"])
+def test_cli_stats_exits_2_with_one_line(tmp_path: Path, mosaic: Path, case: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    data = {"missing": tmp_path / "nope", "empty": tmp_path / "e", "corrupt": tmp_path / "c", "band": mosaic}[case]
+    (tmp_path / "e").mkdir()
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "x.tif").write_bytes(b"not a tiff")
+    bands = "B02,B12" if case == "band" else "B02"
+    assert main(["stats", "--data", str(data), "--bands", bands, "--patches", "2", "--patch-size", "16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("explora-geo stats: error:")
