@@ -45,6 +45,7 @@ __all__ = [
     "read_checkpoint_file",
     "unwrap_state_dict",
     "split_extra",
+    "band_kernels",
     "rgb_to_group_kernels",
 ]
 
@@ -54,6 +55,7 @@ OtherKernels = Literal["mean", "random"]
 _FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".pth.tar")
 _WEIGHTS_HINT = "pass --weights PATH (a local checkpoint file) or --weights random for a smoke run"
 _ANCHOR = "blocks.0.norm1.weight"
+_HEADS = frozenset({"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"})
 # Keys a ViT of another architecture would not share; a mismatch there is an error, never a silent re-init.
 _STRICT = re.compile(r"^(blocks\.|norm\.|cls_token$|reg_token$|patch_embed\.|pos_embed$)")
 
@@ -144,12 +146,7 @@ def read_checkpoint_file(path: str | os.PathLike[str]) -> SourceCheckpoint:
             from safetensors.torch import load_file
 
             raw: Any = load_file(str(path), device="cpu")
-            sidecar = path.with_suffix(".json")
-            if sidecar.is_file():
-                data = json.loads(sidecar.read_text())
-                if isinstance(data, dict) and data.get("format") == "explora-geo-backbone":
-                    meta = {"sidecar": data, "bands": data.get("bands"), "normalization": data.get("normalization")}
-                    bands = list(data["bands"]) if data.get("bands") else None
+            meta, bands = _backbone_sidecar(path)
         else:
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except ExploraGeoError:
@@ -164,6 +161,24 @@ def read_checkpoint_file(path: str | os.PathLike[str]) -> SourceCheckpoint:
         raise ExploraGeoError(f"weights file {path} holds a {type(raw).__name__}, not a state dict; "
                               "save model.state_dict() instead.")
     return SourceCheckpoint(raw, str(path), meta, bands)
+
+
+def _backbone_sidecar(path: Path) -> tuple[dict[str, Any], list[str] | None]:
+    """``(meta, bands)`` from the explora-geo sidecar beside ``path`` (``{}, None`` when there is none)."""
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        return {}, None
+    try:
+        data = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}, None  # not ours: a stray JSON file beside the weights
+    if not isinstance(data, dict) or data.get("format") != "explora-geo-backbone":
+        return {}, None
+    from explora_geo.checkpoint import read_sidecar
+
+    data = read_sidecar(path)
+    meta = {"sidecar": data, "bands": data["bands"], "normalization": data.get("normalization")}
+    return meta, list(data["bands"])
 
 
 def _timm_checkpoint(name: str) -> SourceCheckpoint:
@@ -349,51 +364,85 @@ def _pos_prefix_tokens(state_dict: StateDict) -> int:
 # RGB / multi-band source -> group-channel patch embeddings
 # --------------------------------------------------------------------------------------------------------
 
+def band_kernels(
+    weight: torch.Tensor,
+    bands: Sequence[str],
+    *,
+    source_bands: Sequence[str],
+    sensor: str | None,
+    fresh: torch.Tensor,
+    other_kernels: OtherKernels = "mean",
+) -> tuple[torch.Tensor, str]:
+    """Patch-embedding kernel for ``bands`` taken, by band name, from a source kernel.
+
+    Args:
+        weight: source kernel ``[D, C_src, p, p]`` (already at the model's patch size).
+        bands: the target's input bands, e.g. one group ``["B02", "B03", "B04", "B08"]``.
+        source_bands: names of the source's ``C_src`` channels, e.g. ``["B04", "B03", "B02"]`` for an RGB
+            model (channel 0 = red), or the 13 names of a torchgeo Sentinel-2 model.
+        sensor: preset whose aliases match band names (``None``: canonical ``B02``-style names only).
+        fresh: the target's own initial kernel ``[D, len(bands), p, p]``, used by ``"random"``.
+        other_kernels: for bands the source lacks: ``"mean"`` = the source kernel averaged over its channels,
+            divided by ``len(bands)`` (so a group with no source band responds to a flat image with
+            ``1 / C_src`` of the source stem's response per unit of input, spread evenly over its bands);
+            ``"random"`` = keep ``fresh``.
+
+    Returns:
+        ``[D, len(bands), p, p]`` and a note ``"B02<-ch2 B08<-mean/4 ..."``.
+    """
+    mean_kernel = weight.mean(dim=1)
+    chans, said = [], []
+    for i, band in enumerate(bands):
+        try:
+            (src,) = select_bands(source_bands, [band], sensor=sensor)
+        except ExploraGeoError:
+            src = None
+        if src is not None:
+            chans.append(weight[:, src])
+            said.append(f"{band}<-ch{src}")
+        elif other_kernels == "mean":
+            chans.append(mean_kernel / len(bands))
+            said.append(f"{band}<-mean/{len(bands)}")
+        else:
+            chans.append(fresh[:, i])
+            said.append(f"{band}<-random")
+    return torch.stack(chans, dim=1), " ".join(said)
+
+
 def rgb_to_group_kernels(
     weight: torch.Tensor,
     model: GroupChannelViT,
     *,
     source_bands: Sequence[str],
-    sensor: str,
+    sensor: str | None,
     other_kernels: OtherKernels = "mean",
 ) -> tuple[list[torch.Tensor], list[str]]:
-    """Per-group patch-embedding kernels of ``model`` from a plain ViT's kernel.
-
-    Args:
-        weight: source kernel ``[D, C_src, p, p]`` (already resampled to the model's patch size).
-        source_bands: names of the source's ``C_src`` input channels, e.g. ``["B04", "B03", "B02"]`` for an
-            RGB model (channel 0 = red), or the 13 names of a torchgeo Sentinel-2 model.
-        sensor: preset whose aliases match band names.
-        other_kernels: for model bands the source lacks: ``"mean"`` = the source kernel averaged over its
-            channels, divided by the size of the band's group (so a group with no source band responds to
-            a flat image like the source stem, up to the ``C_src / group size`` ratio); ``"random"`` = keep
-            the model's fresh initialisation.
+    """Per-group patch-embedding kernels of ``model`` from a plain ViT's kernel (see :func:`band_kernels`).
 
     Returns:
         One ``[D, len(group), p, p]`` tensor per group, and a note per group saying what each band got.
     """
     kernels, notes = [], []
-    mean_kernel = weight.mean(dim=1)  # [D, p, p]
     for g, group in enumerate(model.band_groups):
-        fresh = model.patch_embeds[g].proj.weight.detach().clone()
-        chans, said = [], []
-        for i, band in enumerate(group):
-            try:
-                (src,) = select_bands(source_bands, [band], sensor=sensor)
-            except ExploraGeoError:
-                src = None
-            if src is not None:
-                chans.append(weight[:, src])
-                said.append(f"{band}<-ch{src}")
-            elif other_kernels == "mean":
-                chans.append(mean_kernel / len(group))
-                said.append(f"{band}<-mean/{len(group)}")
-            else:
-                chans.append(fresh[:, i])
-                said.append(f"{band}<-random")
-        kernels.append(torch.stack(chans, dim=1))
-        notes.append(f"patch_embeds.{g}: {' '.join(said)}")
+        fresh = model.patch_embeds[g].proj.weight.detach()
+        kernel, note = band_kernels(weight, group, source_bands=source_bands, sensor=sensor, fresh=fresh,
+                                    other_kernels=other_kernels)
+        kernels.append(kernel)
+        notes.append(f"patch_embeds.{g}: {note}")
     return kernels, notes
+
+
+def _source_bands(found: SourceCheckpoint, n_channels: int, sensor: str | None,
+                  rgb_bands: Sequence[str] | None) -> list[str] | None:
+    """Names of the source's input channels: from its metadata, else the RGB bands for 3 channels."""
+    if found.bands is not None and len(found.bands) == n_channels:
+        return list(found.bands)
+    if n_channels == 3:
+        rgb = list(rgb_bands or get_sensor(sensor or "sentinel2").rgb or ())
+        if len(rgb) != 3:
+            raise ExploraGeoError(f"sensor {sensor} has no RGB bands; pass rgb_bands=[red, green, blue].")
+        return rgb
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -444,7 +493,7 @@ def load_source_weights(
     if isinstance(model, GroupChannelViT):
         target, allowed_new = _for_group_channel(encoder, model, found, report, rgb_bands, other_kernels)
     else:
-        target, allowed_new = _for_timm_vit(encoder, model, report)
+        target, allowed_new = _for_timm_vit(encoder, model, found, report, rgb_bands, other_kernels)
     _load_strict(model, target, allowed_new, report)
     return report
 
@@ -455,8 +504,15 @@ def _record_resampled(before: StateDict, after: StateDict, report: LoadReport) -
             report.resampled_keys.append(f"{key} {tuple(before[key].shape)}->{tuple(after[key].shape)}")
 
 
-def _for_timm_vit(encoder: StateDict, model: nn.Module, report: LoadReport) -> tuple[StateDict, set[str]]:
-    """Resample with timm's own ViT checkpoint filter; adapt the input channels with timm's helper."""
+def _for_timm_vit(
+    encoder: StateDict,
+    model: nn.Module,
+    found: SourceCheckpoint,
+    report: LoadReport,
+    rgb_bands: Sequence[str] | None,
+    other_kernels: OtherKernels,
+) -> tuple[StateDict, frozenset[str]]:
+    """Resample with timm's own ViT checkpoint filter; map input channels by band name when they differ."""
     from timm.models import adapt_input_conv
     from timm.models.vision_transformer import checkpoint_filter_fn
 
@@ -464,11 +520,24 @@ def _for_timm_vit(encoder: StateDict, model: nn.Module, report: LoadReport) -> t
     _record_resampled(encoder, target, report)
     key = "patch_embed.proj.weight"
     have = model.state_dict().get(key)
-    if key in target and have is not None and target[key].shape[1] != have.shape[1]:
-        src_chans = target[key].shape[1]
-        target[key] = adapt_input_conv(have.shape[1], target[key], base_chans=src_chans)
-        report.resampled_keys.append(f"{key} channels {src_chans}->{have.shape[1]} (timm adapt_input_conv)")
-    return target, {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+    bands = getattr(model, "band_names", None)
+    if key not in target or have is None:
+        return target, _HEADS
+    weight = target[key]
+    same = weight.shape[1] == have.shape[1] and (found.bands is None or bands is None or list(found.bands) == bands)
+    if same:
+        return target, _HEADS
+    sensor = getattr(model, "sensor", None)
+    source_bands = _source_bands(found, weight.shape[1], sensor, rgb_bands) if bands else None
+    if bands and source_bands:
+        target[key], note = band_kernels(weight, bands, source_bands=source_bands, sensor=sensor,
+                                         fresh=have, other_kernels=other_kernels)
+        report.notes.append(f"patch_embed: {note}")
+        report.resampled_keys.append(f"{key} channels {weight.shape[1]}->{have.shape[1]} (by band name)")
+    else:
+        target[key] = adapt_input_conv(have.shape[1], weight, base_chans=weight.shape[1])
+        report.resampled_keys.append(f"{key} channels {weight.shape[1]}->{have.shape[1]} (timm adapt_input_conv)")
+    return target, _HEADS
 
 
 def _for_group_channel(
@@ -478,9 +547,9 @@ def _for_group_channel(
     report: LoadReport,
     rgb_bands: Sequence[str] | None,
     other_kernels: OtherKernels,
-) -> tuple[StateDict, set[str]]:
+) -> tuple[StateDict, frozenset[str]]:
     """Map a plain-ViT (or group-channel) encoder onto a group-channel ViT."""
-    heads = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+    heads = _HEADS
     if any(k.startswith("patch_embeds.") for k in encoder):  # our own group-channel checkpoint
         target = group_channel_filter(dict(encoder), model)
         if "pos_embed" in encoder and encoder["pos_embed"].shape != target["pos_embed"].shape:
@@ -521,13 +590,8 @@ def _for_group_channel(
             f"patch_embed.proj.weight {tuple(weight.shape)}->{tuple(resampled.shape)} (timm resample_patch_embed)")
         weight = resampled
     sensor = model.sensor or "sentinel2"
-    if found.bands is not None and len(found.bands) == weight.shape[1]:
-        source_bands = list(found.bands)
-    elif weight.shape[1] == 3:
-        source_bands = list(rgb_bands or get_sensor(sensor).rgb or ())
-        if len(source_bands) != 3:
-            raise ExploraGeoError(f"sensor {sensor} has no RGB bands; pass rgb_bands=[red, green, blue].")
-    else:
+    source_bands = _source_bands(found, weight.shape[1], sensor, rgb_bands)
+    if source_bands is None:
         raise ExploraGeoError(
             f"{found.source} has a {weight.shape[1]}-channel patch embedding with unknown band names; "
             "use an RGB source or a checkpoint whose bands are known."
@@ -547,7 +611,7 @@ def _for_group_channel(
     return target, allowed
 
 
-def _load_strict(model: nn.Module, target: StateDict, allowed_new: set[str], report: LoadReport) -> None:
+def _load_strict(model: nn.Module, target: StateDict, allowed_new: frozenset[str], report: LoadReport) -> None:
     """Check every model key against ``target`` and load; raise for architecture mismatches."""
     own = model.state_dict()
     usable: StateDict = {}
