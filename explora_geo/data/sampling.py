@@ -221,7 +221,7 @@ class PatchDataset(Dataset[dict[str, Any]]):
             self._dataset = open_dataset(None, bands=(), catalog=self.catalog)  # type: ignore[arg-type]
         ds, source = self._dataset, self.catalog.sources[window.source]
         half = window.size / 2
-        x, y = source.transform * (window.col + half, window.row + half)
+        x, y = source.transform @ (window.col + half, window.row + half)
         if source.crs != self.catalog.crs:
             x, y = Transformer.from_crs(source.crs, self.catalog.crs, always_xy=True).transform(x, y)
         xres, yres = self.catalog.res

@@ -1,0 +1,118 @@
+"""The fast path returns exactly torchgeo's pixels; its block cache is exact, bounded and multi-process safe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_data_nodata import smooth, write_tif
+
+from explora_geo.data.catalog import build_catalog
+from explora_geo.data.datasets import open_dataset
+from explora_geo.data.fast import PatchReader, _cache_block
+from explora_geo.data.sampling import PatchDataset, Window
+
+BANDS = ["B02", "B03", "B04"]
+
+
+@pytest.fixture()
+def two_zones(tmp_path: Path) -> Path:
+    """Two tiled DEFLATE files in different UTM zones, 3 bands, 200 x 260 px (not a multiple of the tile)."""
+    folder = tmp_path / "zones"
+    write_tif(folder / "z33.tif", smooth((3, 200, 260), 1), descriptions=BANDS, crs="EPSG:32633")
+    write_tif(folder / "z32.tif", smooth((3, 200, 260), 2), descriptions=BANDS, crs="EPSG:32632",
+              origin=(700000.0, 5800000.0))
+    return folder
+
+
+def _torchgeo_window(ds: object, transform: object, row: int, col: int, size: int, res: float) -> np.ndarray:
+    left, top = transform @ (col, row)  # type: ignore[operator]
+    sample = ds[left:left + size * res:res, top - size * res:top:res]  # type: ignore[index]
+    return sample["image"].numpy()
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_fast_equals_torchgeo_for_each_file_in_its_crs(two_zones: Path, tmp_path: Path, cached: bool) -> None:
+    rng = np.random.default_rng(0)
+    for crs in ("EPSG:32633", "EPSG:32632"):
+        cat = build_catalog(two_zones, bands=["B04", "B02"], crs=crs)
+        ds = open_dataset(None, bands=(), catalog=cat)  # type: ignore[arg-type]
+        index = next(i for i, s in enumerate(cat.sources) if s.crs == cat.crs)
+        source = cat.sources[index]
+        reader = PatchReader(cat.sources, cache_dir=tmp_path / "cache", cache_bytes=None if cached else 0)
+        for _ in range(4):
+            row, col = int(rng.integers(0, source.height - 48)), int(rng.integers(0, source.width - 48))
+            fast = reader.read(index, row, col, 48, 48)
+            assert fast.dtype == np.uint16
+            np.testing.assert_array_equal(fast.astype(np.float32), _torchgeo_window(ds, source.transform, row, col, 48, 10))
+        reader.close()
+
+
+def test_cache_fills_blocks_and_stays_exact(two_zones: Path, tmp_path: Path) -> None:
+    cat = build_catalog(two_zones, bands=BANDS)
+    reader = PatchReader(cat.sources, cache_dir=tmp_path / "cache")
+    direct = PatchReader(cat.sources, cache_bytes=0)
+    first = reader.read(0, 70, 100, 64, 64)
+    cache = reader._caches[0]
+    assert _cache_block(cat.sources[0]) == (64, 64)
+    # window rows 70..133, cols 100..163 touch block rows 1-2 and block cols 1-2: four blocks decoded
+    assert cache.done.sum() == 4 and cache.done[1:3, 1:3].all()
+    again = reader.read(0, 70, 100, 64, 64)
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(first, direct.read(0, 70, 100, 64, 64))
+    # the edge block (partial tile) is exact too
+    np.testing.assert_array_equal(reader.read(0, 150, 200, 50, 60), direct.read(0, 150, 200, 50, 60))
+    # a second reader (another process or run) reuses the decoded blocks from disk
+    other = PatchReader(cat.sources, cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(other.read(0, 70, 100, 64, 64), first)
+    assert other._caches[0].done.sum() == cache.done.sum()
+    with pytest.raises(IndexError):
+        reader.read(0, 190, 0, 64, 64)
+
+
+def test_cache_is_bounded(two_zones: Path, tmp_path: Path) -> None:
+    cat = build_catalog(two_zones, bands=BANDS)
+    one_unit = 3 * 200 * 260 * 2
+    reader = PatchReader(cat.sources, cache_dir=tmp_path / "cache", cache_bytes=one_unit + 10)
+    assert reader.cached == [True, False] and reader.cached_bytes == one_unit
+    reader.read(1, 0, 0, 32, 32)
+    reader.read(0, 0, 0, 32, 32)
+    assert len(list((tmp_path / "cache").glob("*.done.npy"))) == 1
+
+
+def test_cache_key_changes_when_the_file_changes(two_zones: Path, tmp_path: Path) -> None:
+    cat = build_catalog(two_zones, bands=BANDS)
+    reader = PatchReader(cat.sources, cache_dir=tmp_path / "cache")
+    before = reader.read(0, 0, 0, 16, 16)
+    path = cat.sources[0].channels[0][0]
+    write_tif(Path(path), smooth((3, 200, 260), 9), descriptions=BANDS,
+              crs=str(cat.sources[0].crs), origin=(cat.sources[0].transform.c, cat.sources[0].transform.f))
+    fresh = PatchReader(build_catalog(two_zones, bands=BANDS).sources, cache_dir=tmp_path / "cache")
+    after = fresh.read(0, 0, 0, 16, 16)
+    assert not np.array_equal(before, after)
+    np.testing.assert_array_equal(after, PatchReader(fresh.sources, cache_bytes=0).read(0, 0, 0, 16, 16))
+
+
+def test_two_workers_share_the_cache_and_match_one_process(two_zones: Path, tmp_path: Path) -> None:
+    cat = build_catalog(two_zones, bands=BANDS)
+    ds = PatchDataset(cat, patch_size=40, length=24, seed=5, cache_dir=tmp_path / "cache")
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
+    parallel = torch.cat([b["image"] for b in loader])
+    serial = PatchDataset(cat, patch_size=40, length=24, seed=5, cache_bytes=0)
+    expected = torch.stack([serial[i]["image"] for i in range(24)])
+    torch.testing.assert_close(parallel, expected, rtol=0, atol=0)
+    assert ds._reader._pid == -1  # the parent never opened a file: workers opened their own
+
+
+def test_fast_and_torchgeo_datasets_agree_on_real_scene(t33uuu_dir: Path, tmp_path: Path) -> None:
+    """Per-band JP2 files at 10/20/60 m: resampled bands match torchgeo exactly as well."""
+    bands = ["B02", "B05", "B09", "B8A"]
+    cat = build_catalog(t33uuu_dir, bands=bands)
+    fast = PatchDataset(cat, patch_size=48, length=6, seed=2, cache_dir=tmp_path / "cache")
+    slow = PatchDataset(cat, patch_size=48, length=6, seed=2, fast=False)
+    for i in range(6):
+        window = fast.windows.draw(np.random.default_rng([2, 0, i, 0]))
+        assert isinstance(window, Window)
+        np.testing.assert_array_equal(fast.read(window), slow.read(window).astype(np.uint16))
