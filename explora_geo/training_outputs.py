@@ -1,0 +1,117 @@
+"""What a finished pre-training run leaves in ``--out DIR`` (written on rank 0, each file atomically):
+
+- ``backbone.safetensors`` + ``backbone.json``: the merged backbone and its sidecar
+  (:func:`explora_geo.checkpoint.save_backbone`);
+- ``adapter.safetensors`` + ``adapter.json``: only the tensors ExPLoRA trained
+  (:func:`explora_geo.adapter.adapter_state_dict`) and the config needed to re-apply them;
+- ``loss_curve.png``: the loss per optimiser step;
+- ``summary.json``: steps, images seen, wall time, trainable/total parameters, first/last loss, device, ...
+- ``checkpoints/`` (``last.ckpt`` and the latest ``step*.ckpt``) and ``logs/`` (TensorBoard, CSV) come from
+  Lightning during training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+__all__ = ["write_outputs", "atomic_write", "plot_loss_curve"]
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` for a temporary file beside ``path``, then move it onto ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def plot_loss_curve(history: list[tuple[int, float]], path: Path, title: str) -> Path:
+    """PNG of loss against optimiser step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if history:
+        steps, losses = zip(*history, strict=True)
+        ax.plot(steps, losses, lw=1.0)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def write_outputs(out: Path, *, config: Any, run: Any, module: Any, trainer: L.Trainer, wall_time_s: float,
+                  world_size: int, resumed_from: str | None) -> dict[str, Any]:
+    """Write the files listed in the module docstring; returns the summary dict."""
+    from safetensors.torch import save_file
+
+    from explora_geo.adapter import adapter_state_dict, count_parameters
+    from explora_geo.checkpoint import save_backbone
+    from explora_geo.training_setup import device_name, gsd_of
+
+    backbone = run.backbone
+    bands = list(backbone.band_names)
+    sidecar = {
+        "architecture": run.architecture, "model_kwargs": run.model_kwargs, "sensor": run.sensor,
+        "gsd_m": gsd_of(run.sensor, bands) if run.sensor else None,
+        "normalization": run.normalization.to_dict() if run.normalization else None,
+        "source_weights": run.source_weights, "objective": config.objective,
+    }
+    save_backbone(backbone, out / "backbone", sidecar)
+
+    adapter = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(backbone).items()}
+    atomic_write(out / "adapter.safetensors", lambda tmp: save_file(adapter, tmp))
+    adapter_meta = {"architecture": run.architecture, "model_kwargs": run.model_kwargs, "bands": bands,
+                    "source_weights": run.source_weights, "explora": backbone.explora_config.to_dict(),
+                    "objective": config.objective}
+    atomic_write(out / "adapter.json", lambda tmp: Path(tmp).write_text(json.dumps(adapter_meta, indent=2)))
+
+    history = list(module.loss_history)
+    plot_loss_curve(history, out / "loss_curve.png", f"ExPLoRA {config.objective} - {run.architecture}")
+    counts = count_parameters(backbone)
+    objective_trainable = sum(p.numel() for p in run.objective.student_parameters())
+    steps = int(trainer.global_step)
+    summary = {
+        "steps": steps,
+        "images_seen": steps * config.batch_size * config.accumulate * world_size,
+        "wall_time_s": round(wall_time_s, 3),
+        "trainable_params": counts["trainable"],
+        "total_params": counts["total"],
+        "trainable_params_with_heads": objective_trainable,
+        "first_loss": history[0][1] if history else None,
+        "last_loss": history[-1][1] if history else None,
+        "device": device_name(trainer),
+        "precision": str(trainer.precision),
+        "world_size": world_size,
+        "objective": config.objective,
+        "architecture": run.architecture,
+        "source_weights": run.source_weights,
+        "random_weights": run.random_weights,
+        "data": run.data_description,
+        "lr": run.lr,
+        "resumed_from": resumed_from,
+        "loss_history": [[s, v] for s, v in history],
+        "config": config.to_dict(),
+    }
+    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, default=str)))
+    return summary
