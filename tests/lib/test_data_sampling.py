@@ -1,0 +1,167 @@
+"""PretrainDataModule: determinism, workers, nodata rejection/fill, ROI, resume, normalisation, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from test_data_nodata import smooth, write_tif
+
+from explora_geo.data import PretrainDataModule
+from explora_geo.errors import ExploraGeoError
+from explora_geo.normalization import Normalization
+
+BANDS = ["B02", "B03", "B04"]
+
+
+@pytest.fixture()
+def half_nodata(tmp_path: Path) -> Path:
+    """One 3-band file whose left 60 % is nodata (0 in all bands)."""
+    data = smooth((3, 128, 160), 3)
+    data[:, :, :96] = 0
+    return write_tif(tmp_path / "half" / "h.tif", data, descriptions=BANDS, nodata=0)
+
+
+@pytest.fixture()
+def plain(tmp_path: Path) -> Path:
+    return write_tif(tmp_path / "plain" / "p.tif", smooth((3, 128, 128), 4), descriptions=BANDS)
+
+
+def _dm(data: Any, **kwargs: Any) -> PretrainDataModule:
+    args: dict[str, Any] = dict(bands=BANDS, patch_size=32, batch_size=4, samples_per_epoch=12,
+                                normalization=None, cache_bytes=0)
+    args.update(kwargs)
+    return PretrainDataModule(data, **args)
+
+
+def _epoch(dm: PretrainDataModule, epoch: int = 0) -> dict[str, torch.Tensor]:
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(epoch)
+    batches = list(loader)
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+def test_same_seed_same_patches_with_or_without_workers(plain: Path) -> None:
+    a = _epoch(_dm(plain, seed=1))
+    b = _epoch(_dm(plain, seed=1, num_workers=2))
+    c = _epoch(_dm(plain, seed=2))
+    assert a["image"].shape == (12, 3, 32, 32) and a["image"].dtype == torch.float32
+    assert a["valid_mask"].shape == (12, 32, 32) and a["valid_mask"].dtype == torch.bool
+    torch.testing.assert_close(a["image"], b["image"], rtol=0, atol=0)
+    assert not torch.equal(a["image"], c["image"])
+    next_epoch = _epoch(_dm(plain, seed=1), epoch=1)
+    assert not torch.equal(a["image"], next_epoch["image"])
+    assert next_epoch["index"][:, 0].eq(1).all()
+
+
+def test_nodata_patches_are_rejected_counted_and_filled(half_nodata: Path) -> None:
+    dm = _dm(half_nodata, max_nodata_fraction=0.1, samples_per_epoch=16)
+    out = _epoch(dm)
+    missing = 1 - out["valid_mask"].float().mean(dim=(1, 2))
+    assert (missing <= 0.1).all()
+    assert dm.rejected_count == int(out["rejected"].sum()) > 0
+    assert f"rejected patches so far: {dm.rejected_count}" in dm.describe()
+    # some accepted patches straddle the edge: their missing pixels hold the band mean of the valid ones
+    k = int(torch.argmax(missing))
+    assert missing[k] > 0
+    image, valid = out["image"][k], out["valid_mask"][k]
+    for band in image:
+        assert torch.allclose(band[~valid], band[valid].mean().expand(int((~valid).sum())), atol=0.5)
+    assert (image[:, ~valid] > 0).all()
+
+
+def test_all_nodata_patch_too_large_and_roi_outside_are_clear_errors(tmp_path: Path, plain: Path) -> None:
+    empty = write_tif(tmp_path / "zero" / "z.tif", np.zeros((3, 64, 64), np.uint16), descriptions=BANDS, nodata=0)
+    with pytest.raises(ExploraGeoError, match="all nodata"):
+        _dm(empty).setup()
+    with pytest.raises(ExploraGeoError, match="patch size 512 px is larger than every input"):
+        _dm(plain, patch_size=512).setup()
+    roi = _roi(tmp_path / "far.gpkg", (10.0, 40.0, 10.1, 40.1), "EPSG:4326")
+    with pytest.raises(ExploraGeoError, match="does not overlap"):
+        _dm(plain, roi=str(roi)).setup()
+    with pytest.raises(ExploraGeoError, match="missing.gpkg does not exist"):
+        _dm(plain, roi=str(tmp_path / "missing.gpkg")).setup()
+
+
+def _roi(path: Path, box: tuple[float, float, float, float], crs: str) -> Path:
+    import geopandas as gpd
+    import shapely
+
+    gpd.GeoDataFrame(geometry=[shapely.box(*box)], crs=crs).to_file(path)
+    return path
+
+
+def test_roi_in_another_crs_restricts_patch_centres(tmp_path: Path, plain: Path) -> None:
+    import pyproj
+
+    # the file's top-left is (300000, 5800000) in EPSG:32633, 10 m pixels: ROI = pixels cols 64..128, rows 0..64
+    box = (300640.0, 5799360.0, 301280.0, 5800000.0)
+    to_wgs = pyproj.Transformer.from_crs("EPSG:32633", "EPSG:4326", always_xy=True)
+    (x0, y0), (x1, y1) = to_wgs.transform(box[0], box[1]), to_wgs.transform(box[2], box[3])
+    roi = _roi(tmp_path / "roi.gpkg", (x0, y0, x1, y1), "EPSG:4326")
+    dm = _dm(plain, roi=str(roi), samples_per_epoch=20)
+    dm.setup()
+    assert dm.dataset is not None
+    for i in range(20):
+        window, *_ = dm.dataset.draw(0, i)
+        centre_col, centre_row = window.col + 16, window.row + 16
+        assert 63 <= centre_col <= 129 and centre_row <= 65
+
+
+def test_resume_skips_consumed_samples(plain: Path) -> None:
+    full = _epoch(_dm(plain, seed=4))
+    first = _dm(plain, seed=4)
+    loader = first.train_dataloader()
+    iterator = iter(loader)
+    consumed = [next(iterator) for _ in range(2)]  # 8 of 12 samples
+    state = first.state_dict()
+    assert state["epoch"] == 0 and state["next_index"] == 8
+    resumed = _dm(plain, seed=4)
+    resumed.load_state_dict(state)
+    rest = resumed.train_dataloader()
+    assert len(rest.sampler) == 4
+    tail = torch.cat([b["image"] for b in rest])
+    torch.testing.assert_close(torch.cat([b["image"] for b in consumed] + [tail]), full["image"], rtol=0, atol=0)
+    rest.sampler.set_epoch(1)
+    assert len(rest.sampler) == 12  # later epochs are whole
+    with pytest.raises(ExploraGeoError, match="seed"):
+        _dm(plain, seed=5).load_state_dict(state)
+
+
+def test_normalisation_and_l2a_offset(tmp_path: Path) -> None:
+    path = write_tif(tmp_path / "l2a" / "x.tif", smooth((3, 64, 64), 6), descriptions=BANDS,
+                     tags={"BOA_ADD_OFFSET": "-1000"})
+    raw = _epoch(_dm(path, samples_per_epoch=4, dn_offset=0))["image"]
+    norm = Normalization("reflectance", tuple(BANDS), divide=10000.0)
+    scaled = _epoch(_dm(path, samples_per_epoch=4, normalization=norm))["image"]
+    torch.testing.assert_close(scaled, (raw - 1000) / 10000)
+    reordered = _epoch(_dm(path, samples_per_epoch=4, bands=["B04", "B02"], normalization=norm))["image"]
+    torch.testing.assert_close(reordered, scaled[:, [2, 0]])
+
+
+def test_lightning_sets_epochs_and_checkpoints_the_position(plain: Path, tmp_path: Path) -> None:
+    import lightning as L
+
+    seen: list[tuple[int, int]] = []
+
+    class Probe(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:
+            seen.extend((int(e), int(i)) for e, i in batch["index"])
+            return (batch["image"].mean() - self.w).pow(2)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = _dm(plain, samples_per_epoch=8)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
+    trainer.fit(Probe(), datamodule=dm)
+    assert seen == [(e, i) for e in range(2) for i in range(8)]
+    assert dm.state_dict()["epoch"] == 1 and dm.state_dict()["next_index"] == 8
