@@ -23,7 +23,8 @@ FLOAT_NODATA = -9999.0
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[str]:
-    """Yield a temporary path beside ``path`` (same suffix); on success rename it to ``path``, else delete it."""
+    """Yield a temporary path beside ``path`` (same suffix); on success rename it (and GDAL's ``.aux.xml`` side
+    file, if any) to ``path``, else delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
@@ -31,6 +32,8 @@ def atomic_path(path: str | Path) -> Iterator[str]:
     os.unlink(tmp)  # GDAL drivers want to create the file themselves
     try:
         yield tmp
+        if os.path.exists(f"{tmp}.aux.xml"):  # GDAL's side file (category names, statistics)
+            os.replace(f"{tmp}.aux.xml", f"{path}.aux.xml")
         os.replace(tmp, path)
     finally:
         for leftover in (tmp, f"{tmp}-wal", f"{tmp}-shm", f"{tmp}.aux.xml"):

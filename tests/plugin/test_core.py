@@ -1,0 +1,277 @@
+"""The plugin's inference core (numpy + onnxruntime + osgeo; no qgis)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from explora_geo_qgis.core.bands import canonical_band_name, layer_band_label, parse_mapping, resolve_bands
+from explora_geo_qgis.core.errors import PluginError
+from explora_geo_qgis.core.model import ModelInfo, OnnxModel, import_onnxruntime
+from explora_geo_qgis.core.pipeline import Cancelled, run_tiles
+from explora_geo_qgis.core.products import (
+    STATUS_NODATA,
+    attribute_columns,
+    classify,
+    cosine_similarity,
+    reference_embedding,
+)
+from explora_geo_qgis.core.scaling import Scaler
+from explora_geo_qgis.core.tiling import TileGrid, fill_invalid, tile_views, valid_fractions
+from explora_geo_qgis.core.writers import write_geotiff, write_tile_grid
+
+PLUGIN_ROOT = Path(__file__).resolve().parents[2] / "qgis_plugin"
+
+S2 = ["B02", "B03", "B04", "B08", "B05", "B06", "B07", "B8A", "B11", "B12"]
+
+
+# ---- bands ------------------------------------------------------------------------------------------
+def test_canonical_band_names() -> None:
+    assert [canonical_band_name(n) for n in ("b2", "B02", "band_2", " B8a", "nir")] == ["B02", "B02", "B02",
+                                                                                       "B8A", "NIR"]
+    assert layer_band_label("Band 02: B02") == "B02"
+    assert layer_band_label("Band 2") == ""
+
+
+def test_resolve_by_name_reorders() -> None:
+    layer = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B09", "B10", "B11", "B12", "B8A"]
+    assert resolve_bands(S2, layer) == [2, 3, 4, 8, 5, 6, 7, 13, 11, 12]
+
+
+def test_resolve_by_position_only_when_unnamed_and_same_count() -> None:
+    assert resolve_bands(S2, [""] * 10) == list(range(1, 11))
+    with pytest.raises(PluginError, match="lacks band"):
+        resolve_bands(S2, [""] * 12)
+
+
+def test_missing_bands_are_named() -> None:
+    with pytest.raises(PluginError) as err:
+        resolve_bands(S2, ["B02", "B03", "B04"], source="layer 'rgb'")
+    msg = str(err.value)
+    assert "layer 'rgb' lacks band(s) B08, B05, B06, B07, B8A, B11, B12" in msg and "\n" not in msg
+
+
+def test_mapping_override() -> None:
+    mapping = parse_mapping("b8=1; B02 = 4", S2)
+    assert mapping == {"B08": 1, "B02": 4}
+    layer = ["B02", "B03", "B04", "x", "B05", "B06", "B07", "B8A", "B11", "B12"]
+    assert resolve_bands(S2, layer, {"B08": 4}) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    with pytest.raises(PluginError, match="out of range"):
+        resolve_bands(S2, layer, {"B08": 11})
+    with pytest.raises(PluginError, match="MODEL_BAND=LAYER_BAND_NUMBER"):
+        parse_mapping("B99=1", S2)
+
+
+# ---- scaling ----------------------------------------------------------------------------------------
+def test_scaler_formulas() -> None:
+    x = np.array([[[0.0, 500.0]], [[3000.0, 10000.0]]], dtype=np.uint16)  # [2, 1, 2]
+    refl = Scaler.from_dict({"scheme": "reflectance", "bands": ["a", "b"], "offset": [0, 1000], "divide": 10000})
+    np.testing.assert_allclose(refl(x), [[[0.0, 0.05]], [[0.2, 0.9]]], rtol=1e-6)
+    sat = Scaler.from_dict({"scheme": "satmae", "bands": ["a", "b"], "mean": [1000, 5000], "std": [250, 1000]})
+    # a: range [500, 1500]; b: range [3000, 7000]
+    np.testing.assert_allclose(sat(x), [[[0.0, 0.0]], [[0.0, 1.0]]], atol=1e-6)
+    ms = Scaler.from_dict({"scheme": "meanstd", "bands": ["a", "b"], "mean": [100, 5000], "std": [50, 1000]})
+    np.testing.assert_allclose(ms(x), [[[-2.0, 8.0]], [[-2.0, 5.0]]], rtol=1e-6)
+    with pytest.raises(PluginError, match="unknown normalisation scheme"):
+        Scaler.from_dict({"scheme": "zscore", "bands": ["a"]})
+
+
+# ---- tiling -----------------------------------------------------------------------------------------
+def test_grid_cells_cover_raster() -> None:
+    grid = TileGrid.from_overlap(100, 70, 32, 0.5)
+    assert (grid.stride, grid.margin, grid.n_cols, grid.n_rows) == (16, 8, 7, 5)
+    assert grid.strip_window(1) == (8, 40, -8, 120)
+    assert grid.cell_geotransform((1000.0, 10.0, 0.0, 5000.0, 0.0, -10.0)) == (1000.0, 160.0, 0.0, 5000.0, 0.0,
+                                                                                -160.0)
+    with pytest.raises(PluginError, match="stride"):
+        TileGrid(10, 10, 8, 9)
+
+
+def test_tile_views_and_fractions() -> None:
+    strip = np.arange(2 * 4 * 10).reshape(2, 4, 10)
+    tiles = tile_views(strip, 4, 3, 3)
+    assert tiles.shape == (3, 2, 4, 4)
+    np.testing.assert_array_equal(tiles[2], strip[:, :, 6:10])
+    valid = np.ones((4, 10), bool)
+    valid[:, :2] = False
+    np.testing.assert_allclose(valid_fractions(valid, 4, 3, 3), [0.5, 1.0, 1.0])
+
+
+def test_fill_invalid_uses_tile_band_means() -> None:
+    tiles = np.array([[[[1.0, 3.0], [5.0, 100.0]]]], dtype=np.float32)
+    valid = np.array([[[True, True], [True, False]]])
+    fill_invalid(tiles, valid)
+    assert tiles[0, 0, 1, 1] == pytest.approx(3.0)
+
+
+# ---- pipeline (with a numpy model whose embedding is the per-band mean of the tile) -------------------
+class MeanModel:
+    """A model computed in numpy: embedding = per-band mean of each scaled tile (exact, checkable)."""
+
+    def __init__(self, tile: int, bands: list[str]) -> None:
+        scaler = Scaler.from_dict({"scheme": "reflectance", "bands": bands, "divide": 1.0})
+        self.info = ModelInfo("embedder", tuple(bands), tile, 10.0, len(bands), (), (), scaler, {})
+        self.batches: list[int] = []
+
+    def run(self, batch: np.ndarray, outputs: tuple[str, ...] = ("embedding",)) -> dict[str, np.ndarray]:
+        self.batches.append(len(batch))
+        return {"embedding": batch.mean(axis=(2, 3))}
+
+
+def _reader(image: np.ndarray, valid: np.ndarray):
+    calls = []
+
+    def read(r0: int, r1: int, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
+        calls.append((r0, r1, c0, c1))
+        return image[:, r0:r1, c0:c1], valid[r0:r1, c0:c1]
+
+    read.calls = calls
+    return read
+
+
+def test_pipeline_stitches_every_tile_in_place() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 1000, size=(2, 40, 56)).astype(np.uint16)
+    valid = np.ones((40, 56), bool)
+    valid[:, :8] = False  # first tile column is nodata
+    model = MeanModel(8, ["a", "b"])
+    grid = TileGrid(56, 40, 8, 8)
+    result = run_tiles(_reader(image, valid), grid, model, batch_size=6, min_valid=0.5)
+    assert result.tiles_run == 5 * 6 and model.batches == [6] * 5
+    emb = result.outputs["embedding"]
+    assert np.isnan(emb[:, 0]).all() and not result.ran[:, 0].any()
+    for r in range(5):
+        for c in range(1, 7):
+            np.testing.assert_allclose(emb[r, c], image[:, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8].mean(axis=(1, 2)),
+                                       rtol=1e-5)
+    np.testing.assert_allclose(result.valid_fraction[:, 0], 0.0)
+
+
+def test_pipeline_overlap_pads_edges_as_nodata_and_fills() -> None:
+    image = np.full((1, 20, 20), 7, dtype=np.uint16)
+    valid = np.ones((20, 20), bool)
+    model = MeanModel(8, ["a"])
+    grid = TileGrid.from_overlap(20, 20, 8, 0.5)  # stride 4, margin 2 -> 5 x 5 cells
+    result = run_tiles(_reader(image, valid), grid, model, batch_size=4, min_valid=0.0)
+    assert result.ran.all()
+    # corner tile: 6 x 6 of its 8 x 8 pixels are inside the raster
+    assert result.valid_fraction[0, 0] == pytest.approx(36 / 64)
+    # padded pixels are filled with the tile's valid mean, so the embedding is exactly the value
+    np.testing.assert_allclose(result.outputs["embedding"], 7.0)
+
+
+def test_pipeline_cancel_stops_and_reports() -> None:
+    image = np.zeros((1, 64, 64), dtype=np.uint16)
+    model = MeanModel(8, ["a"])
+    calls = {"n": 0}
+
+    def cancelled() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    with pytest.raises(Cancelled):
+        run_tiles(_reader(image, np.ones((64, 64), bool)), TileGrid(64, 64, 8, 8), model, batch_size=8,
+                  is_cancelled=cancelled)
+    assert sum(model.batches) < 64
+
+
+def test_pipeline_reader_errors_propagate() -> None:
+    def broken(*_: int) -> tuple[np.ndarray, np.ndarray]:
+        raise PluginError("band 3 could not be read")
+
+    with pytest.raises(PluginError, match="band 3"):
+        run_tiles(broken, TileGrid(16, 16, 8, 8), MeanModel(8, ["a"]))
+
+
+# ---- products ---------------------------------------------------------------------------------------
+def test_classify_and_columns() -> None:
+    probs = np.array([[[0.1, 0.9], [0.6, 0.4]]], dtype=np.float32)
+    ran = np.array([[True, False]])
+    frac = np.array([[0.9, 0.1]], dtype=np.float32)
+    result = classify(np.where(ran[..., None], probs, np.nan), ran, frac)
+    assert result.class_id.tolist() == [[1, 255]]
+    assert result.status.tolist() == [["partial", STATUS_NODATA]]
+    cols = attribute_columns(result, ["bare soil", "water"], frac)
+    assert cols["class_id"].tolist() == [[1, -1]] and cols["class_name"].tolist() == [["water", ""]]
+    assert {"p_bare_soil", "p_water", "valid_frac", "status"} <= set(cols)
+    assert np.isnan(cols["probability"][0, 1])
+
+
+def test_similarity() -> None:
+    emb = np.array([[[1.0, 0.0], [0.0, 2.0], [np.nan, np.nan]]], dtype=np.float32)
+    ref = reference_embedding(emb, np.array([[True, False, True]]))
+    np.testing.assert_allclose(cosine_similarity(emb, ref)[0, :2], [1.0, 0.0], atol=1e-6)
+    with pytest.raises(PluginError, match="reference"):
+        reference_embedding(emb, np.array([[False, False, True]]))
+
+
+# ---- writers ----------------------------------------------------------------------------------------
+def test_geotiff_and_grid_writers(tmp_path: Path) -> None:
+    from osgeo import gdal, ogr, osr
+
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    wkt = srs.ExportToWkt()
+    gt = (330000.0, 320.0, 0.0, 5822040.0, 0.0, -320.0)
+    ids = np.array([[0, 1, 255]], dtype=np.uint8)
+    path = write_geotiff(tmp_path / "c.tif", ids[None], gt, wkt, nodata=255, class_names=["a", "b"],
+                         class_colors=["#ff0000", "#00ff00"])
+    ds = gdal.Open(str(path))
+    band = ds.GetRasterBand(1)
+    assert ds.GetGeoTransform() == gt and band.GetNoDataValue() == 255
+    assert band.GetCategoryNames() == ["a", "b"] and band.GetColorTable().GetColorEntry(1)[:3] == (0, 255, 0)
+    ds = None
+    cols = {"class_id": np.array([[0, 1, -1]]), "p": np.array([[0.5, 0.25, np.nan]]),
+            "name": np.array([["a", "b", ""]], dtype=object)}
+    write_tile_grid(tmp_path / "g.gpkg", gt, wkt, cols)
+    source = ogr.Open(str(tmp_path / "g.gpkg"))  # keep the data source alive while its layer is used
+    feats = list(source.GetLayer(0))
+    assert len(feats) == 3 and feats[1]["class_id"] == 1 and feats[1]["name"] == "b" and feats[2]["p"] is None
+    assert feats[0].GetGeometryRef().GetEnvelope() == (330000.0, 330320.0, 5821720.0, 5822040.0)
+    source = None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.tif", "c.tif.aux.xml", "g.gpkg"]
+
+
+def test_writer_failure_leaves_nothing(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        write_geotiff(tmp_path / "bad.tif", np.zeros((1, 2, 2), np.float64), (0, 1, 0, 0, 0, -1), "")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- the ONNX model exported by explora-geo -------------------------------------------------------------
+def test_exported_model_metadata_and_outputs(bundle: dict[str, Path]) -> None:
+    model = OnnxModel(bundle["classifier"])
+    info = model.info
+    assert info.is_classifier and info.bands == tuple(S2) and info.tile_size == 32 and info.gsd_m == 10.0
+    assert info.class_names == ("water", "vegetation", "built-up") and info.raw["resolution"] == 1000.0
+    assert model.execution_provider in ("CPUExecutionProvider", "CUDAExecutionProvider")
+    x = np.random.default_rng(0).random((5, 10, 32, 32), dtype=np.float32)
+    out = model.run(x)
+    assert out["embedding"].shape == (5, 64) and out["probabilities"].shape == (5, 3)
+    np.testing.assert_allclose(out["probabilities"].sum(axis=1), 1.0, atol=1e-5)
+    assert not OnnxModel(bundle["embedder"]).info.is_classifier
+
+
+def test_model_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(PluginError, match="does not exist"):
+        OnnxModel(tmp_path / "missing.onnx")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx file")
+    with pytest.raises(PluginError, match="cannot be loaded"):
+        OnnxModel(bad)
+
+
+def test_missing_onnxruntime_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` raise ImportError
+    with pytest.raises(PluginError, match="pip install onnxruntime"):
+        import_onnxruntime()
+
+
+def test_core_imports_no_qgis() -> None:
+    code = ("import sys; import explora_geo_qgis.core.pipeline, explora_geo_qgis.core.writers, "
+            "explora_geo_qgis.core.products; assert not any(m.split('.')[0] == 'qgis' for m in sys.modules), "
+            "'qgis imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=PLUGIN_ROOT)  # noqa: S603
