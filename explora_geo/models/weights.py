@@ -241,10 +241,15 @@ def _torchgeo_checkpoint(name: str) -> SourceCheckpoint:
     norm = _transform_normalization(weights.transforms)
     if norm is not None:
         meta["normalization"] = norm
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     try:
-        raw = weights.get_state_dict(progress=True)
-    except Exception as err:  # noqa: BLE001 - offline / not cached
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+        if not cached.is_file() and _offline():
+            raise ConnectionError("HF_HUB_OFFLINE is set")
+        raw = weights.get_state_dict(progress=True)  # torch.hub: reads the cached file, else downloads
+    except Exception as err:  # noqa: BLE001 - offline / not cached / corrupt
+        if cached.is_file():
+            raise ExploraGeoError(f"cannot read torchgeo weights file {cached} ({type(err).__name__}); delete it "
+                                  f"and download again, or {_WEIGHTS_HINT}.") from err
         raise ExploraGeoError(
             f"torchgeo weights {name} are not cached at {cached} and cannot be downloaded "
             f"({type(err).__name__}); put the file there, or {_WEIGHTS_HINT}."
@@ -258,8 +263,9 @@ def _transform_normalization(transforms: Any) -> dict[str, list[float]] | None:
     modules = transforms.modules() if isinstance(transforms, nn.Module) else ()
     for module in modules:
         mean, std = getattr(module, "mean", None), getattr(module, "std", None)
-        if isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor):
-            return {"mean": mean.flatten().tolist(), "std": std.flatten().tolist()}
+        if isinstance(mean, (torch.Tensor, list, tuple)) and isinstance(std, (torch.Tensor, list, tuple)):
+            return {"mean": [float(v) for v in torch.as_tensor(mean).flatten()],
+                    "std": [float(v) for v in torch.as_tensor(std).flatten()]}
     return None
 
 
