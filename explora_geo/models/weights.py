@@ -46,6 +46,7 @@ __all__ = [
     "unwrap_state_dict",
     "split_extra",
     "band_kernels",
+    "infer_sensor",
     "rgb_to_group_kernels",
 ]
 
@@ -438,6 +439,16 @@ def rgb_to_group_kernels(
     return kernels, notes
 
 
+def infer_sensor(bands: Sequence[str]) -> str | None:
+    """The first sensor preset that knows every band name in ``bands`` (aliases allowed), else ``None``."""
+    from explora_geo.sensors import SENSORS
+
+    for name, sensor in SENSORS.items():
+        if all(sensor.canonical(b) is not None for b in bands):
+            return name
+    return None
+
+
 def _source_bands(found: SourceCheckpoint, n_channels: int, sensor: str | None,
                   rgb_bands: Sequence[str] | None) -> list[str] | None:
     """Names of the source's input channels: from its metadata, else the RGB bands for 3 channels."""
@@ -530,11 +541,12 @@ def _for_timm_vit(
     if key not in target or have is None:
         return target, _HEADS
     weight = target[key]
-    same = weight.shape[1] == have.shape[1] and (found.bands is None or bands is None or list(found.bands) == bands)
-    if same:
+    sensor = getattr(model, "sensor", None) or (infer_sensor(bands) if bands else None)
+    nameable = bands and (found.bands is not None or sensor is not None or rgb_bands is not None)
+    source_bands = _source_bands(found, weight.shape[1], sensor, rgb_bands) if nameable else None
+    if source_bands is not None and list(source_bands) == list(bands or ()) or (
+            source_bands is None and weight.shape[1] == have.shape[1]):
         return target, _HEADS
-    sensor = getattr(model, "sensor", None)
-    source_bands = _source_bands(found, weight.shape[1], sensor, rgb_bands) if bands else None
     if bands and source_bands:
         target[key], note = band_kernels(weight, bands, source_bands=source_bands, sensor=sensor,
                                          fresh=have, other_kernels=other_kernels)
@@ -595,7 +607,7 @@ def _for_group_channel(
         report.resampled_keys.append(
             f"patch_embed.proj.weight {tuple(weight.shape)}->{tuple(resampled.shape)} (timm resample_patch_embed)")
         weight = resampled
-    sensor = model.sensor or "sentinel2"
+    sensor = model.sensor or infer_sensor(model.band_names) or "sentinel2"
     source_bands = _source_bands(found, weight.shape[1], sensor, rgb_bands)
     if source_bands is None:
         raise ExploraGeoError(

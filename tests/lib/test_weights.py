@@ -417,3 +417,15 @@ def test_torchgeo_name_from_torch_hub_cache(tmp_path: Path, monkeypatch: pytest.
     assert torch.equal(model.blocks[0].mlp.fc1.weight, src.blocks[0].mlp.fc1.weight)
     assert report.source == f"torchgeo {name}"
     json.dumps({k: v for k, v in report.meta.items()})  # meta is JSON-ready
+
+
+def test_timm_vit_with_reordered_rgb_bands(tmp_path: Path) -> None:
+    src = _vit()
+    torch.save(src.state_dict(), tmp_path / "rgb.pth")
+    w = src.patch_embed.proj.weight.data
+    bgr = create_backbone("vit_base_patch16_224", bands=["B02", "B03", "B04"], **TINY)
+    load_source_weights(bgr, tmp_path / "rgb.pth")
+    assert torch.equal(bgr.patch_embed.proj.weight.data, w.flip(1))  # blue first: channels reversed
+    rgb = create_backbone("vit_base_patch16_224", **TINY)  # default bands R, G, B: loaded as is
+    report = load_source_weights(rgb, tmp_path / "rgb.pth")
+    assert torch.equal(rgb.patch_embed.proj.weight.data, w) and report.resampled_keys == []
