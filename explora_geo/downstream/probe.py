@@ -422,3 +422,64 @@ def evaluate_probe(
         classes=list(classes), confusion_matrix=cm.tolist(),
     )
     return result, best.head
+
+
+# --------------------------------------------------------------------------------------------------------
+# The whole protocol on a backbone and a chip folder (what `explora-geo probe` runs)
+# --------------------------------------------------------------------------------------------------------
+
+def probe_backbone(
+    model: nn.Module,
+    sidecar: dict[str, Any],
+    data: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    file_bands: str | Sequence[str] | None = None,
+    split: Sequence[float] = (0.6, 0.2, 0.2),
+    seed: int = 0,
+    batch_size: int = 64,
+    epochs: int = 100,
+    lrs: Sequence[float] = LEARNING_RATES,
+    device: str = "cpu",
+    num_workers: int = 0,
+    progress: bool = True,
+) -> ProbeResult:
+    """Linear probe + kNN of a frozen backbone on a chip folder; writes results into ``out_dir``.
+
+    The chips are read in the backbone's band order (picked by name), scaled with the sidecar
+    normalisation and resized to its ``img_size``; features are extracted once (progress bar); the split
+    is seeded and stratified. Written: ``probe.json`` (the full result), ``confusion_matrix.png`` (test
+    split, chosen head), ``head.safetensors`` + ``head.json`` (chosen head, class names, feature recipe).
+
+    Raises:
+        ExploraGeoError: bad data folder (empty class, single class), band mismatch (names the bands).
+    """
+    from torch.utils.data import DataLoader
+
+    from explora_geo.downstream.backbones import sidecar_normalization
+    from explora_geo.downstream.labeled import ChipDataset, scan_chip_folder, stratified_split
+
+    index = scan_chip_folder(data)
+    train_idx, val_idx, test_idx = stratified_split(index.labels, split, seed=seed)
+    size = sidecar.get("img_size")
+    dataset = ChipDataset(index, bands=sidecar["bands"], file_bands=file_bands,
+                          normalization=sidecar_normalization(sidecar),
+                          img_size=int(size if isinstance(size, int) else size[0]) if size else None)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    depth = len(getattr(model, "blocks", ())) or 4
+    feats = extract_features(model, loader, n_last=min(4, depth), device=device, progress=progress,
+                             total=len(loader))
+    result, head = evaluate_probe(feats.subset(train_idx), feats.subset(val_idx), feats.subset(test_idx),
+                                  index.classes, lrs=lrs, epochs=epochs, seed=seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_confusion_png(np.asarray(result.confusion_matrix), index.classes, out / "confusion_matrix.png")
+    save_head(head, out / "head", {
+        "classes": list(index.classes), "feature_set": result.head["feature_set"], "lr": result.head["lr"],
+        "val_top1": result.head["val_top1"], "test_top1": result.top1, "bands": list(sidecar["bands"]),
+        "architecture": sidecar.get("architecture"), "split": list(split), "seed": seed,
+    })
+    tmp = out / ".probe.json.tmp"
+    tmp.write_text(json.dumps(asdict(result), indent=2))
+    os.replace(tmp, out / "probe.json")
+    return result

@@ -1,0 +1,214 @@
+"""torchgeo task integration: ExPLoRA backbones in ``torchgeo.tasks.Classification`` and ``torchgeo fit``.
+
+:class:`ExploraClassificationTask` is a ``torchgeo.tasks.Classification`` that
+
+- imports :mod:`explora_geo.models` (so ``group_channel_vit_*`` names exist in timm when ``torchgeo fit``
+  builds it from a YAML ``class_path``);
+- takes ``weights`` as a backbone file (``.safetensors``/``.json``), a :func:`backbone_weights` entry, a
+  timm name registered with :func:`register_backbone` (``weights=True``), or torchgeo's own forms; backbone
+  files are loaded with a check (never a silent ``strict=False``) and the backbone's sidecar is stored in the
+  hyper-parameters, so a checkpoint can be rebuilt, probed and exported without the original file;
+- fine-tunes in one of three modes: ``full`` (every parameter), ``lora`` (the paper's "LoRA-r8": LoRA of rank
+  ``lora_rank`` on the Q and V projections of every block, via :func:`explora_geo.adapter.apply_explora`,
+  plus the head), ``linear_probe`` (frozen backbone, head only).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torchgeo.tasks import Classification
+
+import explora_geo.models  # noqa: F401  (registers our timm models before torchgeo/timm look them up)
+from explora_geo.errors import ExploraGeoError
+
+__all__ = ["MODES", "ExploraClassificationTask", "configure_finetuning", "backbone_from_checkpoint"]
+
+Mode = Literal["full", "lora", "linear_probe"]
+MODES: tuple[str, ...] = ("full", "lora", "linear_probe")
+
+
+def _is_backbone_path(weights: Any) -> bool:
+    if not isinstance(weights, (str, os.PathLike)):
+        return False
+    path = Path(weights)
+    return path.suffix in (".safetensors", ".json") or path.with_name(path.name + ".json").is_file()
+
+
+def configure_finetuning(model: nn.Module, mode: str, *, lora_rank: int = 8, lora_alpha: float = 1.0) -> None:
+    """Set which parameters of a classifier ``model`` train, in place.
+
+    ``full``: all. ``linear_probe``: only the classifier (``get_classifier()``). ``lora``: LoRA of rank
+    ``lora_rank`` (scale ``lora_alpha / lora_rank``) on the Q and V rows of every block's fused ``qkv``
+    (:func:`explora_geo.adapter.apply_explora` with no unfrozen block, no norms, no embeddings), plus the
+    classifier.
+
+    Raises:
+        ExploraGeoError: unknown mode.
+    """
+    if mode not in MODES:
+        raise ExploraGeoError(f"unknown fine-tuning mode {mode!r}; choose one of {', '.join(MODES)}.")
+    if mode == "full":
+        model.requires_grad_(True)
+        return
+    if mode == "lora":
+        from explora_geo.adapter import ExploraConfig, apply_explora
+
+        apply_explora(model, ExploraConfig(unfreeze="", rank=lora_rank, alpha=lora_alpha, targets=("q", "v"),
+                                           train_norms=False, train_cls_token=False, train_embeddings=False))
+    else:
+        model.requires_grad_(False)
+    model.get_classifier().requires_grad_(True)
+
+
+class ExploraClassificationTask(Classification):
+    """Image classification with an explora-geo backbone (see the module docstring).
+
+    Args:
+        model: a timm model name (``group_channel_vit_tiny_patch8_96``, ``vit_small_patch16_224``, or a name
+            from :func:`register_backbone`). Ignored when ``weights`` is a backbone file or entry, whose
+            sidecar names the architecture.
+        weights: a backbone file (``.safetensors``/``.json``), a :func:`backbone_weights` entry, ``True``
+            (the timm pretrained config of ``model``), ``None`` (random), or torchgeo's weights names/paths.
+        in_channels: input channels; ``None`` takes the backbone's number of bands (a different number is
+            an error naming the backbone's bands).
+        num_classes: number of classes.
+        labels: class names (stored in the checkpoint; filled from the datamodule's ``classes`` if absent).
+        mode: ``full``, ``lora`` or ``linear_probe`` (see :func:`configure_finetuning`).
+        lora_rank, lora_alpha: LoRA rank and scale numerator for ``mode="lora"``.
+        backbone_meta: the backbone sidecar; filled in automatically and saved with the hyper-parameters.
+        task, num_labels, loss, class_weights, pos_weight, ignore_index, lr, patience: as in
+            ``torchgeo.tasks.Classification``.
+        freeze_backbone: torchgeo's switch; ``True`` is the same as ``mode="linear_probe"``.
+    """
+
+    def __init__(
+        self,
+        model: str = "group_channel_vit_tiny_patch8_96",
+        weights: Any = None,
+        in_channels: int | None = None,
+        num_classes: int | None = None,
+        labels: list[str] | None = None,
+        mode: Mode = "full",
+        lora_rank: int = 8,
+        lora_alpha: float = 1.0,
+        task: Literal["binary", "multiclass", "multilabel"] = "multiclass",
+        num_labels: int | None = None,
+        loss: Literal["ce", "bce", "jaccard", "focal", "dice"] = "ce",
+        class_weights: list[float] | None = None,
+        pos_weight: Tensor | None = None,
+        ignore_index: int | None = None,
+        lr: float = 1e-3,
+        patience: int = 10,
+        freeze_backbone: bool = False,
+        backbone_meta: dict[str, Any] | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ExploraGeoError(f"unknown fine-tuning mode {mode!r}; choose one of {', '.join(MODES)}.")
+        if task == "multiclass" and (not num_classes or num_classes < 2):
+            raise ExploraGeoError(f"num_classes must be at least 2, got {num_classes!r}.")
+        meta = self._resolve_meta(weights, backbone_meta)
+        if meta is not None:
+            from explora_geo.downstream.backbones import check_in_chans
+
+            check_in_chans(meta, in_channels)
+            in_channels = len(meta["bands"])
+            model = meta["architecture"]
+        self._backbone_meta = meta
+        super().__init__(model=model, weights=weights, in_channels=in_channels or 3, task=task,
+                         num_classes=num_classes, num_labels=num_labels, labels=labels, pos_weight=pos_weight,
+                         loss=loss, class_weights=class_weights, ignore_index=ignore_index, lr=lr,
+                         patience=patience, freeze_backbone=freeze_backbone)
+        # The CLI passes its own view of the init args to save_hyperparameters: record what was resolved.
+        self.hparams.update(model=model, in_channels=in_channels or 3, backbone_meta=meta)
+
+    @staticmethod
+    def _resolve_meta(weights: Any, backbone_meta: dict[str, Any] | None) -> dict[str, Any] | None:
+        from explora_geo.downstream.backbones import _sidecar_with_file
+
+        if _is_backbone_path(weights):
+            return _sidecar_with_file(weights)
+        value = getattr(weights, "value", None)
+        if isinstance(getattr(value, "meta", None), dict) and "weights_file" in value.meta:
+            return dict(value.meta)
+        return dict(backbone_meta) if backbone_meta else None
+
+    def configure_models(self) -> None:
+        """Build the model (checked loading of backbone files) and set the trainable parameters."""
+        meta = self._backbone_meta
+        weights = self.weights
+        k = self.hparams["num_classes"] or self.hparams["num_labels"] or 1
+        if meta is None:
+            super().configure_models()
+        elif weights is None or weights is False:
+            from explora_geo.checkpoint import build_from_sidecar
+
+            self.model = build_from_sidecar({**meta, "model_kwargs": dict(meta.get("model_kwargs") or {})},
+                                            num_classes=k)
+        else:
+            from explora_geo.checkpoint import load_backbone
+
+            self.model, _ = load_backbone(meta["weights_file"], num_classes=k)
+        if meta is not None:
+            self.model.band_names = list(meta["bands"])
+        mode = "linear_probe" if self.hparams["freeze_backbone"] else self.hparams["mode"]
+        configure_finetuning(self.model, mode, lora_rank=self.hparams["lora_rank"],
+                             lora_alpha=self.hparams["lora_alpha"])
+
+    def configure_optimizers(self) -> Any:
+        """AdamW over the trainable parameters only, with torchgeo's plateau schedule."""
+        from torch.optim import AdamW
+        from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+        optimizer = AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams["lr"])
+        scheduler = ReduceLROnPlateau(optimizer, patience=self.hparams["patience"])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor}}
+
+    def on_fit_start(self) -> None:
+        """Take the class names from the datamodule (``classes``) when none were given."""
+        classes = getattr(getattr(self.trainer, "datamodule", None), "classes", None)
+        if classes and not self.hparams.get("labels"):
+            self.hparams["labels"] = list(classes)
+        if self.hparams.get("labels"):
+            self.hparams["class_names"] = list(self.hparams["labels"])
+
+    def merged_backbone(self) -> nn.Module:
+        """A plain copy of the fine-tuned backbone (LoRA merged, no classifier)."""
+        import copy
+
+        from explora_geo.adapter import merge_explora
+
+        model = merge_explora(self.model) if self.hparams["mode"] == "lora" else copy.deepcopy(self.model)
+        model.reset_classifier(0)
+        return model.eval()
+
+
+def backbone_from_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
+    """The fine-tuned backbone of an :class:`ExploraClassificationTask` checkpoint and its sidecar.
+
+    The backbone is rebuilt from the sidecar stored in the checkpoint's hyper-parameters, loaded strictly,
+    with LoRA merged and the classifier removed. The returned sidecar (for
+    :func:`explora_geo.checkpoint.save_backbone`) keeps bands and normalisation.
+
+    Raises:
+        ExploraGeoError: missing file, or a checkpoint without an explora-geo backbone.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ExploraGeoError(f"checkpoint {path} does not exist; pass the .ckpt that `torchgeo fit` wrote.")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    meta = hparams.get("backbone_meta")
+    if not meta:
+        raise ExploraGeoError(f"{path} has no explora-geo backbone metadata (it was not trained with "
+                              "explora_geo.downstream.tasks.ExploraClassificationTask and a backbone file).")
+    kwargs = {k: hparams[k] for k in ("model", "num_classes", "labels", "mode", "lora_rank", "lora_alpha",
+                                      "loss", "lr", "patience", "in_channels") if k in hparams}
+    task = ExploraClassificationTask(weights=None, backbone_meta=meta, **kwargs)
+    task.load_state_dict(ckpt["state_dict"], strict=True)
+    sidecar = {k: v for k, v in meta.items() if k != "weights_file"}
+    return task.merged_backbone(), sidecar
