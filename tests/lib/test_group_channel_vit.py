@@ -241,3 +241,19 @@ def test_gradients_reach_embeddings(model: GroupChannelViT) -> None:
     m(torch.randn(2, 10, 32, 32)).sum().backward()
     for name in ("pos_embed", "group_embed", "cls_token", "patch_embeds.2.proj.weight"):
         assert m.get_parameter(name).grad is not None and m.get_parameter(name).grad.abs().sum() > 0
+
+
+def test_timm_pretrained_file_overlay(tmp_path) -> None:
+    """``pretrained_cfg_overlay=dict(file=...)`` loads our own state dict, resampling the position grid."""
+    src = timm.create_model("group_channel_vit_tiny_patch8_96", **TINY)
+    torch.save({"state_dict": src.state_dict()}, tmp_path / "gc.pth")
+    same = timm.create_model("group_channel_vit_tiny_patch8_96", pretrained=True,
+                             pretrained_cfg_overlay=dict(file=str(tmp_path / "gc.pth")), num_classes=3, **TINY)
+    assert torch.equal(same.blocks[1].attn.qkv.weight, src.blocks[1].attn.qkv.weight)
+    assert torch.equal(same.pos_embed, src.pos_embed)
+    bigger = timm.create_model("group_channel_vit_tiny_patch8_96", pretrained=True, img_size=128,
+                               pretrained_cfg_overlay=dict(file=str(tmp_path / "gc.pth")), **TINY)
+    assert bigger.pos_embed.shape == (1, 256, 24)
+    grid = src.pos_embed.reshape(1, 12, 12, 24).permute(0, 3, 1, 2)
+    expect = F.interpolate(grid, size=(16, 16), mode="bicubic", antialias=True).permute(0, 2, 3, 1).reshape(1, 256, 24)
+    torch.testing.assert_close(bigger.pos_embed.data, expect, rtol=1e-5, atol=1e-5)
