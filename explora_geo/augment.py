@@ -16,7 +16,7 @@ import kornia.augmentation as K
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MultiCropConfig", "MultiCrop", "band_jitter"]
+__all__ = ["MultiCropConfig", "MultiCrop", "band_jitter", "random_flips"]
 
 
 @dataclass
@@ -76,6 +76,15 @@ def band_jitter(images: Tensor, *, p: float, gain: float, offset: float, brightn
     return images * (1 + apply * (scale - 1)) + apply * shift
 
 
+def random_flips(images: Tensor) -> Tensor:
+    """Flip each image horizontally and/or vertically with probability 1/2 each (``[B, C, H, W]``)."""
+    b = images.shape[0]
+    h = (torch.rand(b, 1, 1, 1, device=images.device) < 0.5)
+    v = (torch.rand(b, 1, 1, 1, device=images.device) < 0.5)
+    images = torch.where(h, images.flip(-1), images)
+    return torch.where(v, images.flip(-2), images)
+
+
 class MultiCrop(nn.Module):
     """Global and local crops of a batch: ``forward(images) -> (global_crops, local_crops)``.
 
@@ -83,37 +92,43 @@ class MultiCrop(nn.Module):
         config: :class:`MultiCropConfig`.
 
     ``forward`` takes ``[B, C, H, W]`` and returns two lists: ``n_global`` tensors ``[B, C, Sg, Sg]`` and
-    ``n_local`` tensors ``[B, C, Sl, Sl]``. Each crop of each image gets its own random parameters.
+    ``n_local`` tensors ``[B, C, Sl, Sl]``. Each crop of each image gets its own random parameters. All crops
+    of one kind are made in one batched kornia call (the batch repeated ``n`` times), so the per-call
+    overhead does not grow with the number of crops.
     """
 
     def __init__(self, config: MultiCropConfig) -> None:
         super().__init__()
         self.config = config
-        self.global_view = self._pipeline(config.global_size, config.global_scale)
-        self.local_view = self._pipeline(config.local_size, config.local_scale)
+        self.global_crop = K.RandomResizedCrop((config.global_size,) * 2, scale=config.global_scale,
+                                               ratio=(3 / 4, 4 / 3))
+        self.local_crop = K.RandomResizedCrop((config.local_size,) * 2, scale=config.local_scale,
+                                              ratio=(3 / 4, 4 / 3))
+        self.global_blur = self._blur(config.global_size)
+        self.local_blur = self._blur(config.local_size)
+        self.noise = K.RandomGaussianNoise(std=config.noise_std, p=0.5) if config.noise_std > 0 else None
 
-    def _pipeline(self, size: int, scale: tuple[float, float]) -> K.AugmentationSequential:
-        cfg = self.config
-        steps: list[nn.Module] = [
-            K.RandomResizedCrop((size, size), scale=scale, ratio=(3 / 4, 4 / 3)),
-            K.RandomHorizontalFlip(),
-            K.RandomVerticalFlip(),
-        ]
-        if cfg.blur_p > 0:
-            kernel = max(3, (size // 10) | 1)
-            steps.append(K.RandomGaussianBlur((kernel, kernel), (0.1, 2.0), p=cfg.blur_p))
-        if cfg.noise_std > 0:
-            steps.append(K.RandomGaussianNoise(std=cfg.noise_std, p=0.5))
-        return K.AugmentationSequential(*steps)
+    def _blur(self, size: int) -> nn.Module | None:
+        if self.config.blur_p <= 0:
+            return None
+        kernel = max(3, (size // 10) | 1)
+        return K.RandomGaussianBlur((kernel, kernel), (0.1, 2.0), p=self.config.blur_p)
 
-    def _jitter(self, x: Tensor) -> Tensor:
+    def _views(self, images: Tensor, n: int, crop: nn.Module, blur: nn.Module | None) -> list[Tensor]:
+        if n == 0:
+            return []
         cfg = self.config
-        return band_jitter(x, p=cfg.jitter_p, gain=cfg.gain, offset=cfg.offset, brightness=cfg.brightness)
+        x = random_flips(crop(images.repeat(n, 1, 1, 1)))
+        if blur is not None:
+            x = blur(x)
+        if self.noise is not None:
+            x = self.noise(x)
+        x = band_jitter(x, p=cfg.jitter_p, gain=cfg.gain, offset=cfg.offset, brightness=cfg.brightness)
+        return list(x.chunk(n))
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """See the class docstring."""
         images = images.float()
-        globals_ = [self._jitter(self.global_view(images)) for _ in range(self.config.n_global)]
-        locals_ = [self._jitter(self.local_view(images)) for _ in range(self.config.n_local)]
-        return globals_, locals_
+        return (self._views(images, self.config.n_global, self.global_crop, self.global_blur),
+                self._views(images, self.config.n_local, self.local_crop, self.local_blur))
