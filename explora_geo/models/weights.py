@@ -138,6 +138,9 @@ def read_checkpoint_file(path: str | os.PathLike[str]) -> SourceCheckpoint:
         ExploraGeoError: missing, unreadable or corrupt file (named).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ExploraGeoError(f"weights path {path} is a folder; pass the checkpoint file inside it "
+                              "(e.g. model.safetensors), or --weights random for a smoke run.")
     if not path.is_file():
         raise ExploraGeoError(f"weights file {path} does not exist; {_WEIGHTS_HINT}.")
     meta: dict[str, Any] = {}
@@ -311,8 +314,8 @@ def unwrap_state_dict(raw: dict[str, Any]) -> tuple[StateDict, list[str]]:
     qualify, one containing ``teacher`` is preferred, then ``backbone``, then the shortest.
 
     Returns:
-        ``(state_dict, ignored)``: tensors under the encoder prefix (un-prefixed; top-level non-prefixed
-        tensors such as an MAE decoder are kept too) and the keys left out.
+        ``(state_dict, ignored)``: the tensors under the encoder prefix, un-prefixed (an MAE decoder saved
+        beside the encoder, e.g. ``module.decoder_embed.weight``, comes along), and the keys left out.
     """
     obj: Any = raw
     for key in ("teacher", "model", "state_dict", "module"):
@@ -330,8 +333,6 @@ def unwrap_state_dict(raw: dict[str, Any]) -> tuple[StateDict, list[str]]:
     for k, v in tensors.items():
         if k.startswith(prefix):
             out[k[len(prefix):]] = v
-        elif not any(k.startswith(p) for p in prefixes if p):
-            out.setdefault(k, v)
         else:
             ignored.append(k)
     return out, ignored
@@ -544,7 +545,7 @@ def _for_timm_vit(
     sensor = getattr(model, "sensor", None) or (infer_sensor(bands) if bands else None)
     nameable = bands and (found.bands is not None or sensor is not None or rgb_bands is not None)
     source_bands = _source_bands(found, weight.shape[1], sensor, rgb_bands) if nameable else None
-    if source_bands is not None and list(source_bands) == list(bands or ()) or (
+    if (source_bands is not None and list(source_bands) == list(bands or ())) or (
             source_bands is None and weight.shape[1] == have.shape[1]):
         return target, _HEADS
     if bands and source_bands:
@@ -582,6 +583,10 @@ def _for_group_channel(
 
     from timm.layers import resample_patch_embed
 
+    unsupported = sorted(k for k in encoder if k.startswith(("norm_pre.", "attn_pool.")))
+    if unsupported:
+        raise ExploraGeoError(f"{found.source} has {unsupported[0]} (a pre-norm / attention-pool ViT) that a "
+                              "group-channel ViT lacks; use a DINOv2 / MAE / plain ViT source.")
     target = {k: v for k, v in encoder.items() if k.startswith(("blocks.", "norm.", "head.", "fc_norm."))}
     cls = encoder.get("cls_token")
     if cls is not None:

@@ -429,3 +429,11 @@ def test_timm_vit_with_reordered_rgb_bands(tmp_path: Path) -> None:
     rgb = create_backbone("vit_base_patch16_224", **TINY)  # default bands R, G, B: loaded as is
     report = load_source_weights(rgb, tmp_path / "rgb.pth")
     assert torch.equal(rgb.patch_embed.proj.weight.data, w) and report.resampled_keys == []
+
+
+def test_folder_and_prenorm_sources(tmp_path: Path) -> None:
+    with pytest.raises(ExploraGeoError, match="is a folder"):
+        load_source_weights(GroupChannelViT(**TINY), tmp_path)
+    torch.save(_vit(pre_norm=True).state_dict(), tmp_path / "clip.pth")
+    with pytest.raises(ExploraGeoError, match=r"norm_pre\.\w+ \(a pre-norm"):
+        load_source_weights(GroupChannelViT(**TINY), tmp_path / "clip.pth")
