@@ -149,6 +149,7 @@ class HeadChoice:
     feature_set: str
     lr: float
     val_top1: float
+    val_loss: float
     head: nn.Linear = field(repr=False)
 
 
@@ -166,8 +167,9 @@ def train_linear_heads(
     """Train the grid of linear heads (every feature set x every learning rate) on the same mini-batches.
 
     SGD (momentum 0.9, no weight decay) with a cosine schedule over all steps; heads start at
-    ``N(0, 0.01)`` weights and zero bias. Returns every head with its validation top-1 (fraction), sorted
-    best first (ties keep grid order). Deterministic for a given ``seed``.
+    ``N(0, 0.01)`` weights and zero bias. Returns every head with its validation top-1 (fraction) and
+    cross-entropy, sorted best first: highest top-1, ties broken by the lower loss. Deterministic for a
+    given ``seed``.
     """
     gen = torch.Generator().manual_seed(seed)
     inputs = {name: feature_matrix(train, name) for name in feature_sets}
@@ -207,10 +209,10 @@ def train_linear_heads(
                 head = nn.Linear(weight.shape[1], num_classes)
                 head.weight.copy_(weight[h].T)
                 head.bias.copy_(bias[h])
-                pred = head(feature_matrix(val, name)).argmax(1)
-                choices.append(HeadChoice(name, float(lr), float((pred == val.labels).float().mean()),
-                                          head.eval()))
-    return sorted(choices, key=lambda c: -c.val_top1)
+                logits = head(feature_matrix(val, name))
+                choices.append(HeadChoice(name, float(lr), float((logits.argmax(1) == val.labels).float().mean()),
+                                          float(nn.functional.cross_entropy(logits, val.labels)), head.eval()))
+    return sorted(choices, key=lambda c: (-c.val_top1, c.val_loss))
 
 
 def knn_predict(train_x: Tensor, train_y: Tensor, query_x: Tensor, num_classes: int, k: int,
@@ -415,7 +417,9 @@ def evaluate_probe(
         knn_top1=float((knn_pred == test.labels).float().mean()),
         per_class=per_class_accuracy(cm, classes),
         head={"feature_set": best.feature_set, "lr": best.lr, "val_top1": best.val_top1,
-              "grid": [{"feature_set": c.feature_set, "lr": c.lr, "val_top1": c.val_top1} for c in choices]},
+              "val_loss": best.val_loss,
+              "grid": [{"feature_set": c.feature_set, "lr": c.lr, "val_top1": c.val_top1, "val_loss": c.val_loss}
+                       for c in choices]},
         knn={"k": best_k, "temperature": KNN_TEMPERATURE, "features": "cls1",
              "val_top1": {str(kk): v for kk, v in knn_val.items()}},
         n_train=len(train.labels), n_val=len(val.labels), n_test=len(test.labels),
