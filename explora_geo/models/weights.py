@@ -103,7 +103,8 @@ class LoadReport:
         if self.ignored_keys:
             parts.append(f"ignored {_abbrev(self.ignored_keys)}")
         if self.extra:
-            parts.append(f"kept {len(self.extra)} non-encoder tensors for the objective ({_abbrev(list(self.extra))})")
+            kept = _abbrev(list(self.extra))
+            parts.append(f"kept {len(self.extra)} non-encoder tensors for the objective ({kept})")
         text = "; ".join(parts) + "."
         if self.notes:
             text += " " + " ".join(n.rstrip(".") + "." for n in self.notes)
@@ -592,7 +593,8 @@ def _for_group_channel(
     if cls is not None:
         if _pos_prefix_tokens(encoder) == 1:
             cls = cls + encoder["pos_embed"][:, :1]
-            report.notes.append("cls_token includes the source's cls position embedding (no pos for prefix tokens)")
+            report.notes.append("cls_token includes the source's cls position embedding "
+                                "(no position encoding for prefix tokens)")
         target["cls_token"] = cls
     if "reg_token" in encoder:
         if model.reg_token is not None:
@@ -605,8 +607,8 @@ def _for_group_channel(
         report.notes.append("position/group encodings stay the group-channel sin-cos ones")
     weight, bias = encoder.get("patch_embed.proj.weight"), encoder.get("patch_embed.proj.bias")
     if weight is None:
-        raise ExploraGeoError(f"{found.source} has no patch_embed.proj.weight; checkpoint of another architecture? "
-                              f"{_WEIGHTS_HINT}.")
+        raise ExploraGeoError(f"{found.source} has no patch_embed.proj.weight; checkpoint of another "
+                              f"architecture? {_WEIGHTS_HINT}.")
     if tuple(weight.shape[-2:]) != model.patch_size:
         resampled = resample_patch_embed(weight, list(model.patch_size))
         report.resampled_keys.append(
@@ -655,8 +657,9 @@ def _load_strict(model: nn.Module, target: StateDict, allowed_new: frozenset[str
                 report.ignored_keys.append(key)  # e.g. a 1000-class head for a 10-class model
                 continue
             raise ExploraGeoError(
-                f"checkpoint key {key} has shape {tuple(value.shape)} but the model needs {tuple(own[key].shape)}; "
-                f"checkpoint of another architecture? Build the matching model or {_WEIGHTS_HINT}."
+                f"checkpoint key {key} has shape {tuple(value.shape)} but the model needs "
+                f"{tuple(own[key].shape)}; checkpoint of another architecture? Build the matching model or "
+                f"{_WEIGHTS_HINT}."
             )
         usable[key] = value
     for key in own:
@@ -664,8 +667,8 @@ def _load_strict(model: nn.Module, target: StateDict, allowed_new: frozenset[str
             continue
         if key not in allowed_new:
             raise ExploraGeoError(
-                f"checkpoint lacks {key} (model shape {tuple(own[key].shape)}, checkpoint: missing); checkpoint of "
-                f"another architecture? Build the matching model or {_WEIGHTS_HINT}."
+                f"checkpoint lacks {key} (model shape {tuple(own[key].shape)}, checkpoint: missing); "
+                f"checkpoint of another architecture? Build the matching model or {_WEIGHTS_HINT}."
             )
         report.new_keys.append(key)
     result = model.load_state_dict(usable, strict=False)

@@ -255,5 +255,6 @@ def test_timm_pretrained_file_overlay(tmp_path) -> None:
                                pretrained_cfg_overlay=dict(file=str(tmp_path / "gc.pth")), **TINY)
     assert bigger.pos_embed.shape == (1, 256, 24)
     grid = src.pos_embed.reshape(1, 12, 12, 24).permute(0, 3, 1, 2)
-    expect = F.interpolate(grid, size=(16, 16), mode="bicubic", antialias=True).permute(0, 2, 3, 1).reshape(1, 256, 24)
+    expect = F.interpolate(grid, size=(16, 16), mode="bicubic", antialias=True)
+    expect = expect.permute(0, 2, 3, 1).reshape(1, 256, 24)
     torch.testing.assert_close(bigger.pos_embed.data, expect, rtol=1e-5, atol=1e-5)

@@ -123,7 +123,8 @@ def _mae_official(with_decoder: bool) -> dict:
             "mask_token": torch.randn(1, 1, 16),
             "decoder_embed.weight": torch.randn(16, 32), "decoder_embed.bias": torch.randn(16),
             "decoder_pos_embed": torch.randn(1, 197, 16),
-            "decoder_blocks.0.norm1.weight": torch.randn(16), "decoder_blocks.0.attn.qkv.weight": torch.randn(48, 16),
+            "decoder_blocks.0.norm1.weight": torch.randn(16),
+            "decoder_blocks.0.attn.qkv.weight": torch.randn(48, 16),
             "decoder_norm.weight": torch.randn(16), "decoder_pred.weight": torch.randn(768, 16),
             "decoder_pred.bias": torch.randn(768),
         })
@@ -161,7 +162,8 @@ def test_lightning_teacher_and_safetensors_files(tmp_path: Path) -> None:
     lightning = {"state_dict": {f"model.backbone.{k}": v for k, v in sd.items()}
                  | {"model.head.mlp.weight": torch.randn(4, 32)}, "hyper_parameters": {"lr": 1e-3}}
     torch.save(lightning, tmp_path / "epoch=3.ckpt")
-    dino = {"teacher": {f"backbone.{k}": v for k, v in sd.items()} | {"head.last_layer.weight": torch.randn(8, 32)},
+    dino = {"teacher": {f"backbone.{k}": v for k, v in sd.items()}
+            | {"head.last_layer.weight": torch.randn(8, 32)},
             "student": {f"backbone.{k}": torch.zeros_like(v) for k, v in sd.items()}}
     torch.save(dino, tmp_path / "checkpoint.pth")
     save_file({f"module.{k}": v.contiguous() for k, v in sd.items()}, str(tmp_path / "w.safetensors"))
@@ -301,7 +303,8 @@ def test_rgb_source_into_group_channel(tmp_path: Path) -> None:
     torch.testing.assert_close(g0[:, 1], kernel[:, 1])  # B03 = green
     torch.testing.assert_close(g0[:, 0], kernel[:, 2])  # B02 = blue
     torch.testing.assert_close(g0[:, 3], kernel.mean(1) / 4)  # B08: mean RGB kernel / group size
-    torch.testing.assert_close(model.patch_embeds[1].proj.weight.data, (kernel.mean(1) / 4)[:, None].expand(-1, 4, -1, -1))
+    others = (kernel.mean(1) / 4)[:, None].expand(-1, 4, -1, -1)
+    torch.testing.assert_close(model.patch_embeds[1].proj.weight.data, others)
     torch.testing.assert_close(model.patch_embeds[2].proj.weight.data[:, 1], kernel.mean(1) / 2)
     for g in range(3):
         assert torch.equal(model.patch_embeds[g].proj.bias.data, sd["patch_embed.proj.bias"])
@@ -376,7 +379,8 @@ def test_timm_name_from_offline_hf_cache(tmp_path: Path) -> None:
         print("SOURCE", r.source)
         print("NORM", r.meta["normalization"]["mean"])
         try:
-            load_source_weights(create_backbone("vit_base_patch14_dinov2", depth=1), "vit_base_patch14_dinov2.lvd142m")
+            other = create_backbone("vit_base_patch14_dinov2", depth=1)
+            load_source_weights(other, "vit_base_patch14_dinov2.lvd142m")
         except ExploraGeoError as err:
             print("ERROR", err)
     """)
