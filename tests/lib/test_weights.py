@@ -441,3 +441,14 @@ def test_folder_and_prenorm_sources(tmp_path: Path) -> None:
     torch.save(_vit(pre_norm=True).state_dict(), tmp_path / "clip.pth")
     with pytest.raises(ExploraGeoError, match=r"norm_pre\.\w+ \(a pre-norm"):
         load_source_weights(GroupChannelViT(**TINY), tmp_path / "clip.pth")
+
+
+def test_img_size_resamples_to_requested_grid(tmp_path: Path) -> None:
+    torch.save(_dinov2_official(), tmp_path / "d.pth")
+    vit = create_backbone("vit_small_patch14_dinov2", img_size=224, init_values=1e-5, **TINY)
+    load_source_weights(vit, tmp_path / "d.pth", img_size=112)
+    assert vit.pos_embed.shape == (1, 1 + 8 * 8, 32)
+    assert vit(torch.randn(1, 3, 112, 112)).shape == (1, 32)
+    gc = GroupChannelViT(init_values=1e-5, **TINY)
+    load_source_weights(gc, tmp_path / "d.pth", img_size=64)
+    assert gc.grid_size == (8, 8) and gc.pos_embed.shape == (1, 64, 24)
