@@ -99,3 +99,9 @@ def t33uuu_vrt(t33uuu_files: dict[str, str], tmp_path_factory: pytest.TempPathFa
     """All 13 bands of T33UUU (file order B01..B12, B8A last), 1536 x 768 px at 10 m, EPSG:32633."""
     names = list(t33uuu_files)
     return build_vrt([t33uuu_files[n] for n in names], tmp_path_factory.mktemp("vrt") / "t33uuu.vrt", names)
+
+
+@pytest.fixture(scope="session")
+def vrt_builder() -> Any:
+    """:func:`build_vrt`, for tests that stack other band selections."""
+    return build_vrt

@@ -25,10 +25,6 @@ class ClassifyAlgorithm(TiledModelAlgorithm):
     OUTPUT_CLASSES = "OUTPUT_CLASSES"
     OUTPUT_PROBABILITY = "OUTPUT_PROBABILITY"
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._post_processors: list[ClassStylePostProcessor] = []
-
     def name(self) -> str:
         return "classify"
 
@@ -72,8 +68,7 @@ class ClassifyAlgorithm(TiledModelAlgorithm):
         save_grid_style(grid_path, info.class_names, info.class_colors, feedback)
         for key, path, kind in ((self.OUTPUT_GRID, grid_path, "grid"), (self.OUTPUT_CLASSES, class_path, "raster")):
             if context.willLoadLayerOnCompletion(path):
-                processor = ClassStylePostProcessor(kind, info.class_names, info.class_colors)
-                self._post_processors.append(processor)
+                processor = ClassStylePostProcessor.create(kind, info.class_names, info.class_colors)
                 context.layerToLoadOnCompletionDetails(path).setPostProcessor(processor)
         counts = np.bincount(result.class_id[run.results.ran].astype(np.int64), minlength=len(info.class_names))
         feedback.pushInfo("Tiles per class: " + ", ".join(f"{n}={c}" for n, c in zip(info.class_names, counts)))

@@ -52,13 +52,27 @@ def save_grid_style(path: str, class_names: Sequence[str], class_colors: Sequenc
 
 
 class ClassStylePostProcessor(QgsProcessingLayerPostProcessorInterface):
-    """Applies the class colours to a loaded output layer (``kind`` = ``"grid"`` or ``"raster"``)."""
+    """Applies the class colours to a loaded output layer (``kind`` = ``"grid"`` or ``"raster"``).
+
+    Create it with :meth:`create`: Processing keeps only a C++ pointer to a post-processor and runs it after
+    the algorithm object is gone, so the Python object must be kept alive elsewhere (the usual QGIS plugin
+    pattern); the class keeps the most recent few.
+    """
+
+    _alive: list[ClassStylePostProcessor] = []
+    _KEEP = 32
 
     def __init__(self, kind: str, class_names: Sequence[str], class_colors: Sequence[str]) -> None:
         super().__init__()
         self.kind = kind
         self.class_names = list(class_names)
         self.class_colors = list(class_colors)
+
+    @classmethod
+    def create(cls, kind: str, class_names: Sequence[str], class_colors: Sequence[str]) -> ClassStylePostProcessor:
+        processor = cls(kind, class_names, class_colors)
+        cls._alive = [*cls._alive[-(cls._KEEP - 1):], processor]
+        return processor
 
     def postProcessLayer(self, layer: QgsMapLayer, context: QgsProcessingContext,
                          feedback: QgsProcessingFeedback) -> None:

@@ -2,8 +2,9 @@
 
 Automatic mapping matches the model's band names against the layer's band names/descriptions with the same
 normalisation as the library's ``explora_geo.sensors.canonical_band_name`` (``b2``, ``B2``, ``band_2`` and
-``B02`` are one band; ``b8a`` is ``B8A``). When the layer's bands carry no names the mapping falls back to
-position, but only when the layer has exactly as many bands as the model. A user mapping overrides both.
+``B02`` are one band; ``b8a`` is ``B8A``). When none of the layer's bands carries a model band's name the
+mapping falls back to position, but only when the layer has exactly as many bands as the model. A user
+mapping (some or all bands) overrides both.
 """
 
 from __future__ import annotations
@@ -86,8 +87,9 @@ def resolve_bands(
         if label:
             positions.setdefault(canonical_band_name(label), i)
     named = any(canonical_band_name(b) in positions for b in model_bands)
-    if not named and not override and n_layer == len(model_bands):
-        return list(range(1, n_layer + 1))
+    if not named and n_layer == len(model_bands):
+        # unnamed bands, as many as the model's: by position (the override still wins)
+        positions = {canonical_band_name(b): i for i, b in enumerate(model_bands, start=1)}
     result: list[int] = []
     missing: list[str] = []
     for band in model_bands:

@@ -1,0 +1,304 @@
+"""End-to-end runs of the explora_geo Processing algorithms in headless QGIS 3.22 on the real T33UUU scene,
+with models exported by ``explora-geo export`` during the test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from osgeo import gdal, ogr
+
+SCENE_EXTENT = (330000.0, 5814360.0, 345360.0, 5822040.0)  # T33UUU crop, EPSG:32633 (xmin, ymin, xmax, ymax)
+
+
+def _layer(path: Path, name: str = "t33uuu") -> Any:
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    layer = QgsRasterLayer(str(path), name)
+    assert layer.isValid(), path
+    # the project owns (and at session end deletes) the layer, so none outlives QGIS
+    QgsProject.instance().addMapLayer(layer, False)
+    return layer
+
+
+class Feedback:
+    """Factory of QgsProcessingFeedback subclasses recording messages (optionally cancelling)."""
+
+    @staticmethod
+    def make(cancel_at: float | None = None) -> Any:
+        from qgis.core import QgsProcessingFeedback
+
+        class Recording(QgsProcessingFeedback):
+            def __init__(self) -> None:
+                super().__init__()
+                self.infos: list[str] = []
+                self.progress: list[float] = []
+                self.setProgress = self._progress  # the core reports through feedback.setProgress
+
+            def _progress(self, value: float) -> None:
+                self.progress.append(value)
+                QgsProcessingFeedback.setProgress(self, value)
+                if cancel_at is not None and value >= cancel_at:
+                    self.cancel()
+
+            def pushInfo(self, info: str) -> None:  # noqa: N802 (QGIS API)
+                self.infos.append(info)
+
+        return Recording()
+
+
+def _run(alg: str, params: dict, feedback: Any = None) -> dict:
+    import processing
+    from qgis.core import QgsProcessingContext
+
+    context = QgsProcessingContext()
+    return processing.run(f"explora_geo:{alg}", params, context=context, feedback=feedback or Feedback.make())
+
+
+def _read(path: str, band: int | None = 1) -> np.ndarray:
+    """One band (or all bands with ``band=None``) of a raster (the dataset stays open while reading)."""
+    ds = gdal.Open(path)
+    values = ds.ReadAsArray() if band is None else ds.GetRasterBand(band).ReadAsArray()
+    ds = None
+    return values
+
+
+def _features(path: str) -> list[dict]:
+    source = ogr.Open(path)
+    layer = source.GetLayer(0)
+    rows = [{**f.items(), "_env": f.GetGeometryRef().GetEnvelope()} for f in layer]
+    source = None
+    return rows
+
+
+def test_provider_registered(qgis_app: Any) -> None:
+    from qgis.core import QgsApplication
+
+    provider = QgsApplication.processingRegistry().providerById("explora_geo")
+    assert provider is not None
+    assert sorted(a.id() for a in provider.algorithms()) == ["explora_geo:classify", "explora_geo:embed",
+                                                              "explora_geo:similarity"]
+
+
+def test_classify_whole_scene(qgis_app: Any, bundle: dict, t33uuu_vrt: Path, tmp_path: Path) -> None:
+    feedback = Feedback.make()
+    out = _run("classify", {"INPUT": _layer(t33uuu_vrt), "MODEL": str(bundle["classifier"]), "BATCH_SIZE": 64,
+                            "OUTPUT_GRID": str(tmp_path / "grid.gpkg"), "OUTPUT_CLASSES": str(tmp_path / "c.tif"),
+                            "OUTPUT_PROBABILITY": str(tmp_path / "p.tif")}, feedback)
+    # 1536 x 768 px at 10 m, 32 px tiles -> 48 x 24 cells of 320 m
+    assert out["TILES_RUN"] == 48 * 24
+    classes = gdal.Open(out["OUTPUT_CLASSES"])
+    assert (classes.RasterXSize, classes.RasterYSize, classes.RasterCount) == (48, 24, 1)
+    assert classes.GetGeoTransform() == (330000.0, 320.0, 0.0, 5822040.0, 0.0, -320.0)
+    assert classes.GetSpatialRef().GetAuthorityCode(None) == "32633"
+    band = classes.GetRasterBand(1)
+    assert band.GetCategoryNames() == ["water", "vegetation", "built-up"]
+    assert band.GetColorTable().GetColorEntry(0)[:3] == (0x1F, 0x78, 0xB4)
+    ids = band.ReadAsArray()
+    prob = _read(out["OUTPUT_PROBABILITY"])
+    rows = _features(out["OUTPUT_GRID"])
+    assert len(rows) == 48 * 24
+    names = ["water", "vegetation", "built-up"]
+    for row in rows:
+        p = np.array([row["p_water"], row["p_vegetation"], row["p_built_up"]])
+        assert p.sum() == pytest.approx(1.0, abs=1e-5)
+        assert row["class_id"] == int(p.argmax()) == ids[row["tile_row"], row["tile_col"]]
+        assert row["class_name"] == names[row["class_id"]]
+        assert row["probability"] == pytest.approx(p.max(), abs=1e-6)
+        assert prob[row["tile_row"], row["tile_col"]] == pytest.approx(p.max(), abs=1e-6)
+        assert row["valid_frac"] == 1.0 and row["status"] == "ok"
+    xmin = min(r["_env"][0] for r in rows), max(r["_env"][1] for r in rows)
+    assert xmin == (SCENE_EXTENT[0], SCENE_EXTENT[2])
+    assert np.ptp(prob) > 0  # real data: the tiles differ
+    # logs: speed and execution provider
+    assert any("tiles/s" in m and "CPUExecutionProvider" in m for m in feedback.infos)
+    assert feedback.progress[-1] == pytest.approx(100.0)
+    # the categorized style is stored in the GeoPackage as its default
+    source = ogr.Open(out["OUTPUT_GRID"])
+    styles = source.GetLayerByName("layer_styles")
+    assert styles is not None and styles.GetFeatureCount() == 1
+    source = None
+
+
+def test_classify_loads_styled_layers(qgis_app: Any, bundle: dict, t33uuu_vrt: Path, tmp_path: Path) -> None:
+    import processing
+    from qgis.core import QgsProcessingContext, QgsProject, QgsVectorLayer
+
+    context = QgsProcessingContext()
+    context.setProject(QgsProject.instance())
+    params = {"INPUT": _layer(t33uuu_vrt), "MODEL": str(bundle["classifier"]),
+              "EXTENT": "330000,333200,5818840,5822040 [EPSG:32633]", "OUTPUT_GRID": str(tmp_path / "g.gpkg"),
+              "OUTPUT_CLASSES": str(tmp_path / "c.tif"), "OUTPUT_PROBABILITY": str(tmp_path / "p.tif")}
+    processing.runAndLoadResults("explora_geo:classify", params, context=context, feedback=Feedback.make())
+    layers = QgsProject.instance().mapLayers().values()
+    grid = next(lay for lay in layers if isinstance(lay, QgsVectorLayer))
+    renderer = grid.renderer()
+    assert renderer.type() == "categorizedSymbol" and renderer.classAttribute() == "class_id"
+    assert [c.label() for c in renderer.categories()][:3] == ["water", "vegetation", "built-up"]
+    QgsProject.instance().removeAllMapLayers()
+    del grid, renderer, layers
+    # reopened later, the GeoPackage brings its default style
+    again = QgsVectorLayer(str(tmp_path / "g.gpkg"), "again", "ogr")
+    assert again.renderer().type() == "categorizedSymbol"
+    del again
+
+
+@pytest.fixture()
+def scene_with_nodata(t33uuu_vrt: Path, tmp_path: Path) -> Path:
+    """The real scene as a GeoTIFF with nodata = 0 whose left 500 columns were blanked out (nodata)."""
+    path = tmp_path / "nodata.tif"
+    src = gdal.Open(str(t33uuu_vrt))
+    ds = gdal.Translate(str(path), src, noData=0, creationOptions=["TILED=YES"])
+    for i in range(1, ds.RasterCount + 1):
+        band = ds.GetRasterBand(i)
+        band.WriteArray(np.zeros((ds.RasterYSize, 500), dtype=np.uint16), 0, 0)
+        band.SetDescription(src.GetRasterBand(i).GetDescription())
+    ds = src = None
+    return path
+
+
+def test_nodata_tiles_are_skipped_not_classified(qgis_app: Any, bundle: dict, scene_with_nodata: Path,
+                                                 tmp_path: Path) -> None:
+    out = _run("classify", {"INPUT": _layer(scene_with_nodata), "MODEL": str(bundle["classifier"]),
+                            "EXTENT": "330000,340240,5819480,5822040 [EPSG:32633]", "MIN_VALID": 0.5,
+                            "OUTPUT_GRID": str(tmp_path / "g.gpkg"), "OUTPUT_CLASSES": str(tmp_path / "c.tif"),
+                            "OUTPUT_PROBABILITY": str(tmp_path / "p.tif")})
+    rows = {(r["tile_row"], r["tile_col"]): r for r in _features(out["OUTPUT_GRID"])}
+    ids = _read(out["OUTPUT_CLASSES"])
+    # 500 px of nodata: tile columns 0..14 (px 0..479) are empty, column 15 (480..511) is 20/32 nodata
+    for (r, c), row in rows.items():
+        if c < 15:
+            assert row["status"] == "nodata" and row["class_id"] == -1 and row["probability"] is None
+            assert row["valid_frac"] == 0.0 and ids[r, c] == 255
+        elif c == 15:
+            assert row["valid_frac"] == pytest.approx(12 / 32) and row["status"] == "nodata"
+        else:
+            assert row["status"] == "ok" and row["class_id"] >= 0
+    assert out["TILES_RUN"] == 8 * (32 - 16)
+
+
+def test_mask_polygon_limits_processing(qgis_app: Any, bundle: dict, t33uuu_vrt: Path, tmp_path: Path) -> None:
+    from qgis.core import QgsFeature, QgsGeometry, QgsVectorLayer
+
+    mask = QgsVectorLayer("Polygon?crs=EPSG:32633", "mask", "memory")
+    feature = QgsFeature()
+    feature.setGeometry(QgsGeometry.fromWkt("POLYGON((331000 5821000, 332280 5821000, 332280 5822040, "
+                                             "331000 5822040, 331000 5821000))"))
+    mask.dataProvider().addFeatures([feature])
+    out = _run("embed", {"INPUT": _layer(t33uuu_vrt), "MODEL": str(bundle["embedder"]), "MASK": mask,
+                         "MIN_VALID": 0.99, "OUTPUT": str(tmp_path / "e.tif")})
+    ds = gdal.Open(out["OUTPUT"])
+    # area = mask bbox: 1280 m x 1040 m -> 4 x 4 cells of 320 m (last row partly outside the mask)
+    assert ds.GetGeoTransform() == (331000.0, 320.0, 0.0, 5822040.0, 0.0, -320.0)
+    assert (ds.RasterXSize, ds.RasterYSize, ds.RasterCount) == (4, 4, 64)
+    first = ds.GetRasterBand(1).ReadAsArray()
+    assert (first[:3] != -9999.0).all() and (first[3] == -9999.0).all()
+    assert out["TILES_RUN"] == 12
+
+
+def test_embed_and_similarity(qgis_app: Any, bundle: dict, t33uuu_vrt: Path, tmp_path: Path) -> None:
+    from qgis.core import QgsFeature, QgsGeometry, QgsVectorLayer
+
+    extent = "330000,332560,5819480,5822040 [EPSG:32633]"  # 8 x 8 cells
+    emb = _run("embed", {"INPUT": _layer(t33uuu_vrt), "MODEL": str(bundle["classifier"]), "EXTENT": extent,
+                         "OUTPUT": str(tmp_path / "e.tif")})
+    ds = gdal.Open(emb["OUTPUT"])
+    assert (ds.RasterXSize, ds.RasterYSize, ds.RasterCount) == (8, 8, 64)
+    assert ds.GetRasterBand(1).GetDescription() == "emb_000"
+    vectors = ds.ReadAsArray().transpose(1, 2, 0)  # [8, 8, 64]
+    point = QgsVectorLayer("Point?crs=EPSG:32633", "ref", "memory")
+    feature = QgsFeature()
+    feature.setGeometry(QgsGeometry.fromWkt("POINT(330500 5821500)"))  # cell row 1, col 1
+    point.dataProvider().addFeatures([feature])
+    sim = _run("similarity", {"INPUT": _layer(t33uuu_vrt), "MODEL": str(bundle["embedder"]), "EXTENT": extent,
+                              "REFERENCE": point, "OUTPUT": str(tmp_path / "s.tif")})
+    values = _read(sim["OUTPUT"])
+    assert sim["REFERENCE_TILES"] == 1 and values.shape == (8, 8)
+    ref = vectors[1, 1] / np.linalg.norm(vectors[1, 1])
+    expected = vectors @ ref / np.linalg.norm(vectors, axis=-1)
+    np.testing.assert_allclose(values, expected, atol=1e-5)
+    assert values[1, 1] == pytest.approx(1.0, abs=1e-5) and values.max() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_geographic_layer_is_processed_in_utm(qgis_app: Any, bundle: dict, t33uuu_vrt: Path,
+                                             tmp_path: Path) -> None:
+    wgs84 = tmp_path / "wgs84.tif"
+    src = gdal.Open(str(t33uuu_vrt))
+    warped = gdal.Warp(str(wgs84), src, options=gdal.WarpOptions(
+        format="GTiff", dstSRS="EPSG:4326", dstNodata=0, outputBounds=(12.55, 52.46, 12.62, 52.50),
+        outputBoundsSRS="EPSG:4326", xRes=0.0001, yRes=0.0001, resampleAlg="near"))
+    warped = None
+    src = gdal.Open(str(t33uuu_vrt))
+    ds = gdal.Open(str(wgs84), gdal.GA_Update)
+    for i in range(1, ds.RasterCount + 1):
+        ds.GetRasterBand(i).SetDescription(src.GetRasterBand(i).GetDescription())
+    ds = None
+    feedback = Feedback.make()
+    out = _run("classify", {"INPUT": _layer(wgs84), "MODEL": str(bundle["classifier"]),
+                            "OUTPUT_GRID": str(tmp_path / "g.gpkg"), "OUTPUT_CLASSES": str(tmp_path / "c.tif"),
+                            "OUTPUT_PROBABILITY": str(tmp_path / "p.tif")}, feedback)
+    result = gdal.Open(out["OUTPUT_CLASSES"])
+    assert result.GetSpatialRef().GetAuthorityCode(None) == "32633"
+    x0, px, _, y0, _, py = result.GetGeoTransform()
+    assert (px, py) == (320.0, -320.0)  # metres, not degrees
+    # 0.07 deg lon x 0.04 deg lat at 52.5 N is about 4.75 km x 4.45 km (UTM bbox slightly larger)
+    assert 4700 <= result.RasterXSize * px <= 5300 and 4400 <= result.RasterYSize * -py <= 5000
+    assert any("working in EPSG:32633" in m for m in feedback.infos)
+    rows = _features(out["OUTPUT_GRID"])
+    ran = [r for r in rows if r["status"] != "nodata"]
+    assert ran and all(abs(r["p_water"] + r["p_vegetation"] + r["p_built_up"] - 1) < 1e-5 for r in ran)
+
+
+def test_too_few_bands_names_the_missing_ones(qgis_app: Any, bundle: dict, t33uuu_files: dict,
+                                              vrt_builder: Any, tmp_path: Path) -> None:
+    from qgis.core import QgsProcessingException
+
+    rgb = vrt_builder([t33uuu_files[b] for b in ("B02", "B03", "B04")], tmp_path / "rgb.vrt", ["B02", "B03", "B04"])
+    with pytest.raises(QgsProcessingException, match=r"lacks band\(s\) B08, B05, B06, B07, B8A, B11, B12"):
+        _run("embed", {"INPUT": _layer(rgb, "rgb"), "MODEL": str(bundle["embedder"]),
+                       "OUTPUT": str(tmp_path / "e.tif")})
+    assert not (tmp_path / "e.tif").exists()
+
+
+def test_band_mapping_by_position_and_override(qgis_app: Any, bundle: dict, t33uuu_files: dict,
+                                               vrt_builder: Any, tmp_path: Path) -> None:
+    model_order = ["B02", "B03", "B04", "B08", "B05", "B06", "B07", "B8A", "B11", "B12"]
+    extent = "330000,331280,5820760,5822040 [EPSG:32633]"
+    named = vrt_builder([t33uuu_files[b] for b in model_order], tmp_path / "named.vrt", model_order)
+    unnamed = vrt_builder([t33uuu_files[b] for b in model_order], tmp_path / "unnamed.vrt", [])
+    swapped_files = [t33uuu_files[b] for b in ["B03", "B02", *model_order[2:]]]
+    swapped = vrt_builder(swapped_files, tmp_path / "swapped.vrt", [])
+    outs = {}
+    for name, path, mapping in (("named", named, ""), ("unnamed", unnamed, ""),
+                                ("swapped", swapped, "B02=2, B03=1")):
+        outs[name] = _run("embed", {"INPUT": _layer(path, name), "MODEL": str(bundle["embedder"]),
+                                    "EXTENT": extent, "BAND_MAPPING": mapping,
+                                    "OUTPUT": str(tmp_path / f"{name}.tif")})
+    arrays = {k: _read(v["OUTPUT"], None) for k, v in outs.items()}
+    np.testing.assert_array_equal(arrays["named"], arrays["unnamed"])
+    np.testing.assert_array_equal(arrays["named"], arrays["swapped"])
+
+
+def test_cancel_leaves_no_output(qgis_app: Any, bundle: dict, t33uuu_vrt: Path, tmp_path: Path) -> None:
+    from qgis.core import QgsProcessingException
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    feedback = Feedback.make(cancel_at=30.0)
+    with pytest.raises(QgsProcessingException, match="cancelled"):
+        _run("classify", {"INPUT": _layer(t33uuu_vrt), "MODEL": str(bundle["classifier"]), "BATCH_SIZE": 16,
+                          "OUTPUT_GRID": str(out_dir / "g.gpkg"), "OUTPUT_CLASSES": str(out_dir / "c.tif"),
+                          "OUTPUT_PROBABILITY": str(out_dir / "p.tif")}, feedback)
+    assert 30.0 <= feedback.progress[-1] < 100.0
+    assert list(out_dir.iterdir()) == []
+
+
+def test_embedder_cannot_classify(qgis_app: Any, bundle: dict, t33uuu_vrt: Path, tmp_path: Path) -> None:
+    from qgis.core import QgsProcessingException
+
+    with pytest.raises(QgsProcessingException, match="is an embedder"):
+        _run("classify", {"INPUT": _layer(t33uuu_vrt), "MODEL": str(bundle["embedder"]),
+                          "OUTPUT_GRID": str(tmp_path / "g.gpkg"), "OUTPUT_CLASSES": str(tmp_path / "c.tif"),
+                          "OUTPUT_PROBABILITY": str(tmp_path / "p.tif")})
