@@ -144,10 +144,13 @@ def register_backbone(path: str | os.PathLike[str], name: str | None = None) -> 
             raise ExploraGeoError(f"timm model {name} is fixed by its sidecar; it takes no {', '.join(kwargs)}.")
         if pretrained:
             model, other = load_backbone(cfg.file or meta["weights_file"], num_classes=num_classes)
-            if (other["architecture"], other["bands"]) != (meta["architecture"], meta["bands"]):
-                raise ExploraGeoError(f"pretrained file {cfg.file} is a {other['architecture']} on bands "
-                                      f"{','.join(other['bands'])}, not the {meta['architecture']} on "
-                                      f"{','.join(meta['bands'])} that {name} is; register it under its own name.")
+            keys = ("architecture", "model_kwargs", "bands")
+            if [other[k] for k in keys] != [meta[k] for k in keys]:
+                raise ExploraGeoError(
+                    f"pretrained file {cfg.file} is a {other['architecture']} {other['model_kwargs']} on bands "
+                    f"{','.join(other['bands'])}, not the {meta['architecture']} {meta['model_kwargs']} on "
+                    f"{','.join(meta['bands'])} that {name} is; register it under its own name."
+                )
         else:
             model = build_from_sidecar(meta, num_classes=num_classes)
         model.pretrained_cfg = cfg.to_dict()

@@ -47,16 +47,22 @@ def make_chip_folder(root: Path, classes: dict[str, int], names: Sequence[str] =
 
 def make_backbone(path: Path, *, depth: int = 2, img_size: int = 32, sensor: str = "sentinel2",
                   architecture: str = "group_channel_vit_tiny_patch8_96", seed: int = 0, **kwargs) -> Path:
-    """Save a randomly initialised tiny backbone with ``save_backbone``; returns the .safetensors path."""
+    """Save a randomly initialised tiny backbone with ``save_backbone``; returns the .safetensors path.
+
+    A plain timm ViT (``architecture="vit_tiny_patch16_224", patch_size=8, in_chans=C``) gets the first C
+    model bands of ``sensor``."""
     import timm
 
     import explora_geo.models  # noqa: F401
     from explora_geo.checkpoint import save_backbone
     from explora_geo.normalization import Normalization
+    from explora_geo.sensors import get_sensor
 
     torch.manual_seed(seed)
     model_kwargs = {"depth": depth, "img_size": img_size, **kwargs}
     model = timm.create_model(architecture, num_classes=0, **model_kwargs)
+    if getattr(model, "band_names", None) is None:  # a plain timm ViT: the sensor's model bands, in order
+        model.band_names = get_sensor(sensor).model_bands[: model_kwargs.get("in_chans", 3)]
     normalization = Normalization.for_sensor(sensor, model.band_names, scheme="reflectance")
     weights, _ = save_backbone(model, path, {"model_kwargs": model_kwargs, "sensor": sensor, "gsd_m": 10.0,
                                              "normalization": normalization.to_dict()})
