@@ -11,7 +11,8 @@ pre-training revisits the same mosaic for many epochs. :class:`PatchReader` ther
   never sees a flagged block that is not fully written; two workers decoding the same block write identical
   bytes. File creation is serialised with ``flock`` and made atomic with ``os.replace``;
 - bounds the cache: units are cached in order while their decoded size fits ``cache_bytes``; the rest are read
-  directly;
+  directly; entries of other or changed inputs are pruned, least recently used first, to keep the folder
+  within ``cache_bytes``;
 - opens file handles lazily in each process (keyed by pid), never using one inherited from a parent.
 
 The cached pixels are those of the direct read of the same block, and a patch equals torchgeo's read of the
@@ -36,7 +37,7 @@ import numpy as np
 from explora_geo.data.catalog import Source
 from explora_geo.errors import ExploraGeoError
 
-__all__ = ["PatchReader", "default_cache_dir", "read_window"]
+__all__ = ["PatchReader", "default_cache_dir", "prune_cache", "read_window"]
 
 _CACHE_VERSION = 1
 
@@ -131,6 +132,7 @@ class _UnitCache:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         self.data = np.load(data_path, mmap_mode="r+")
         self.done = np.load(flag_path, mmap_mode="r+")
+        os.utime(flag_path)  # last use, for least-recently-used pruning
 
     def read(self, source: Source, handles: dict[str, Any], row: int, col: int, h: int, w: int) -> np.ndarray:
         """The window, decoding (and caching) the blocks it touches that are not cached yet."""
@@ -143,6 +145,41 @@ class _UnitCache:
                     self.data[:, r0:r1, c0:c1] = read_window(source, handles, r0, c0, r1 - r0, c1 - c0)
                     self.done[by, bx] = 1
         return np.array(self.data[:, row:row + h, col:col + w])
+
+
+def _disk_bytes(path: Path) -> int:
+    try:
+        return path.stat().st_blocks * 512  # allocated bytes: cache files are sparse until filled
+    except FileNotFoundError:
+        return 0
+
+
+def prune_cache(folder: Path, keep: set[str], budget: int) -> list[str]:
+    """Delete least-recently-used cache entries not in ``keep`` until the others use at most ``budget`` bytes.
+
+    Entries of units that changed (new size/mtime) or belong to other inputs are candidates. A process still
+    mapping a deleted entry keeps its mapping (POSIX), so pruning is safe while other runs read.
+
+    Returns:
+        the keys deleted.
+    """
+    if not folder.exists():
+        return []
+    entries = []
+    for flag in folder.glob("*.done.npy"):
+        key = flag.name[: -len(".done.npy")]
+        if key not in keep:
+            entries.append((flag.stat().st_mtime, key, _disk_bytes(folder / f"{key}.npy") + _disk_bytes(flag)))
+    used = sum(e[2] for e in entries)
+    removed = []
+    for _, key, size in sorted(entries):
+        if used <= max(budget, 0):
+            break
+        for suffix in (".done.npy", ".npy", ".lock"):
+            (folder / f"{key}{suffix}").unlink(missing_ok=True)
+        used -= size
+        removed.append(key)
+    return removed
 
 
 class PatchReader:
@@ -168,6 +205,9 @@ class PatchReader:
             cache_bytes = min(shutil.disk_usage(probe).free // 2, 64 << 30)
         self.cache_bytes = int(cache_bytes)
         self.cached = self._plan()
+        if any(self.cached):
+            keep = {_cache_key(s, d) for s, d, c in zip(self.sources, self._dtypes, self.cached, strict=True) if c}
+            prune_cache(self.cache_dir, keep, self.cache_bytes - self.cached_bytes)
         self._pid = -1
         self._handles: dict[str, Any] = {}
         self._caches: dict[int, _UnitCache] = {}

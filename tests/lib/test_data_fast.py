@@ -82,6 +82,22 @@ def test_cache_is_bounded(two_zones: Path, tmp_path: Path) -> None:
     assert len(list((tmp_path / "cache").glob("*.done.npy"))) == 1
 
 
+def test_stale_entries_are_pruned_least_recently_used_first(two_zones: Path, tmp_path: Path) -> None:
+    cat = build_catalog(two_zones, bands=BANDS)
+    folder = tmp_path / "cache"
+    unit = 3 * 200 * 260 * 2
+    PatchReader(cat.sources[:1], cache_dir=folder).read(0, 0, 0, 200, 260)  # fills unit 0 completely
+    PatchReader(cat.sources[1:], cache_dir=folder).read(0, 0, 0, 200, 260)  # fills unit 1 completely
+    assert len(list(folder.glob("*.done.npy"))) == 2
+    # a reader of unit 1 alone with room for one unit: unit 0's entry is stale and goes
+    PatchReader(cat.sources[1:], cache_dir=folder, cache_bytes=unit + 4096)
+    assert len(list(folder.glob("*.done.npy"))) == 1
+    # with room for both, nothing is removed
+    PatchReader(cat.sources[:1], cache_dir=folder).read(0, 0, 0, 8, 8)
+    PatchReader(cat.sources[1:], cache_dir=folder, cache_bytes=3 * unit)
+    assert len(list(folder.glob("*.done.npy"))) == 2
+
+
 def test_cache_key_changes_when_the_file_changes(two_zones: Path, tmp_path: Path) -> None:
     cat = build_catalog(two_zones, bands=BANDS)
     reader = PatchReader(cat.sources, cache_dir=tmp_path / "cache")
