@@ -47,6 +47,7 @@ __all__ = [
     "split_extra",
     "band_kernels",
     "infer_sensor",
+    "match_layer_scale",
     "rgb_to_group_kernels",
 ]
 
@@ -360,6 +361,37 @@ def split_extra(state_dict: StateDict) -> tuple[StateDict, StateDict, bool]:
     return encoder, extra, is_dinov2
 
 
+def match_layer_scale(state_dict: StateDict, model_has_layer_scale: bool) -> tuple[StateDict, str | None]:
+    """Make a source's LayerScale match the model's, exactly (the network computes the same function).
+
+    - source has ``blocks.i.ls1.gamma`` / ``ls2.gamma``, model has none: the gammas are folded into the
+      preceding linear layers, ``attn.proj`` and ``mlp.fc2`` (``W <- diag(gamma) W``, ``b <- gamma * b``);
+    - model has LayerScale, source has none: ``gamma = 1``.
+
+    Returns:
+        ``(state_dict, note)``; the note is ``None`` when nothing changed.
+    """
+    gammas = [k for k in state_dict if re.fullmatch(r"blocks\.\d+\.ls[12]\.gamma", k)]
+    out = dict(state_dict)
+    if gammas and not model_has_layer_scale:
+        for key in gammas:
+            block, which = key.rsplit(".", 2)[0], key.split(".")[-2]
+            linear = f"{block}.attn.proj" if which == "ls1" else f"{block}.mlp.fc2"
+            gamma = out.pop(key)
+            out[f"{linear}.weight"] = gamma[:, None] * out[f"{linear}.weight"]
+            if f"{linear}.bias" in out:
+                out[f"{linear}.bias"] = gamma * out[f"{linear}.bias"]
+        return out, "source LayerScale folded into attn.proj / mlp.fc2 (the model has no LayerScale; exact)"
+    if not gammas and model_has_layer_scale:
+        blocks = sorted({int(k.split(".")[1]) for k in out if re.match(r"blocks\.\d+\.norm1\.weight$", k)})
+        for i in blocks:
+            dim = out[f"blocks.{i}.norm1.weight"].shape[0]
+            out[f"blocks.{i}.ls1.gamma"] = torch.ones(dim)
+            out[f"blocks.{i}.ls2.gamma"] = torch.ones(dim)
+        return out, "source has no LayerScale: the model's gammas are set to 1 (identity; exact)"
+    return out, None
+
+
 def _pos_prefix_tokens(state_dict: StateDict) -> int:
     """How many prefix (cls/register) entries the source ``pos_embed`` has: 0 or 1."""
     pos = state_dict.get("pos_embed")
@@ -508,7 +540,11 @@ def load_source_weights(
     encoder, extra, is_dinov2 = split_extra(state_dict)
     report = LoadReport(source=found.source, ignored_keys=ignored, extra=extra, meta=dict(found.meta))
     if is_dinov2:
-        report.notes.append("DINOv2 checkpoint: mask_token kept in extra, LayerScale kept")
+        report.notes.append("DINOv2 checkpoint: mask_token kept in extra")
+    has_ls = any(re.fullmatch(r"blocks\.\d+\.ls1\.gamma", k) for k in model.state_dict())
+    encoder, note = match_layer_scale(encoder, has_ls)
+    if note:
+        report.notes.append(note)
     if isinstance(model, GroupChannelViT):
         target, allowed_new = _for_group_channel(encoder, model, found, report, rgb_bands, other_kernels)
     else:

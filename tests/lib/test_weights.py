@@ -238,9 +238,6 @@ def test_missing_block_key_and_deeper_checkpoint(tmp_path: Path) -> None:
         load_source_weights(create_backbone("vit_base_patch16_224", **TINY), tmp_path / "deeper.pth")
     with pytest.raises(ExploraGeoError, match=r"blocks\.2\..* has no place"):
         load_source_weights(GroupChannelViT(**TINY), tmp_path / "deeper.pth")
-    # a missing LayerScale (DINOv2 model, MAE-style file) is an architecture mismatch too
-    with pytest.raises(ExploraGeoError, match=r"lacks blocks\.0\.ls1\.gamma"):
-        load_source_weights(GroupChannelViT(init_values=1e-5, **TINY), tmp_path / "missing.pth")
 
 
 @pytest.mark.parametrize("name", ["corrupt.pth", "corrupt.safetensors"])
@@ -452,3 +449,30 @@ def test_img_size_resamples_to_requested_grid(tmp_path: Path) -> None:
     gc = GroupChannelViT(init_values=1e-5, **TINY)
     load_source_weights(gc, tmp_path / "d.pth", img_size=64)
     assert gc.grid_size == (8, 8) and gc.pos_embed.shape == (1, 64, 24)
+
+
+def test_layer_scale_folded_or_set_to_one_exactly(tmp_path: Path) -> None:
+    """A LayerScale source into a model without it (and the reverse) computes the same function."""
+    src = _vit(img_size=70, patch_size=14, init_values=1e-5).eval()
+    with torch.no_grad():
+        for blk in src.blocks:
+            blk.ls1.gamma.uniform_(0.1, 2.0)
+            blk.ls2.gamma.uniform_(0.1, 2.0)
+    torch.save(dict(src.state_dict(), mask_token=torch.zeros(1, 32)), tmp_path / "ls.pth")
+    plain = create_backbone("vit_small_patch16_224", patch_size=14, img_size=70, **TINY).eval()
+    report = load_source_weights(plain, tmp_path / "ls.pth")
+    assert "blocks.0.ls1.gamma" not in plain.state_dict() and any("folded" in n for n in report.notes)
+    x = torch.randn(2, 3, 70, 70)
+    torch.testing.assert_close(plain(x), src(x), rtol=1e-4, atol=1e-5)
+    # group-channel ViT without LayerScale from a DINOv2 file (the CLI default pairing)
+    gc = timm.create_model("group_channel_vit_tiny_patch8_96", **TINY)
+    load_source_weights(gc, tmp_path / "ls.pth")
+    torch.testing.assert_close(gc.blocks[1].mlp.fc2.weight.data,
+                               src.blocks[1].ls2.gamma.data[:, None] * src.blocks[1].mlp.fc2.weight.data)
+
+    no_ls = _vit(img_size=70, patch_size=14).eval()
+    torch.save(no_ls.state_dict(), tmp_path / "plain.pth")
+    with_ls = create_backbone("vit_small_patch14_dinov2", img_size=70, init_values=1e-5, **TINY).eval()
+    report = load_source_weights(with_ls, tmp_path / "plain.pth")
+    assert torch.equal(with_ls.blocks[0].ls1.gamma.data, torch.ones(32)) and "blocks.0.ls2.gamma" in report.loaded_keys
+    torch.testing.assert_close(with_ls(x), no_ls(x))
