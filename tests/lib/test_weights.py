@@ -474,5 +474,6 @@ def test_layer_scale_folded_or_set_to_one_exactly(tmp_path: Path) -> None:
     torch.save(no_ls.state_dict(), tmp_path / "plain.pth")
     with_ls = create_backbone("vit_small_patch14_dinov2", img_size=70, init_values=1e-5, **TINY).eval()
     report = load_source_weights(with_ls, tmp_path / "plain.pth")
-    assert torch.equal(with_ls.blocks[0].ls1.gamma.data, torch.ones(32)) and "blocks.0.ls2.gamma" in report.loaded_keys
+    assert torch.equal(with_ls.blocks[0].ls1.gamma.data, torch.ones(32))
+    assert "blocks.0.ls2.gamma" in report.loaded_keys
     torch.testing.assert_close(with_ls(x), no_ls(x))
