@@ -219,18 +219,20 @@ def export_onnx(
     if out.suffix != ".onnx":
         raise ExploraGeoError(f"output {out} must end in .onnx; pass e.g. --out model.onnx.")
     backbone, sidecar = load_backbone(checkpoint, num_classes=0)
+    for key in ("gsd_m", "normalization"):
+        if sidecar.get(key) is None:
+            raise ExploraGeoError(f"backbone {checkpoint} has no '{key}' in its sidecar; the QGIS plugin needs "
+                                  "it: set it in the backbone's .json (see docs/architecture.md) and re-export.")
     spec = head if isinstance(head, HeadSpec) or head is None else load_head_spec(head, class_colors)
     if spec is not None and class_colors:
         spec.class_colors = list(class_colors)
-    module = OnnxBundle(backbone.eval(), spec).eval()
-    size = int(sidecar["img_size"])
-    example = torch.zeros(2, len(sidecar["bands"]), size, size)
-    with torch.no_grad():
-        first = module(example)
-    embedding_dim = int((first[0] if isinstance(first, tuple) else first).shape[-1])
+    embedding_dim = int(getattr(backbone, "num_features", sidecar["embed_dim"]))
     if spec is not None and spec.linear.in_features != _head_inputs(spec, embedding_dim):
         raise ExploraGeoError(f"head expects {spec.linear.in_features} features but the backbone gives "
                               f"{_head_inputs(spec, embedding_dim)}; pass the head trained on this backbone.")
+    module = OnnxBundle(backbone.eval(), spec).eval()
+    size = int(sidecar["img_size"])
+    example = torch.zeros(2, len(sidecar["bands"]), size, size)
     meta = bundle_metadata(sidecar, spec, embedding_dim)
     outputs = meta["outputs"]
     json_path = out.with_suffix(".json")
