@@ -20,7 +20,7 @@ from typing import Any
 _EXPORTS = {
     "Catalog": "catalog", "Source": "catalog", "build_catalog": "catalog", "find_rasters": "catalog",
     "MosaicDataset": "datasets", "BandFilesDataset": "datasets", "open_dataset": "datasets",
-    "PatchDataset": "sampling", "WindowSampler": "sampling", "load_roi": "sampling",
+    "PatchDataset": "sampling", "WindowSampler": "sampling", "load_roi": "sampling", "roi_polygon": "sampling",
     "PatchReader": "fast", "valid_mask": "nodata", "fill_nodata": "nodata",
     "compute_stats": "stats", "save_stats": "stats", "load_stats": "stats", "normalization_from_stats": "stats",
     "PretrainDataModule": "datamodule", "embedded_sample_dir": "sample",

@@ -28,7 +28,7 @@ from explora_geo.data.nodata import fill_nodata, nodata_fraction, valid_mask
 from explora_geo.errors import ExploraGeoError
 from explora_geo.normalization import Normalization
 
-__all__ = ["Window", "WindowSampler", "PatchDataset", "EpochSampler", "load_roi"]
+__all__ = ["Window", "WindowSampler", "PatchDataset", "EpochSampler", "load_roi", "roi_polygon"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,12 @@ def load_roi(path: str | os.PathLike[str]) -> Any:
     if frame.empty or frame.crs is None:
         raise ExploraGeoError(f"region of interest {path} is empty or has no CRS; give it polygons and a CRS.")
     return gpd.GeoSeries([frame.geometry.union_all()], crs=frame.crs)
+
+
+def roi_polygon(path: str | os.PathLike[str], crs: Any) -> Any:
+    """The region of interest of a vector file as a shapely geometry in ``crs`` (e.g. a torchgeo dataset's
+    ``ds.crs``), ready for the ``roi=`` of torchgeo's ``RandomPatchSampler`` / ``GriddedPatchSampler``."""
+    return load_roi(path).to_crs(crs).iloc[0]
 
 
 class WindowSampler:
@@ -270,6 +276,9 @@ class PatchDataset(Dataset[dict[str, Any]]):
         """Release this process's file handles (before forking workers, for instance)."""
         if self._reader is not None:
             self._reader.close()
+        if self._dataset is not None:
+            # torchgeo caches open handles in a process-wide lru_cache; drop them so no fork inherits one
+            type(self._dataset)._cached_load_warp_file.cache_clear()
         self._dataset = None
 
     def __getstate__(self) -> dict[str, Any]:

@@ -1,0 +1,51 @@
+"""Our datasets inside plain torchgeo code: samplers, stack_samples, ROI, union with another dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import geopandas as gpd
+import shapely
+import torch
+from test_data_nodata import smooth, write_tif
+from torch.utils.data import DataLoader
+from torchgeo.datasets import UnionDataset, stack_samples
+from torchgeo.samplers import GriddedPatchSampler, RandomPatchSampler
+
+from explora_geo.data import MosaicDataset, roi_polygon
+
+BANDS = ["B02", "B03", "B04", "B08"]
+
+
+def _mosaic(folder: Path, crs: str = "EPSG:32633") -> Path:
+    write_tif(folder / "a.tif", smooth((4, 96, 128), 1), descriptions=BANDS, crs=crs)
+    write_tif(folder / "b.tif", smooth((4, 96, 128), 2), descriptions=BANDS, crs=crs, origin=(301280.0, 5800000.0))
+    return folder
+
+
+def test_random_and_gridded_samplers_with_stack_samples(tmp_path: Path) -> None:
+    ds = MosaicDataset(_mosaic(tmp_path / "m"), bands=["B08", "B04"])
+    random = RandomPatchSampler(ds, size=32, length=6, generator=0)
+    batch = next(iter(DataLoader(ds, sampler=random, batch_size=6, collate_fn=stack_samples)))
+    assert batch["image"].shape == (6, 2, 32, 32) and batch["image"].dtype == torch.float32
+    grid = list(GriddedPatchSampler(ds, size=32, stride=32))
+    assert len(grid) == 3 * 8  # 96 rows x 256 cols of 10 m pixels
+    first = ds[grid[0]]["image"]
+    assert first.shape == (2, 32, 32) and first.min() > 0
+
+
+def test_roi_polygon_restricts_torchgeo_samplers(tmp_path: Path) -> None:
+    ds = MosaicDataset(_mosaic(tmp_path / "m"), bands=BANDS)
+    box = shapely.box(300000.0, 5799040.0, 300640.0, 5800000.0)  # the west 64 x 96 px of a.tif
+    gpd.GeoDataFrame(geometry=[box], crs="EPSG:32633").to_crs("EPSG:4326").to_file(tmp_path / "roi.gpkg")
+    roi = roi_polygon(tmp_path / "roi.gpkg", ds.crs)
+    assert roi.area > 0.99 * box.area
+    for x, y in RandomPatchSampler(ds, size=16, length=20, roi=roi, generator=1):
+        assert 299990 <= x.start and x.stop <= 300650
+
+
+def test_union_with_another_dataset(tmp_path: Path) -> None:
+    east = MosaicDataset(_mosaic(tmp_path / "e"), bands=BANDS)
+    far = MosaicDataset(_mosaic(tmp_path / "f", crs="EPSG:32632"), bands=BANDS)
+    union = UnionDataset(east, far)
+    assert union.crs == east.crs and len(union) == 4
