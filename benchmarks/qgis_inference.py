@@ -1,0 +1,152 @@
+"""Overhead of the QGIS classify algorithm over bare ONNX Runtime forward passes.
+
+Run in the QGIS environment (Debian python3 + QGIS, numpy, onnxruntime; no torch):
+
+    QT_QPA_PLATFORM=offscreen .venv-qgis/bin/python benchmarks/qgis_inference.py [--quick] [--model M.onnx]
+
+It writes a 13-band uint16 GeoTIFF of 4096 x 4096 px (2048 x 2048 with ``--quick``) at 10 m, built by
+tiling the real T33UUU scene from ../shared/data when present (random values otherwise), then times
+
+- ``end_to_end``: the whole ``explora_geo:classify`` algorithm through ``processing.run`` (model loading,
+  reading through the data provider, scaling, batching, inference, GeoPackage grid and rasters written);
+- ``forward``: ``InferenceSession.run`` alone on the same number of tiles and the same batch size, with the
+  batches already in memory.
+
+Without ``--model`` it builds the tiny test model (``tests/plugin/make_tiny_bundle.py``) with the library's
+``.venv`` and exports it with ``explora-geo export``. The last line is ``overhead_ratio=<end_to_end/forward>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SCENE = REPO.parent / "shared" / "data" / "sentinel2_l1c_T33UUU" / "IMG_DATA"
+S2_FILE_ORDER = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"]
+
+
+def make_raster(path: Path, size: int) -> Path:
+    """A 13-band ``size`` x ``size`` uint16 GeoTIFF (EPSG:32633, 10 m) with band descriptions."""
+    from osgeo import gdal, osr
+
+    gdal.UseExceptions()
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), size, size, 13, gdal.GDT_UInt16,
+                                              ["TILED=YES", "BLOCKXSIZE=512", "BLOCKYSIZE=512"])
+    ds.SetGeoTransform((330000.0, 10.0, 0.0, 5822040.0, 0.0, -10.0))
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    ds.SetProjection(srs.ExportToWkt())
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(S2_FILE_ORDER, start=1):
+        files = sorted(SCENE.glob(f"*_{name}.jp2")) if SCENE.is_dir() else []
+        if files:
+            src = gdal.Warp("", str(files[0]), format="MEM", xRes=10, yRes=10, resampleAlg="near")
+            block = src.ReadAsArray()
+            src = None
+            reps = (-(-size // block.shape[0]), -(-size // block.shape[1]))
+            values = np.tile(block, reps)[:size, :size]
+        else:
+            values = rng.integers(500, 4000, size=(size, size), dtype=np.uint16)
+        band = ds.GetRasterBand(i)
+        band.SetDescription(name)
+        band.WriteArray(values)
+    ds = None
+    return path
+
+
+def export_tiny_model(out_dir: Path) -> Path:
+    """The tiny test model, exported by the real ``explora-geo export`` of the library environment."""
+    lib_python, cli = REPO / ".venv" / "bin" / "python", REPO / ".venv" / "bin" / "explora-geo"
+    subprocess.run([str(lib_python), str(REPO / "tests" / "plugin" / "make_tiny_bundle.py"), str(out_dir)],  # noqa: S603
+                   check=True, capture_output=True)
+    model = out_dir / "classifier.onnx"
+    subprocess.run([str(cli), "export", "--checkpoint", str(out_dir / "backbone.safetensors"), "--out",  # noqa: S603
+                    str(model), "--head", str(out_dir / "head.safetensors")], check=True, capture_output=True)
+    return model
+
+
+def time_forward(model_path: Path, n_tiles: int, batch: int) -> float:
+    """Seconds of bare ``session.run`` over ``n_tiles`` tiles in batches of ``batch`` (data in memory)."""
+    sys.path.insert(0, str(REPO / "qgis_plugin"))
+    from explora_geo_qgis.core.model import OnnxModel
+
+    model = OnnxModel(model_path)
+    info = model.info
+    x = np.random.default_rng(1).random((batch, len(info.bands), info.tile_size, info.tile_size), np.float32)
+    model.run(x[:2])  # warm-up, as the plugin's first batch also pays it
+    start = time.perf_counter()
+    done = 0
+    while done < n_tiles:
+        n = min(batch, n_tiles - done)
+        model.session.run(["probabilities"], {model.input_name: x[:n]})
+        done += n
+    return time.perf_counter() - start
+
+
+def time_classify(raster: Path, model_path: Path, out_dir: Path, batch: int) -> tuple[float, dict]:
+    """Seconds of the whole ``explora_geo:classify`` algorithm, and its results."""
+    import processing
+    from qgis.core import QgsProcessingContext, QgsProcessingFeedback, QgsRasterLayer
+
+    layer = QgsRasterLayer(str(raster), "bench")
+    params = {"INPUT": layer, "MODEL": str(model_path), "BATCH_SIZE": batch,
+              "OUTPUT_GRID": str(out_dir / "grid.gpkg"), "OUTPUT_CLASSES": str(out_dir / "classes.tif"),
+              "OUTPUT_PROBABILITY": str(out_dir / "probability.tif")}
+    start = time.perf_counter()
+    result = processing.run("explora_geo:classify", params, context=QgsProcessingContext(),
+                            feedback=QgsProcessingFeedback())
+    seconds = time.perf_counter() - start
+    del layer
+    return seconds, result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2048 x 2048 px instead of 4096 x 4096")
+    parser.add_argument("--model", type=Path, default=None, help="an exported classifier (.onnx)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    from qgis.core import QgsApplication
+
+    app = QgsApplication([], False)
+    app.setPrefixPath("/usr", True)
+    app.initQgis()
+    sys.path.append("/usr/share/qgis/python/plugins")
+    sys.path.insert(0, str(REPO / "qgis_plugin"))
+    from processing.core.Processing import Processing
+
+    Processing.initialize()
+    from explora_geo_qgis import classFactory
+
+    plugin = classFactory(None)
+    plugin.initProcessing()
+    size = 2048 if args.quick else 4096
+    with tempfile.TemporaryDirectory(prefix="explora-bench-") as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        raster = make_raster(work / "scene.tif", size)
+        model = args.model or export_tiny_model(work)
+        print(f"prepared {size} x {size} px x 13 bands and the model in {time.perf_counter() - t0:.1f} s")
+        end_to_end, result = time_classify(raster, model, work, args.batch_size)
+        n_tiles = int(result["TILES_RUN"])
+        forward = time_forward(model, n_tiles, args.batch_size)
+        print(f"tiles={n_tiles} batch={args.batch_size} provider={result['EXECUTION_PROVIDER']}")
+        print(f"end_to_end_s={end_to_end:.2f} forward_s={forward:.2f} "
+              f"tiles_per_s={n_tiles / end_to_end:.1f} forward_tiles_per_s={n_tiles / forward:.1f}")
+    plugin.unload()
+    app.exitQgis()
+    print(f"overhead_ratio={end_to_end / forward:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
