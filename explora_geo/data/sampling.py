@@ -89,8 +89,10 @@ class WindowSampler:
         self.shapes = [(s.width, s.height) for s in sources]
         weights = []
         for source in sources:
-            half = size / 2
-            region = shapely.box(half, half, source.width - half, source.height - half)
+            # allowed patch centres, widened by half a pixel so that a unit exactly one patch wide keeps
+            # one position: the area is the number of top-left positions (W - size + 1) x (H - size + 1)
+            lo = size / 2 - 0.5
+            region = shapely.box(lo, lo, source.width - lo, source.height - lo)
             if source.width < size or source.height < size:
                 region = shapely.Polygon()
             elif roi is not None:

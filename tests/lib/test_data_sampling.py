@@ -165,3 +165,17 @@ def test_lightning_sets_epochs_and_checkpoints_the_position(plain: Path, tmp_pat
     trainer.fit(Probe(), datamodule=dm)
     assert seen == [(e, i) for e in range(2) for i in range(8)]
     assert dm.state_dict()["epoch"] == 1 and dm.state_dict()["next_index"] == 8
+
+
+def test_chips_exactly_one_patch_wide_are_sampled(tmp_path: Path) -> None:
+    for k in range(3):
+        write_tif(tmp_path / "chips" / f"c{k}.tif", smooth((3, 32, 32), k), descriptions=BANDS,
+                  origin=(300000.0 + 1000 * k, 5800000.0))
+    out = _epoch(_dm(tmp_path / "chips", samples_per_epoch=30))
+    assert set(out["source"].tolist()) == {0, 1, 2}
+    import rasterio
+
+    with rasterio.open(tmp_path / "chips" / "c1.tif") as src:
+        whole = torch.from_numpy(src.read().astype(np.float32))
+    k = int(torch.nonzero(out["source"] == 1)[0])
+    torch.testing.assert_close(out["image"][k], whole)
