@@ -273,13 +273,22 @@ class GroupChannelViT(nn.Module):
         device = self.cls_token.device
         self.head = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
 
-    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
-        """Change the nominal input size, resampling the learnable position grid (bicubic)."""
+    def set_input_size(
+        self, img_size: int | tuple[int, int] | None = None, patch_size: int | tuple[int, int] | None = None
+    ) -> None:
+        """Change the nominal input size (px) and/or patch size (px), as timm's ViT does.
+
+        The learnable position grid is resampled (bicubic) to the new grid; a new patch size resamples every
+        group's kernels with timm's ``resample_patch_embed``.
+        """
         old = self.grid_size
         for embed in self.patch_embeds:
-            embed.set_input_size(img_size=img_size)
+            embed.set_input_size(img_size=img_size, patch_size=patch_size)
         self.img_size = tuple(self.patch_embeds[0].img_size)  # type: ignore[assignment]
+        self.patch_size = tuple(self.patch_embeds[0].patch_size)  # type: ignore[assignment]
         self.grid_size = tuple(self.patch_embeds[0].grid_size)  # type: ignore[assignment]
+        for info in self.feature_info:
+            info["reduction"] = self.patch_size[0]
         if self.grid_size != old:
             new = resample_abs_pos_embed(self.pos_embed.data, self.grid_size, old, num_prefix_tokens=0)
             self.pos_embed = nn.Parameter(new, requires_grad=self.pos_embed.requires_grad)

@@ -91,6 +91,15 @@ class LoadReport:
     meta: dict[str, Any] = field(default_factory=dict)
     random: bool = False
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (``extra`` as ``{name: shape}``) for run summaries."""
+        return {
+            "source": self.source, "random": self.random, "loaded_keys": list(self.loaded_keys),
+            "new_keys": list(self.new_keys), "resampled_keys": list(self.resampled_keys),
+            "ignored_keys": list(self.ignored_keys), "extra": {k: list(v.shape) for k, v in self.extra.items()},
+            "notes": list(self.notes), "meta": _jsonable(self.meta),
+        }
+
     def summary(self) -> str:
         """One short paragraph for logs and the CLI."""
         if self.random:
@@ -110,6 +119,17 @@ class LoadReport:
         if self.notes:
             text += " " + " ".join(n.rstrip(".") + "." for n in self.notes)
         return text
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with tuples as lists and anything JSON cannot hold as its ``str``."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
 
 
 def _abbrev(keys: Sequence[str], n: int = 4) -> str:

@@ -118,6 +118,10 @@ def test_set_input_size_resamples_pos_embed() -> None:
     m.set_input_size(128)
     assert m.grid_size == (16, 16) and m.pos_embed.shape == (1, 256, 24)
     assert m.forward_features(torch.randn(1, 10, 128, 128)).shape == (1, 1 + 3 * 256, 32)
+    m.set_input_size(patch_size=16)
+    assert m.patch_size == (16, 16) and m.grid_size == (8, 8) and m.pos_embed.shape == (1, 64, 24)
+    assert m.patch_embeds[2].proj.weight.shape == (32, 2, 16, 16)
+    assert m.forward_features(torch.randn(1, 10, 128, 128)).shape == (1, 1 + 3 * 64, 32)
 
 
 def test_forward_intermediates(model: GroupChannelViT) -> None:

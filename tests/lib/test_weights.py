@@ -77,6 +77,8 @@ def test_dinov2_official_pos_embed_resampled_like_bicubic_interpolate(tmp_path: 
     assert set(report.extra) == {"mask_token"} and torch.equal(report.extra["mask_token"], sd["mask_token"])
     assert report.new_keys == [] and not report.random
     assert "mask_token" in report.summary() and "Loaded" in report.summary()
+    as_json = json.loads(json.dumps(report.to_dict()))
+    assert as_json["extra"] == {"mask_token": [1, 32]} and as_json["meta"] == {}
 
 
 def test_dinov2_same_geometry_gives_source_outputs(tmp_path: Path) -> None:
