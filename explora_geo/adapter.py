@@ -33,7 +33,6 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from explora_geo.errors import ExploraGeoError
@@ -197,6 +196,58 @@ def resolve_unfreeze(spec: str | Sequence[int], depth: int | None) -> tuple[int,
 # LoRA on row segments of a Linear layer
 # --------------------------------------------------------------------------------------------------------
 
+class _RowLoRAFunction(torch.autograd.Function):
+    """``y = x W^T + b`` plus ``scale * (x_l A_s^T) B_s^T`` added to the rows of each segment ``s``.
+
+    A hand-written backward keeps the cost at the minimum: no merged weight, no copy of the ``[N, out]``
+    output for in-place slices, no weight gradient for the frozen ``W``. Saved for backward: ``x`` (only if
+    ``W`` trains), ``x_l`` (the LoRA input, ``[N, in]``) and ``h = scale * x_l A^T`` (``[N, r * S]``).
+    Shapes: ``x``, ``x_l``: ``[..., in]``; ``A``: ``[r * S, in]`` (the segments' ``A_s`` stacked);
+    ``B_s``: ``[stop_s - start_s, r]``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, lora_x: torch.Tensor, same_input: bool, weight: torch.Tensor,
+                bias: torch.Tensor | None, a: torch.Tensor, scale: float,
+                segments: tuple[tuple[int, int], ...], *bs: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+        lx2 = x2 if same_input else lora_x.reshape(-1, lora_x.shape[-1])
+        h = (lx2 @ a.t()).mul_(scale)  # autocast may make out and h lower precision than the parameters
+        rank = a.shape[0] // len(segments)
+        for i, ((start, stop), b) in enumerate(zip(segments, bs, strict=True)):
+            out[:, start:stop].addmm_(h[:, i * rank:(i + 1) * rank].to(out.dtype), b.t().to(out.dtype))
+        device = x.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.same_input, ctx.scale, ctx.segments, ctx.rank = same_input, scale, segments, rank
+        ctx.in_shape, ctx.has_bias = x.shape, bias is not None
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[3] else None, lx2, weight, a, h, *bs)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x2, lx2, weight, a, h, *bs = ctx.saved_tensors
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):  # same precision as the forward
+            g = grad.reshape(-1, grad.shape[-1])
+            r = ctx.rank
+            g_segs = [g[:, start:stop] for start, stop in ctx.segments]
+            grad_bs = [gs.t() @ h[:, i * r:(i + 1) * r] for i, gs in enumerate(g_segs)]
+            grad_h = torch.cat([gs @ b for gs, b in zip(g_segs, bs, strict=True)], dim=1).mul_(ctx.scale)
+            grad_a = grad_h.t() @ lx2 if ctx.needs_input_grad[5] else None
+            grad_x = grad_lx = None
+            if ctx.needs_input_grad[0]:
+                grad_x = g @ weight
+                if ctx.same_input:
+                    grad_x.addmm_(grad_h.to(grad_x.dtype), a.to(grad_x.dtype))
+                grad_x = grad_x.reshape(ctx.in_shape)
+            if ctx.needs_input_grad[1] and not ctx.same_input:
+                grad_lx = (grad_h @ a).reshape(ctx.in_shape)
+            grad_w = g.t() @ x2 if ctx.needs_input_grad[3] else None
+            grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        return (grad_x, grad_lx, None, grad_w, grad_bias, grad_a, None, None, *grad_bs)
+
+
 class LoRALinear(nn.Linear):
     """A frozen ``nn.Linear`` plus low-rank updates on chosen row segments of its output.
 
@@ -207,8 +258,9 @@ class LoRALinear(nn.Linear):
     are ``...qkv.lora_A.<seg>`` and ``...qkv.lora_B.<seg>``.
 
     Cost: one ``[N, in] x [in, r * S]`` matmul for all S segments together, then one thin
-    ``[N, r] x [r, stop-start]`` matmul per segment added in place; the merged weight is never materialised.
-    Only ``A`` and ``B`` receive gradients; the frozen weight needs no weight gradient. The update is never
+    ``[N, r] x [r, stop-start]`` matmul per segment accumulated into the output rows, in a fused autograd
+    function with a hand-written backward (:class:`_RowLoRAFunction`): the merged weight is never
+    materialised and the frozen weight gets no weight gradient. The update is never
     merged implicitly (``.eval()`` changes nothing): merge with :meth:`merged_weight` / :func:`merge_explora`.
 
     Args:
@@ -251,14 +303,11 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[..., in_features]`` -> ``[..., out_features]``."""
-        out = F.linear(x, self.weight, self.bias)
         names = list(self.segments)
         a = self.lora_A[names[0]] if len(names) == 1 else torch.cat([self.lora_A[n] for n in names])
-        h = F.linear(self.lora_dropout(x), a) * self.scale  # [..., r * S]
-        for i, name in enumerate(names):
-            start, stop = self.segments[name]
-            out[..., start:stop].add_(F.linear(h[..., i * self.rank:(i + 1) * self.rank], self.lora_B[name]))
-        return out
+        lora_x = self.lora_dropout(x)
+        return _RowLoRAFunction.apply(x, lora_x, lora_x is x, self.weight, self.bias, a, self.scale,
+                                      tuple(self.segments.values()), *(self.lora_B[n] for n in names))
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

@@ -1,0 +1,203 @@
+"""Train-step cost of ExPLoRA versus full fine-tuning of the same ViT (issue 5's benchmark).
+
+Both configurations run the same training step on the same model and data: ``forward_features`` on a batch
+of random images, a mean-squared-error regression loss toward a fixed random target of the token features
+(the SSL heads/decoders are left out: they cost the same in both and are not part of the adapter), backward,
+``AdamW.step()`` (the fused kernel, on CPU and CUDA alike)
+and ``zero_grad(set_to_none=True)``.
+
+- ExPLoRA: the paper's D-[L]-r64 parameterisation (last block unfrozen, LoRA r=64 on the Q and V rows of
+  every other block's fused qkv, all norms, cls token), built with ``explora_geo.adapter.apply_explora``.
+- full: every parameter trains.
+
+CPU (default): ViT-B/16 at 224 px, batch 8. Each configuration runs in its own subprocess, ``--rounds``
+times, alternating (ExPLoRA, full, ExPLoRA, full, ...) so that background load hits both alike; the reported
+step time of a configuration is the lowest of its rounds' medians (after warm-up steps). Memory is the peak
+resident set size during training minus the RSS once the model, optimizer, batch and target exist (the peak
+is reset with ``/proc/self/clear_refs`` at that point). Optimizer state is the bytes of the tensors in
+``optimizer.state``.
+
+``--gpu``: ViT-L/16 at 224 px in bf16 autocast on CUDA, images/s and peak allocated GPU memory (minus the
+memory of the loaded model); refuses to run without a GPU.
+
+The last line is ``time_ratio=<x> mem_ratio=<y> optimizer_state_ratio=<z>`` (ExPLoRA / full).
+Targets: time <= 0.75, memory <= 0.7, optimizer state <= 0.12.
+
+Usage: ``python benchmarks/train_step.py [--quick] [--gpu] [--rounds N] [--steps N] [--warmup N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+MODES = ("explora", "full")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (ViT-Ti at 64 px, batch 2, 2 steps)")
+    parser.add_argument("--gpu", action="store_true", help="CUDA, bf16 autocast, ViT-L/16 (needs a GPU)")
+    parser.add_argument("--model", default=None, help="timm name (default: vit_base_patch16_224; ViT-L on GPU)")
+    parser.add_argument("--img-size", type=int, default=None, help="input size in px (default 224)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default 8 on CPU, 64 on GPU)")
+    parser.add_argument("--steps", type=int, default=None, help="measured steps per run (default 5)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per run (default 2)")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating runs per configuration (default 2)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice, one per core)")
+    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    quick = {"model": "vit_tiny_patch16_224", "img_size": 64, "batch": 2, "steps": 2, "warmup": 1, "rounds": 1}
+    gpu = {"model": "vit_large_patch16_224", "img_size": 224, "batch": 64, "steps": 10, "warmup": 3, "rounds": 1}
+    cpu = {"model": "vit_base_patch16_224", "img_size": 224, "batch": 8, "steps": 5, "warmup": 2, "rounds": 2}
+    defaults = quick if args.quick else gpu if args.gpu else cpu
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+# --------------------------------------------------------------------------------------------------------
+# Worker: one configuration in this process
+# --------------------------------------------------------------------------------------------------------
+
+def _rss_bytes(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process in bytes (Linux)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS."""
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+
+
+def build(mode: str, args: argparse.Namespace, device: str) -> Any:
+    """The model of ``mode`` on ``device`` (random init: no download)."""
+    import timm
+    import torch
+
+    from explora_geo.adapter import ExploraConfig, apply_explora
+
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=False, num_classes=0, img_size=args.img_size)
+    if mode == "explora":
+        apply_explora(model, ExploraConfig(unfreeze="L", rank=64, targets=("q", "v")))
+    return model.to(device).train()
+
+
+def worker(mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``warmup + steps`` training steps of ``mode``; return timings and memory."""
+    import torch
+
+    device = "cuda" if args.gpu else "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA device; none is available here (run without --gpu on CPU).")
+    model = build(mode, args, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, fused=True)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=gen).to(device)
+    with torch.no_grad():
+        tokens = model.forward_features(x[:1]).shape[1:]
+    target = torch.randn(args.batch, *tokens, generator=gen).to(device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.gpu)
+
+    def step() -> None:
+        with autocast:
+            out = model.forward_features(x)
+        loss = torch.nn.functional.mse_loss(out.float(), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _rss_bytes("VmRSS")
+        _reset_peak_rss()
+    times = []
+    for _ in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_bytes("VmHWM")
+    state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                      if torch.is_tensor(t) and t.dim() > 0)
+    step_s = statistics.median(times[args.warmup:])
+    return {
+        "mode": mode, "device": device, "model": args.model, "batch": args.batch, "img_size": args.img_size,
+        "trainable_params": sum(p.numel() for p in params),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "step_s": step_s, "images_per_s": args.batch / step_s, "times_s": [round(t, 4) for t in times],
+        "train_mem_bytes": peak - base, "optimizer_state_bytes": state_bytes,
+        "threads": torch.get_num_threads(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------------
+
+def run_worker(mode: str, argv: list[str]) -> dict[str, Any]:
+    """Run one configuration in a fresh interpreter and parse its JSON result line."""
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--worker", mode],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"worker {mode} failed with status {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args)))
+        return
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu needs a CUDA device; none is available here (run without --gpu on CPU).")
+    results: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+    for r in range(args.rounds):
+        for mode in MODES:
+            res = run_worker(mode, argv)
+            results[mode].append(res)
+            print(f"round {r + 1} {mode:>7}: step {res['step_s']:.3f} s ({res['images_per_s']:.1f} img/s), "
+                  f"train mem {res['train_mem_bytes'] / 2**20:.0f} MiB, optimizer state "
+                  f"{res['optimizer_state_bytes'] / 2**20:.1f} MiB, trainable {res['trainable_params']:,}, "
+                  f"steps {res['times_s']}", flush=True)
+    best = {m: min(rs, key=lambda r: r["step_s"]) for m, rs in results.items()}
+    mem = {m: min(r["train_mem_bytes"] for r in rs) for m, rs in results.items()}
+    e, f = best["explora"], best["full"]
+    unit = "GPU peak allocated" if args.gpu else "peak RSS"
+    print(f"{args.model} {args.img_size}px batch {args.batch} on {e['device']} ({e['threads']} threads): "
+          f"ExPLoRA {e['images_per_s']:.2f} img/s vs full {f['images_per_s']:.2f} img/s; training memory "
+          f"({unit} minus model) {mem['explora'] / 2**20:.0f} vs {mem['full'] / 2**20:.0f} MiB")
+    print(f"time_ratio={e['step_s'] / f['step_s']:.3f} mem_ratio={mem['explora'] / mem['full']:.3f} "
+          f"optimizer_state_ratio={e['optimizer_state_bytes'] / f['optimizer_state_bytes']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
