@@ -19,7 +19,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -40,6 +40,10 @@ __all__ = [
     "stratified_split",
     "vector_labels_to_chips",
     "mosaic_bands",
+    "mosaic_grid",
+    "read_chip",
+    "read_window",
+    "write_geotiff",
 ]
 
 #: Band order of the EuroSAT-MS GeoTIFFs (B8A is LAST, after B12).
@@ -234,21 +238,27 @@ class ChipDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        import rasterio
-
         k = int(self.indices[i])
         path = self.index.paths[k]
-        idx = self._band_idx(path)
-        with rasterio.open(path) as src:
-            data = src.read([j + 1 for j in idx]).astype(np.float32)
-        image = torch.from_numpy(data)
-        if self.normalization is not None:
-            image = self.normalization(image)
-        if self.img_size is not None and tuple(image.shape[-2:]) != (self.img_size, self.img_size):
-            image = torch.nn.functional.interpolate(
-                image[None], size=(self.img_size, self.img_size), mode="bilinear", align_corners=False
-            )[0]
-        return {"image": image.float(), "label": torch.tensor(self.index.labels[k], dtype=torch.long)}
+        image = read_chip(path, self._band_idx(path), self.normalization, self.img_size)
+        return {"image": image, "label": torch.tensor(self.index.labels[k], dtype=torch.long)}
+
+
+def read_chip(path: str | os.PathLike[str], band_idx: Sequence[int], normalization: Normalization | None = None,
+              img_size: int | None = None) -> torch.Tensor:
+    """Bands ``band_idx`` (0-based) of a chip as float32 ``[C, H, W]``, scaled by ``normalization`` and resized
+    (bilinear) to ``img_size`` x ``img_size`` when given."""
+    import rasterio
+
+    with rasterio.open(path) as src:
+        data = src.read([j + 1 for j in band_idx]).astype(np.float32)
+    image = torch.from_numpy(data)
+    if normalization is not None:
+        image = normalization(image)
+    if img_size is not None and tuple(image.shape[-2:]) != (img_size, img_size):
+        image = torch.nn.functional.interpolate(image[None], size=(img_size, img_size), mode="bilinear",
+                                                align_corners=False)[0]
+    return image.float()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -287,6 +297,70 @@ def mosaic_bands(
         raise ExploraGeoError(f"raster {path} does not exist; pass a GeoTIFF mosaic or a folder of band files.")
     names = resolve_file_bands(file_bands, path)
     return {canonical_band_name(n): (path, i + 1) for i, n in enumerate(names)}
+
+
+class MosaicGrid(NamedTuple):
+    """Common CRS, output resolution (CRS units per pixel) and extent ``(left, bottom, right, top)`` of the
+    bands of a mosaic."""
+
+    crs: Any
+    res: float
+    bounds: tuple[float, float, float, float]
+
+
+def mosaic_grid(layout: Mapping[str, tuple[Path, int]], names: Sequence[str], res: float | None = None) -> MosaicGrid:
+    """The CRS, resolution (default: the finest band's) and the extent every band in ``names`` covers.
+
+    Raises:
+        ExploraGeoError: bands in different CRSs.
+    """
+    import rasterio
+
+    boxes = {}
+    crs = None
+    for name in names:
+        with rasterio.open(layout[name][0]) as src:
+            crs = src.crs if crs is None else crs
+            if src.crs != crs:
+                raise ExploraGeoError(f"band {name} ({layout[name][0]}) is in {src.crs}, not {crs} like band "
+                                      f"{names[0]}; reproject the mosaic to one CRS first.")
+            boxes[name] = (src.bounds, abs(src.transform.a))
+    bounds = (max(b.left for b, _ in boxes.values()), max(b.bottom for b, _ in boxes.values()),
+              min(b.right for b, _ in boxes.values()), min(b.top for b, _ in boxes.values()))
+    return MosaicGrid(crs, float(res) if res is not None else min(r for _, r in boxes.values()), bounds)
+
+
+def read_window(handles: Mapping[str, Any], layout: Mapping[str, tuple[Path, int]], names: Sequence[str],
+                x0: float, y1: float, size: int, res: float) -> np.ndarray:
+    """``[C, size, size]`` pixels of bands ``names`` over the square with top-left corner ``(x0, y1)`` (CRS
+    units) at resolution ``res``; coarser bands are resampled bilinearly. ``handles``: open datasets."""
+    from rasterio.enums import Resampling
+    from rasterio.windows import from_bounds
+
+    span = size * res
+    return np.stack([
+        handles[n].read(layout[n][1], out_shape=(size, size), resampling=Resampling.bilinear,
+                        window=from_bounds(x0, y1 - span, x0 + span, y1, transform=handles[n].transform))
+        for n in names
+    ])
+
+
+def write_geotiff(path: Path, data: np.ndarray, crs: Any, x0: float, y1: float, res: float,
+                  names: Sequence[str] | None = None) -> Path:
+    """Write ``data`` ``[C, H, W]`` as a GeoTIFF with top-left ``(x0, y1)``, atomically (temp name, rename)."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    profile = dict(driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
+                   dtype=data.dtype, crs=crs, transform=from_origin(x0, y1, res, res))
+    with rasterio.open(tmp, "w", **profile) as dst:
+        dst.write(data)
+        if names is not None:
+            dst.descriptions = tuple(names)
+    os.replace(tmp, path)
+    return path
 
 
 def _read_vector(vector: str | os.PathLike[str], class_column: str, layer: str | None) -> Any:
@@ -357,9 +431,6 @@ def vector_labels_to_chips(
             fewer than two classes; a requested band missing from the mosaic.
     """
     import rasterio
-    from rasterio.enums import Resampling
-    from rasterio.transform import from_origin
-    from rasterio.windows import from_bounds
 
     if chip_size < 1:
         raise ExploraGeoError(f"chip size {chip_size} must be a positive number of pixels.")
@@ -367,21 +438,7 @@ def vector_labels_to_chips(
     layout = mosaic_bands(raster, file_bands)
     names = list(layout) if bands is None else [list(layout)[i] for i in select_bands(list(layout), bands,
                                                                                        source=str(raster))]
-    with rasterio.open(layout[names[0]][0]) as ref:
-        crs = ref.crs
-    boxes = {}
-    for name in names:
-        with rasterio.open(layout[name][0]) as src:
-            if src.crs != crs:
-                raise ExploraGeoError(f"band {name} ({layout[name][0]}) is in {src.crs}, not {crs} like band "
-                                      f"{names[0]}; reproject the mosaic to one CRS first.")
-            boxes[name] = (src.bounds, abs(src.transform.a))
-    res = float(res) if res is not None else min(r for _, r in boxes.values())
-    left = max(b.left for b, _ in boxes.values())
-    bottom = max(b.bottom for b, _ in boxes.values())
-    right = min(b.right for b, _ in boxes.values())
-    top = min(b.top for b, _ in boxes.values())
-
+    crs, res, (left, bottom, right, top) = mosaic_grid(layout, names, res)
     gdf = gdf.to_crs(crs)
     half = chip_size * res / 2.0
     centres = [g if g.geom_type == "Point" else g.representative_point() for g in gdf.geometry]
@@ -413,22 +470,8 @@ def vector_labels_to_chips(
     try:
         for pos, x0, y1 in windows:
             cls = _folder_name(gdf[class_column].iloc[pos])
-            chip = np.stack([
-                handles[n].read(layout[n][1], out_shape=(chip_size, chip_size), resampling=Resampling.bilinear,
-                                window=from_bounds(x0, y1 - 2 * half, x0 + 2 * half, y1,
-                                                   transform=handles[n].transform))
-                for n in names
-            ])
-            target = out / cls / f"{cls}_{gdf.index[pos]}.tif"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp")
-            profile = dict(driver="GTiff", width=chip_size, height=chip_size, count=len(names),
-                           dtype=chip.dtype, crs=crs, transform=from_origin(x0, y1, res, res))
-            with rasterio.open(tmp, "w", **profile) as dst:
-                dst.write(chip)
-                dst.descriptions = tuple(names)
-            os.replace(tmp, target)
-            paths.append(target)
+            chip = read_window(handles, layout, names, x0, y1, chip_size, res)
+            paths.append(write_geotiff(out / cls / f"{cls}_{gdf.index[pos]}.tif", chip, crs, x0, y1, res, names))
             labels.append(classes.index(cls))
     finally:
         for h in handles.values():

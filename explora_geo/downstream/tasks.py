@@ -26,7 +26,14 @@ from torchgeo.tasks import Classification
 import explora_geo.models  # noqa: F401  (registers our timm models before torchgeo/timm look them up)
 from explora_geo.errors import ExploraGeoError
 
-__all__ = ["MODES", "ExploraClassificationTask", "configure_finetuning", "backbone_from_checkpoint"]
+__all__ = [
+    "MODES",
+    "ExploraClassificationTask",
+    "configure_finetuning",
+    "resolve_backbone_meta",
+    "build_backbone",
+    "backbone_from_checkpoint",
+]
 
 Mode = Literal["full", "lora", "linear_probe"]
 MODES: tuple[str, ...] = ("full", "lora", "linear_probe")
@@ -39,30 +46,63 @@ def _is_backbone_path(weights: Any) -> bool:
     return path.suffix in (".safetensors", ".json") or path.with_name(path.name + ".json").is_file()
 
 
-def configure_finetuning(model: nn.Module, mode: str, *, lora_rank: int = 8, lora_alpha: float = 1.0) -> None:
-    """Set which parameters of a classifier ``model`` train, in place.
+def configure_finetuning(model: nn.Module, mode: str, *, head: nn.Module | None = None, lora_rank: int = 8,
+                         lora_alpha: float = 1.0) -> None:
+    """Set which parameters of a backbone ``model`` (and its task ``head``) train, in place.
 
-    ``full``: all. ``linear_probe``: only the classifier (``get_classifier()``). ``lora``: LoRA of rank
-    ``lora_rank`` (scale ``lora_alpha / lora_rank``) on the Q and V rows of every block's fused ``qkv``
-    (:func:`explora_geo.adapter.apply_explora` with no unfrozen block, no norms, no embeddings), plus the
-    classifier.
+    ``full``: all. ``linear_probe``: only ``head`` (default: the classifier, ``model.get_classifier()``).
+    ``lora``: LoRA of rank ``lora_rank`` (scale ``lora_alpha / lora_rank``) on the Q and V rows of every
+    block's fused ``qkv`` (:func:`explora_geo.adapter.apply_explora` with no unfrozen block, no norms, no
+    embeddings), plus ``head``.
 
     Raises:
         ExploraGeoError: unknown mode.
     """
     if mode not in MODES:
         raise ExploraGeoError(f"unknown fine-tuning mode {mode!r}; choose one of {', '.join(MODES)}.")
+    head = model.get_classifier() if head is None else head
     if mode == "full":
         model.requires_grad_(True)
-        return
-    if mode == "lora":
+    elif mode == "lora":
         from explora_geo.adapter import ExploraConfig, apply_explora
 
         apply_explora(model, ExploraConfig(unfreeze="", rank=lora_rank, alpha=lora_alpha, targets=("q", "v"),
                                            train_norms=False, train_cls_token=False, train_embeddings=False))
     else:
         model.requires_grad_(False)
-    model.get_classifier().requires_grad_(True)
+    head.requires_grad_(True)
+
+
+def resolve_backbone_meta(weights: Any, backbone_meta: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The backbone sidecar (with ``weights_file``) behind a task's ``weights``, if it is one of ours.
+
+    ``weights`` may be a backbone file path or a :func:`backbone_weights` entry; otherwise the stored
+    ``backbone_meta`` (a checkpoint's) is returned, or ``None`` (a plain timm / torchgeo model).
+    """
+    from explora_geo.downstream.backbones import _sidecar_with_file
+
+    if _is_backbone_path(weights):
+        return _sidecar_with_file(weights)
+    value = getattr(weights, "value", None)
+    if isinstance(getattr(value, "meta", None), dict) and "weights_file" in value.meta:
+        return dict(value.meta)
+    return dict(backbone_meta) if backbone_meta else None
+
+
+def build_backbone(meta: dict[str, Any], weights: Any, num_classes: int) -> nn.Module:
+    """The sidecar's architecture with a ``num_classes`` head: loaded (checked) from its file when
+    ``weights`` is set, randomly initialised otherwise (e.g. before a checkpoint's state is loaded)."""
+    if weights is None or weights is False:
+        from explora_geo.checkpoint import build_from_sidecar
+
+        model = build_from_sidecar({**meta, "model_kwargs": dict(meta.get("model_kwargs") or {})},
+                                   num_classes=num_classes)
+    else:
+        from explora_geo.checkpoint import load_backbone
+
+        model, _ = load_backbone(meta["weights_file"], num_classes=num_classes)
+    model.band_names = list(meta["bands"])
+    return model
 
 
 class ExploraClassificationTask(Classification):
@@ -111,7 +151,7 @@ class ExploraClassificationTask(Classification):
             raise ExploraGeoError(f"unknown fine-tuning mode {mode!r}; choose one of {', '.join(MODES)}.")
         if task == "multiclass" and (not num_classes or num_classes < 2):
             raise ExploraGeoError(f"num_classes must be at least 2, got {num_classes!r}.")
-        meta = self._resolve_meta(weights, backbone_meta)
+        meta = resolve_backbone_meta(weights, backbone_meta)
         if meta is not None:
             from explora_geo.downstream.backbones import check_in_chans
 
@@ -126,35 +166,14 @@ class ExploraClassificationTask(Classification):
         # The CLI passes its own view of the init args to save_hyperparameters: record what was resolved.
         self.hparams.update(model=model, in_channels=in_channels or 3, backbone_meta=meta)
 
-    @staticmethod
-    def _resolve_meta(weights: Any, backbone_meta: dict[str, Any] | None) -> dict[str, Any] | None:
-        from explora_geo.downstream.backbones import _sidecar_with_file
-
-        if _is_backbone_path(weights):
-            return _sidecar_with_file(weights)
-        value = getattr(weights, "value", None)
-        if isinstance(getattr(value, "meta", None), dict) and "weights_file" in value.meta:
-            return dict(value.meta)
-        return dict(backbone_meta) if backbone_meta else None
-
     def configure_models(self) -> None:
         """Build the model (checked loading of backbone files) and set the trainable parameters."""
         meta = self._backbone_meta
-        weights = self.weights
-        k = self.hparams["num_classes"] or self.hparams["num_labels"] or 1
         if meta is None:
             super().configure_models()
-        elif weights is None or weights is False:
-            from explora_geo.checkpoint import build_from_sidecar
-
-            self.model = build_from_sidecar({**meta, "model_kwargs": dict(meta.get("model_kwargs") or {})},
-                                            num_classes=k)
         else:
-            from explora_geo.checkpoint import load_backbone
-
-            self.model, _ = load_backbone(meta["weights_file"], num_classes=k)
-        if meta is not None:
-            self.model.band_names = list(meta["bands"])
+            k = self.hparams["num_classes"] or self.hparams["num_labels"] or 1
+            self.model = build_backbone(meta, self.weights, k)
         mode = "linear_probe" if self.hparams["freeze_backbone"] else self.hparams["mode"]
         configure_finetuning(self.model, mode, lora_rank=self.hparams["lora_rank"],
                              lora_alpha=self.hparams["lora_alpha"])
