@@ -107,7 +107,7 @@ def create_backbone(
         kwargs["img_size"] = img_size
     if is_group_channel(arch):
         kw = {**_band_kwargs(bands), **kwargs}
-        resolve_band_groups(kw.get("band_groups"), kw.get("sensor", "sentinel2"))
+        resolve_band_groups(kw.get("band_groups"), kw.get("sensor"))
         return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kw)
     names = _flat_bands(bands)
     if names is not None:

@@ -126,7 +126,9 @@ class GroupChannelViT(nn.Module):
             ``patch_size``) work by resampling the position grid (bicubic), like timm's ``dynamic_img_size``.
         patch_size: patch size (px).
         band_groups: band names per group; default: the ``sensor`` preset's ``model_groups``.
-        sensor: sensor preset used when ``band_groups`` is ``None`` (default ``"sentinel2"``).
+        sensor: sensor preset: its ``model_groups`` when ``band_groups`` is ``None`` (default ``"sentinel2"``),
+            and its band aliases / RGB bands for weight loading. Kept as ``self.sensor`` (``None`` for custom
+            ``band_groups`` without a sensor).
         in_chans: optional check: must equal the number of bands in ``band_groups``.
         num_classes: classifier outputs (0: no head, ``forward`` returns pooled features).
         global_pool: ``"token"`` (cls token), ``"avg"`` (mean of patch tokens) or ``""`` (no pooling).
@@ -145,7 +147,7 @@ class GroupChannelViT(nn.Module):
         img_size: int | tuple[int, int] = 96,
         patch_size: int = 8,
         band_groups: Sequence[Sequence[str]] | None = None,
-        sensor: str | None = "sentinel2",
+        sensor: str | None = None,
         in_chans: int | None = None,
         num_classes: int = 0,
         global_pool: GlobalPool = "token",
@@ -176,7 +178,7 @@ class GroupChannelViT(nn.Module):
                 f"in_chans={in_chans} does not match the {len(self.band_names)} bands of band_groups "
                 f"({', '.join(self.band_names)}); drop in_chans or pass band_groups with {in_chans} bands."
             )
-        self.sensor = sensor if band_groups is None else None
+        self.sensor = get_sensor(sensor).name if sensor else ("sentinel2" if band_groups is None else None)
         self.in_chans = len(self.band_names)
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -544,7 +546,7 @@ default_cfgs = generate_default_cfgs({
 def _create_group_channel_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> GroupChannelViT:
     # timm fills in_chans from the pretrained cfg when absent: derive it from the bands instead, so that
     # only an explicit, inconsistent in_chans is an error.
-    groups = resolve_band_groups(kwargs.get("band_groups"), kwargs.get("sensor", "sentinel2"))
+    groups = resolve_band_groups(kwargs.get("band_groups"), kwargs.get("sensor"))
     kwargs.setdefault("in_chans", sum(len(g) for g in groups))
     return build_model_with_cfg(
         GroupChannelViT,

@@ -262,3 +262,10 @@ def test_timm_pretrained_file_overlay(tmp_path) -> None:
     expect = F.interpolate(grid, size=(16, 16), mode="bicubic", antialias=True)
     expect = expect.permute(0, 2, 3, 1).reshape(1, 256, 24)
     torch.testing.assert_close(bigger.pos_embed.data, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_sensor_attribute() -> None:
+    assert GroupChannelViT(**TINY).sensor == "sentinel2"
+    assert GroupChannelViT(sensor="Landsat-8", **TINY).sensor == "landsat8"
+    assert GroupChannelViT(band_groups=[["B02"]], **TINY).sensor is None
+    assert GroupChannelViT(band_groups=[["B02"]], sensor="sentinel2_l2a", **TINY).sensor == "sentinel2_l2a"
