@@ -29,15 +29,26 @@ __all__ = ["PretrainDataModule"]
 
 
 class _TrackedLoader(DataLoader):
-    """A DataLoader that reports each batch to ``on_batch`` in the main process (position, rejections)."""
+    """A DataLoader that reports each batch to its data module in the main process (position, rejections).
 
-    on_batch: Any = None
+    It is also resumable in Lightning's sense (``state_dict``/``load_state_dict``), delegating to the module,
+    so a mid-epoch checkpoint resumes at the next sample.
+    """
+
+    module: Any = None
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         for batch in super().__iter__():
-            if self.on_batch is not None:
-                self.on_batch(batch)
+            if self.module is not None:
+                self.module._observe(batch)
             yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.module.state_dict() if self.module is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.module is not None and state_dict:
+            self.module.load_state_dict(state_dict)
 
 
 class PretrainDataModule(L.LightningDataModule):
@@ -147,7 +158,7 @@ class PretrainDataModule(L.LightningDataModule):
             self.dataset, batch_size=self.batch_size, sampler=self._sampler, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0, pin_memory=False,
         )
-        loader.on_batch = self._observe
+        loader.module = self
         return loader
 
     # ------------------------------------------------------------------ bookkeeping

@@ -135,7 +135,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
     """Yields ``(epoch, i)`` for ``i`` in ``start..length-1``; Lightning calls :meth:`set_epoch`.
 
     ``resume`` (a dict with ``epoch`` and ``next_index``, shared with the data module) makes the resumed
-    epoch skip the samples already consumed.
+    epoch skip the samples already consumed (``start = next_index`` in that epoch, else 0).
     """
 
     def __init__(self, length: int, resume: dict[str, int] | None = None) -> None:
@@ -154,6 +154,12 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return ((self.epoch, i) for i in range(self._start(), self.length))
 
     def __len__(self) -> int:
+        # Always the full epoch: Lightning sizes every epoch from this once, and counts a resumed epoch's
+        # already-consumed batches itself.
+        return self.length
+
+    def remaining(self) -> int:
+        """Samples the next iteration yields (fewer than ``len`` in a resumed epoch)."""
         return self.length - self._start()
 
 

@@ -122,11 +122,11 @@ def test_resume_skips_consumed_samples(plain: Path) -> None:
     resumed = _dm(plain, seed=4)
     resumed.load_state_dict(state)
     rest = resumed.train_dataloader()
-    assert len(rest.sampler) == 4
+    assert rest.sampler.remaining() == 4 and len(rest.sampler) == 12
     tail = torch.cat([b["image"] for b in rest])
     torch.testing.assert_close(torch.cat([b["image"] for b in consumed] + [tail]), full["image"], rtol=0, atol=0)
     rest.sampler.set_epoch(1)
-    assert len(rest.sampler) == 12  # later epochs are whole
+    assert rest.sampler.remaining() == 12  # later epochs are whole
     with pytest.raises(ExploraGeoError, match="seed"):
         _dm(plain, seed=5).load_state_dict(state)
 
@@ -159,12 +159,27 @@ def test_lightning_sets_epochs_and_checkpoints_the_position(plain: Path, tmp_pat
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
+    def trainer(**kwargs: Any) -> L.Trainer:
+        return L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu", **kwargs)
+
     dm = _dm(plain, samples_per_epoch=8)
-    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
-    trainer.fit(Probe(), datamodule=dm)
+    trainer(max_epochs=2).fit(Probe(), datamodule=dm)
     assert seen == [(e, i) for e in range(2) for i in range(8)]
     assert dm.state_dict()["epoch"] == 1 and dm.state_dict()["next_index"] == 8
+
+    # a checkpoint after 2 of 3 batches of epoch 0; resuming from it reads the rest of epoch 0, then epoch 1
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    every2 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    L.Trainer(max_epochs=1, logger=False, callbacks=[every2], enable_progress_bar=False, enable_model_summary=False,
+              default_root_dir=tmp_path, accelerator="cpu").fit(Probe(), datamodule=_dm(plain))
+    mid = next((tmp_path / "ckpt").glob("*step=2*.ckpt"))
+    seen.clear()
+    resumed = _dm(plain)
+    trainer(max_epochs=2).fit(Probe(), datamodule=resumed, ckpt_path=mid)
+    assert seen == [(0, i) for i in range(8, 12)] + [(1, i) for i in range(12)]
+    assert resumed.samples_seen == 24
 
 
 def test_chips_exactly_one_patch_wide_are_sampled(tmp_path: Path) -> None:
