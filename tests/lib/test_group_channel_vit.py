@@ -266,6 +266,6 @@ def test_timm_pretrained_file_overlay(tmp_path) -> None:
 
 def test_sensor_attribute() -> None:
     assert GroupChannelViT(**TINY).sensor == "sentinel2"
-    assert GroupChannelViT(sensor="Landsat-8", **TINY).sensor == "landsat8"
+    assert GroupChannelViT(sensor="LandSat8", **TINY).sensor == "landsat8"
     assert GroupChannelViT(band_groups=[["B02"]], **TINY).sensor is None
     assert GroupChannelViT(band_groups=[["B02"]], sensor="sentinel2_l2a", **TINY).sensor == "sentinel2_l2a"
