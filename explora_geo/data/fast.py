@@ -144,7 +144,9 @@ class _UnitCache:
                     r1, c1 = min(r0 + bh, source.height), min(c0 + bw, source.width)
                     self.data[:, r0:r1, c0:c1] = read_window(source, handles, r0, c0, r1 - r0, c1 - c0)
                     self.done[by, bx] = 1
-        return np.array(self.data[:, row:row + h, col:col + w])
+        view = self.data[:, row:row + h, col:col + w]
+        view.flags.writeable = False  # flagged blocks are immutable; callers copy when they transform
+        return view
 
 
 def _disk_bytes(path: Path) -> int:
@@ -240,7 +242,9 @@ class PatchReader:
             self._pid, self._handles, self._caches = os.getpid(), {}, {}
 
     def read(self, index: int, row: int, col: int, height: int, width: int) -> np.ndarray:
-        """Pixels ``[C, height, width]`` (file dtype) of unit ``index`` at window ``(row, col)`` of its grid."""
+        """Pixels ``[C, height, width]`` (file dtype) of unit ``index`` at window ``(row, col)`` of its grid.
+
+        From a cached unit this is a read-only view of the memory map (copy it to keep or modify it)."""
         self._ensure_process()
         source = self.sources[index]
         if row < 0 or col < 0 or row + height > source.height or col + width > source.width:
