@@ -10,12 +10,15 @@ and ``zero_grad(set_to_none=True)``.
   every other block's fused qkv, all norms, cls token), built with ``explora_geo.adapter.apply_explora``.
 - full: every parameter trains.
 
-CPU (default): ViT-B/16 at 224 px, batch 8. Each configuration runs in its own subprocess, ``--rounds``
+CPU (default): ViT-B/16 at 224 px, batch 8, one thread (``--threads``: on a shared machine, multi-threaded
+OpenMP kernels mostly measure the other processes' load, while the ratios of these matmul-bound steps barely
+depend on the thread count). Each configuration runs in its own subprocess, ``--rounds``
 times, alternating (ExPLoRA, full, ExPLoRA, full, ...) so that background load hits both alike; the reported
 step time of a configuration is the lowest of its rounds' medians (after warm-up steps). Memory is the peak
 resident set size during training minus the RSS once the model, optimizer, batch and target exist (the peak
 is reset with ``/proc/self/clear_refs`` at that point). Optimizer state is the bytes of the tensors in
-``optimizer.state``.
+``optimizer.state``. The process CPU time per step (less sensitive to other processes than wall-clock time
+on a shared machine) is printed too; the ratios on the last line use wall-clock time.
 
 ``--gpu``: ViT-L/16 at 224 px in bf16 autocast on CUDA, images/s and peak allocated GPU memory (minus the
 memory of the loaded model); refuses to run without a GPU.
@@ -49,15 +52,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--img-size", type=int, default=None, help="input size in px (default 224)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 8 on CPU, 64 on GPU)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per run (default 5)")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per run (default 2)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per run (default 1)")
     parser.add_argument("--rounds", type=int, default=None, help="alternating runs per configuration (default 2)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice, one per core)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1; 0 = torch's choice, one per core)")
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quick = {"model": "vit_tiny_patch16_224", "img_size": 64, "batch": 2, "steps": 2, "warmup": 1, "rounds": 1}
     gpu = {"model": "vit_large_patch16_224", "img_size": 224, "batch": 64, "steps": 10, "warmup": 3, "rounds": 1}
-    cpu = {"model": "vit_base_patch16_224", "img_size": 224, "batch": 8, "steps": 5, "warmup": 2, "rounds": 2}
+    cpu = {"model": "vit_base_patch16_224", "img_size": 224, "batch": 8, "steps": 5, "warmup": 1, "rounds": 2}
     defaults = quick if args.quick else gpu if args.gpu else cpu
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -103,7 +106,7 @@ def worker(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     device = "cuda" if args.gpu else "cpu"
-    if args.threads:
+    if args.threads and not args.gpu:
         torch.set_num_threads(args.threads)
     if args.gpu and not torch.cuda.is_available():
         raise SystemExit("--gpu needs a CUDA device; none is available here (run without --gpu on CPU).")
@@ -133,13 +136,14 @@ def worker(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     else:
         base = _rss_bytes("VmRSS")
         _reset_peak_rss()
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.warmup + args.steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_bytes("VmHWM")
     state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                       if torch.is_tensor(t) and t.dim() > 0)
@@ -148,7 +152,7 @@ def worker(mode: str, args: argparse.Namespace) -> dict[str, Any]:
         "mode": mode, "device": device, "model": args.model, "batch": args.batch, "img_size": args.img_size,
         "trainable_params": sum(p.numel() for p in params),
         "total_params": sum(p.numel() for p in model.parameters()),
-        "step_s": step_s, "images_per_s": args.batch / step_s, "times_s": [round(t, 4) for t in times],
+        "step_s": step_s, "cpu_step_s": statistics.median(cpu_times[args.warmup:]), "images_per_s": args.batch / step_s, "times_s": [round(t, 4) for t in times],
         "train_mem_bytes": peak - base, "optimizer_state_bytes": state_bytes,
         "threads": torch.get_num_threads(),
     }
@@ -194,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     unit = "GPU peak allocated" if args.gpu else "peak RSS"
     print(f"{args.model} {args.img_size}px batch {args.batch} on {e['device']} ({e['threads']} threads): "
           f"ExPLoRA {e['images_per_s']:.2f} img/s vs full {f['images_per_s']:.2f} img/s; training memory "
-          f"({unit} minus model) {mem['explora'] / 2**20:.0f} vs {mem['full'] / 2**20:.0f} MiB")
+          f"({unit} minus model) {mem['explora'] / 2**20:.0f} vs {mem['full'] / 2**20:.0f} MiB; process CPU-time "
+          f"ratio {min(r['cpu_step_s'] for r in results['explora']) / min(r['cpu_step_s'] for r in results['full']):.3f}")
     print(f"time_ratio={e['step_s'] / f['step_s']:.3f} mem_ratio={mem['explora'] / mem['full']:.3f} "
           f"optimizer_state_ratio={e['optimizer_state_bytes'] / f['optimizer_state_bytes']:.3f}")
 
