@@ -28,6 +28,7 @@ from explora_geo.errors import ExploraGeoError
 
 __all__ = [
     "MODES",
+    "ExploraTaskMixin",
     "ExploraClassificationTask",
     "configure_finetuning",
     "resolve_backbone_meta",
@@ -105,7 +106,30 @@ def build_backbone(meta: dict[str, Any], weights: Any, num_classes: int) -> nn.M
     return model
 
 
-class ExploraClassificationTask(Classification):
+class ExploraTaskMixin:
+    """What our torchgeo tasks share: an optimiser over the trainable parameters only, and class names
+    taken from the datamodule."""
+
+    def configure_optimizers(self) -> Any:
+        """AdamW over the trainable parameters only, with torchgeo's plateau schedule."""
+        from torch.optim import AdamW
+        from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+        optimizer = AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams["lr"])
+        scheduler = ReduceLROnPlateau(optimizer, patience=self.hparams["patience"])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor}}
+
+    def on_fit_start(self) -> None:
+        """Take the class names from the datamodule (``classes``) when none were given; store them as
+        ``class_names`` too (what ``explora-geo export --head task.ckpt`` reads)."""
+        classes = getattr(getattr(self.trainer, "datamodule", None), "classes", None)
+        if classes and not self.hparams.get("labels"):
+            self.hparams["labels"] = list(classes)
+        if self.hparams.get("labels"):
+            self.hparams["class_names"] = list(self.hparams["labels"])
+
+
+class ExploraClassificationTask(ExploraTaskMixin, Classification):
     """Image classification with an explora-geo backbone (see the module docstring).
 
     Args:
@@ -177,23 +201,6 @@ class ExploraClassificationTask(Classification):
         mode = "linear_probe" if self.hparams["freeze_backbone"] else self.hparams["mode"]
         configure_finetuning(self.model, mode, lora_rank=self.hparams["lora_rank"],
                              lora_alpha=self.hparams["lora_alpha"])
-
-    def configure_optimizers(self) -> Any:
-        """AdamW over the trainable parameters only, with torchgeo's plateau schedule."""
-        from torch.optim import AdamW
-        from torch.optim.lr_scheduler import ReduceLROnPlateau
-
-        optimizer = AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams["lr"])
-        scheduler = ReduceLROnPlateau(optimizer, patience=self.hparams["patience"])
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor}}
-
-    def on_fit_start(self) -> None:
-        """Take the class names from the datamodule (``classes``) when none were given."""
-        classes = getattr(getattr(self.trainer, "datamodule", None), "classes", None)
-        if classes and not self.hparams.get("labels"):
-            self.hparams["labels"] = list(classes)
-        if self.hparams.get("labels"):
-            self.hparams["class_names"] = list(self.hparams["labels"])
 
     def merged_backbone(self) -> nn.Module:
         """A plain copy of the fine-tuned backbone (LoRA merged, no classifier)."""

@@ -1,0 +1,135 @@
+"""Semantic segmentation with the same (group-channel or plain) ViT backbones.
+
+:class:`ViTSegmenter` puts a light decoder suited to ViTs on a backbone: the patch tokens of the last
+``n_blocks`` blocks (final norm applied; for a group-channel ViT averaged over the channel groups), laid out
+as ``[B, D, H/p, W/p]`` grids, concatenated, fused by a 1x1 conv, refined by a 3x3 conv, classified per patch
+cell by a 1x1 conv, and upsampled bilinearly to the input size (multi-level fusion as in SETR-MLA / DPT
+readouts, without their extra stages). :class:`ExploraSegmentationTask` is a
+``torchgeo.tasks.SemanticSegmentation`` (its losses, metrics and steps) whose model is a ViTSegmenter, with
+the same backbone files and fine-tuning modes as the classification task.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torchgeo.tasks import SemanticSegmentation
+
+import explora_geo.models  # noqa: F401  (registers our timm models)
+from explora_geo.downstream.tasks import (
+    MODES,
+    ExploraTaskMixin,
+    Mode,
+    build_backbone,
+    configure_finetuning,
+    resolve_backbone_meta,
+)
+from explora_geo.errors import ExploraGeoError
+
+__all__ = ["ViTSegmenter", "ExploraSegmentationTask"]
+
+
+class ViTSegmenter(nn.Module):
+    """Backbone + multi-level ViT decoder: images ``[B, C, H, W]`` -> logits ``[B, K, H, W]``.
+
+    Args:
+        backbone: a timm-style ViT with ``get_intermediate_layers(x, n, reshape=True, norm=True)``.
+        num_classes: K.
+        n_blocks: how many last blocks feed the decoder (capped by the depth).
+        decoder_dim: channels of the decoder.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, *, n_blocks: int = 4, decoder_dim: int = 128) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.n_blocks = min(n_blocks, len(backbone.blocks))
+        dim = int(getattr(backbone, "embed_dim", None) or backbone.num_features)
+        self.decoder = nn.Sequential(
+            nn.Conv2d(self.n_blocks * dim, decoder_dim, 1, bias=False),
+            nn.BatchNorm2d(decoder_dim),
+            nn.GELU(),
+            nn.Conv2d(decoder_dim, decoder_dim, 3, padding=1, bias=False),
+            nn.BatchNorm2d(decoder_dim),
+            nn.GELU(),
+            nn.Conv2d(decoder_dim, num_classes, 1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        grids = self.backbone.get_intermediate_layers(x, n=self.n_blocks, reshape=True, norm=True)
+        logits = self.decoder(torch.cat(list(grids), dim=1))
+        return nn.functional.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class ExploraSegmentationTask(ExploraTaskMixin, SemanticSegmentation):
+    """Semantic segmentation with an explora-geo backbone and :class:`ViTSegmenter`'s decoder.
+
+    Args:
+        model: a timm ViT name (ignored when ``weights`` is a backbone file or entry: its sidecar decides).
+        weights: a backbone file, a ``backbone_weights`` entry, ``True`` (timm pretrained config of
+            ``model``) or ``None`` (random).
+        in_channels: ``None`` takes the backbone's number of bands (another number is an error).
+        num_classes: classes of the masks (for mask folders: ``len(classes) + 1`` with ``ignore_index=0``).
+        mode: ``full``, ``lora`` (LoRA-r8 on Q, V + decoder) or ``linear_probe`` (frozen backbone, decoder
+            only).
+        n_blocks, decoder_dim: decoder inputs and width.
+        backbone_meta: the backbone sidecar; filled in automatically.
+        task, num_labels, labels, loss, class_weights, pos_weight, ignore_index, lr, patience: as in
+            ``torchgeo.tasks.SemanticSegmentation``.
+    """
+
+    def __init__(
+        self,
+        model: str = "group_channel_vit_tiny_patch8_96",
+        weights: Any = None,
+        in_channels: int | None = None,
+        num_classes: int | None = None,
+        labels: list[str] | None = None,
+        mode: Mode = "full",
+        lora_rank: int = 8,
+        lora_alpha: float = 1.0,
+        n_blocks: int = 4,
+        decoder_dim: int = 128,
+        task: Literal["binary", "multiclass", "multilabel"] = "multiclass",
+        num_labels: int | None = None,
+        loss: Literal["ce", "bce", "jaccard", "focal", "dice"] = "ce",
+        class_weights: list[float] | None = None,
+        pos_weight: Tensor | None = None,
+        ignore_index: int | None = None,
+        lr: float = 1e-3,
+        patience: int = 10,
+        backbone_meta: dict[str, Any] | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ExploraGeoError(f"unknown fine-tuning mode {mode!r}; choose one of {', '.join(MODES)}.")
+        if task == "multiclass" and (not num_classes or num_classes < 2):
+            raise ExploraGeoError(f"num_classes must be at least 2, got {num_classes!r}.")
+        meta = resolve_backbone_meta(weights, backbone_meta)
+        if meta is not None:
+            from explora_geo.downstream.backbones import check_in_chans
+
+            check_in_chans(meta, in_channels)
+            in_channels, model = len(meta["bands"]), meta["architecture"]
+        self._backbone_meta = meta
+        super().__init__(model="fcn", backbone=model, weights=weights, in_channels=in_channels or 3, task=task,
+                         num_classes=num_classes, num_labels=num_labels, labels=labels, pos_weight=pos_weight,
+                         loss=loss, class_weights=class_weights, ignore_index=ignore_index, lr=lr,
+                         patience=patience)
+        self.hparams.update(model=model, backbone=model, in_channels=in_channels or 3, backbone_meta=meta)
+
+    def configure_models(self) -> None:
+        """Backbone (checked loading of backbone files) + decoder; trainable parameters per ``mode``."""
+        import timm
+
+        meta = self._backbone_meta
+        if meta is not None:
+            backbone = build_backbone(meta, self.weights, 0)
+        else:
+            backbone = timm.create_model(self.hparams["backbone"], num_classes=0,
+                                         in_chans=self.hparams["in_channels"], pretrained=self.weights is True)
+        outputs = self.hparams["num_classes"] or self.hparams["num_labels"] or 1
+        self.model = ViTSegmenter(backbone, outputs, n_blocks=self.hparams["n_blocks"],
+                                  decoder_dim=self.hparams["decoder_dim"])
+        configure_finetuning(backbone, self.hparams["mode"], head=self.model.decoder,
+                             lora_rank=self.hparams["lora_rank"], lora_alpha=self.hparams["lora_alpha"])
