@@ -73,8 +73,9 @@ def compute_stats(
     count, rejected = 0, 0
     keep = max(1, max_pixels // num_patches)
     subsets: list[np.ndarray] = []
+    first = dataset.draw(0, 0)  # fails clearly (all nodata, ...) before the progress bar starts
     for i in tqdm(range(num_patches), desc="band statistics", unit="patch", disable=not progress):
-        _, raw, valid, redraws = dataset.draw(0, i)
+        _, raw, valid, redraws = first if i == 0 else dataset.draw(0, i)
         rejected += redraws
         values = raw[:, valid].astype(np.float64) - catalog.offset  # [C, N valid]
         total += values.sum(axis=1)

@@ -125,14 +125,59 @@ def test_bad_inputs_name_the_culprit(tmp_path: Path, mosaic: Path) -> None:
     assert "lacks band(s) B12" in _error(mosaic, bands=["B02", "B12"])
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "corrupt", "band"])
+CLI_CASES = ["missing", "empty", "no_raster", "corrupt", "band_counts", "band", "all_nodata", "patch", "roi"]
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
 def test_cli_stats_exits_2_with_one_line(tmp_path: Path, mosaic: Path, case: str,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    data = {"missing": tmp_path / "nope", "empty": tmp_path / "e", "corrupt": tmp_path / "c", "band": mosaic}[case]
-    (tmp_path / "e").mkdir()
-    (tmp_path / "c").mkdir()
-    (tmp_path / "c" / "x.tif").write_bytes(b"not a tiff")
-    bands = "B02,B12" if case == "band" else "B02"
-    assert main(["stats", "--data", str(data), "--bands", bands, "--patches", "2", "--patch-size", "16"]) == 2
+    extra: list[str] = []
+    bands, data = "B02", tmp_path / case
+    if case == "empty":
+        data.mkdir()
+    elif case == "no_raster":
+        data.mkdir()
+        (data / "readme.md").write_text("x")
+    elif case == "corrupt":
+        data.mkdir()
+        (data / "x.tif").write_bytes(b"not a tiff")
+    elif case == "band_counts":
+        write_tif(data / "a.tif", smooth((4, 32, 32)), descriptions=RGBN)
+        write_tif(data / "b.tif", smooth((3, 32, 32)), descriptions=RGBN[:3])
+        extra = ["--patches", "1"]
+    elif case == "band":
+        data, bands = mosaic, "B02,B12"
+    elif case == "all_nodata":
+        write_tif(data / "z.tif", np.zeros((4, 32, 32), np.uint16), descriptions=RGBN, nodata=0)
+    elif case == "patch":
+        data, extra = mosaic, ["--patch-size", "500"]
+    elif case == "roi":
+        import geopandas as gpd
+        import shapely
+
+        gpd.GeoDataFrame(geometry=[shapely.box(10, 40, 10.1, 40.1)], crs="EPSG:4326").to_file(tmp_path / "r.gpkg")
+        data, extra = mosaic, ["--roi", str(tmp_path / "r.gpkg")]
+    argv = ["stats", "--data", str(data), "--bands", bands, "--patches", "2", "--patch-size", "16", *extra]
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("explora-geo stats: error:")
+    assert len(err) == 1 and err[0].startswith("explora-geo stats: error:"), err
+    expected = {"missing": "does not exist", "empty": "is empty", "no_raster": "has no raster",
+                "corrupt": "x.tif", "band_counts": "b.tif has 3 bands", "band": "lacks band(s) B12",
+                "all_nodata": "all nodata", "patch": "patch size 500 px is larger", "roi": "does not overlap"}[case]
+    assert expected in err[0]
+
+
+def test_cli_stats_writes_json_loadable_as_normalisation(mosaic: Path, tmp_path: Path) -> None:
+    from explora_geo.data.stats import load_stats, normalization_from_stats
+    from explora_geo.normalization import Normalization
+
+    out = tmp_path / "s" / "stats.json"
+    assert main(["stats", "--data", str(mosaic), "--bands", "B08,B02", "--patches", "8", "--patch-size", "32",
+                 "--out", str(out)]) == 0
+    stats = load_stats(out)
+    assert stats["bands"] == ["B08", "B02"] and stats["pixels"] == 8 * 32 * 32
+    norm = Normalization.from_dict(stats["normalization"])
+    assert norm.scheme == "meanstd" and norm.mean == tuple(stats["mean"])
+    satmae = normalization_from_stats(out, "satmae", bands=["B02"])
+    assert satmae.bands == ("B02",) and satmae.mean == (stats["mean"][1],)
+    assert not list(out.parent.glob("*.tmp"))
