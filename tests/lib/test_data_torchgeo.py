@@ -49,3 +49,21 @@ def test_union_with_another_dataset(tmp_path: Path) -> None:
     far = MosaicDataset(_mosaic(tmp_path / "f", crs="EPSG:32632"), bands=BANDS)
     union = UnionDataset(east, far)
     assert union.crs == east.crs and len(union) == 4
+
+
+def test_mixed_crs_and_resolution_are_warped_to_one_grid(tmp_path: Path) -> None:
+    folder = tmp_path / "mixed"
+    write_tif(folder / "utm33_10m.tif", smooth((4, 96, 96), 1), descriptions=BANDS)
+    # a 20 m file in UTM 32N that lies just west of the first one (UTM 33N's 300 km easting ~ 32N's 700 km)
+    import pyproj
+
+    x, y = pyproj.Transformer.from_crs("EPSG:32633", "EPSG:32632", always_xy=True).transform(299000.0, 5800000.0)
+    write_tif(folder / "utm32_20m.tif", smooth((4, 48, 48), 2) + 5000, descriptions=BANDS, crs="EPSG:32632",
+              origin=(x - 960.0, y), res=20.0)
+    ds = MosaicDataset(folder, bands=["B04"], crs="EPSG:32633", res=10.0)
+    assert ds.res == (10.0, 10.0) and ds.crs.to_epsg() == 32633
+    # a patch inside the reprojected 20 m file has its (shifted) values, on the 10 m grid
+    minx, miny, maxx, maxy = ds.index[ds.index.filepath.str.endswith("utm32_20m.tif")].total_bounds
+    cx, cy = round((minx + maxx) / 20) * 10, round((miny + maxy) / 20) * 10
+    patch = ds[cx - 160:cx + 160:10, cy - 160:cy + 160:10]["image"]
+    assert patch.shape == (1, 32, 32) and patch.min() > 5000
