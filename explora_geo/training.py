@@ -33,7 +33,7 @@ from explora_geo.errors import ExploraGeoError
 from explora_geo.objectives.base import Objective
 
 __all__ = ["PretrainConfig", "ExploraPretrainModule", "build_trainer", "build_objective", "run_pretraining",
-           "warmup_cosine", "NonFiniteLossError"]
+           "warmup_cosine", "NonFiniteLossError", "rng_states", "set_rng_states"]
 
 _NO_DECAY = ("cls_token", "reg_token", "pos_embed", "group_embed", "mask_token")
 
@@ -244,10 +244,8 @@ class ExploraPretrainModule(L.LightningModule):
     # -- state -----------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the loss history and the global RNG states."""
-        from lightning.fabric.utilities.seed import _collect_rng_states
-
         checkpoint["explora_loss_history"] = list(self.loss_history)
-        checkpoint["explora_rng_states"] = _collect_rng_states(include_cuda=torch.cuda.is_available())
+        checkpoint["explora_rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the loss history; the RNG states are restored when training starts."""
@@ -257,10 +255,33 @@ class ExploraPretrainModule(L.LightningModule):
     def on_train_start(self) -> None:
         """Apply RNG states from a resumed checkpoint."""
         if self._rng_to_restore is not None:
-            from lightning.fabric.utilities.seed import _set_rng_states
-
-            _set_rng_states(self._rng_to_restore)
+            set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
+
+
+def rng_states() -> dict[str, Any]:
+    """Global RNG states (torch CPU/CUDA, Python, NumPy) as tensors and plain values, so that they load with
+    ``torch.load(weights_only=True)`` (Lightning's resume)."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_states`."""
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -357,6 +378,7 @@ def run_pretraining(config: PretrainConfig, *, callbacks: Sequence[L.Callback] =
     from explora_geo.training_outputs import write_outputs
 
     out = Path(config.out)
+    L.seed_everything(config.seed, workers=True, verbose=False)  # model init, heads, decoder
     run = prepare_run(config, datamodule=datamodule, echo=echo)
     world = _world(config)
     module = ExploraPretrainModule(
