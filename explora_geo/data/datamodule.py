@@ -4,9 +4,10 @@ Batches are dicts: ``image`` float32 ``[B, C, H, W]`` (normalised, bands in ``ba
 ``valid_mask`` bool ``[B, H, W]``, plus ``index`` int64 ``[B, 2]`` (epoch, sample), ``rejected`` int64 ``[B]``
 (redraws each sample needed) and ``source`` int64 ``[B]`` (the unit it came from).
 
-Determinism: sample ``i`` of epoch ``e`` depends only on ``(seed, e, i)``. Samples are visited in index order,
-so the data position is ``(epoch, next index)``; :meth:`PretrainDataModule.state_dict` stores it and a resumed
-run skips the samples already consumed (they are not read).
+Determinism: sample ``i`` of epoch ``e`` depends only on ``(seed, e, i)``. Samples are visited in index order
+(under DDP, rank ``r`` of ``w`` takes ``i = r, r + w, ...``), so the data position is ``(epoch, next index)``;
+:meth:`PretrainDataModule.state_dict` stores it and a resumed run skips the samples already consumed (they are
+not read).
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ class PretrainDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ bookkeeping
     def _observe(self, batch: dict[str, Any]) -> None:
         epoch, last = (int(v) for v in batch["index"][-1])
-        self._position.update(epoch=epoch, next_index=last + 1)
+        step = self._sampler.next_index(last) if self._sampler is not None else last + 1
+        self._position.update(epoch=epoch, next_index=step)
         self.rejected_count += int(batch["rejected"].sum())
         self.samples_seen += int(batch["index"].shape[0])
 

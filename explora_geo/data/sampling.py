@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler
 
 from explora_geo.data.catalog import Catalog, Source
 from explora_geo.data.nodata import fill_nodata, nodata_fraction, valid_mask
@@ -131,36 +131,58 @@ class WindowSampler:
         return Window(index, row, col, self.size)
 
 
-class EpochSampler(Sampler[tuple[int, int]]):
-    """Yields ``(epoch, i)`` for ``i`` in ``start..length-1``; Lightning calls :meth:`set_epoch`.
+class EpochSampler(DistributedSampler):
+    """Yields ``(epoch, i)`` for the sample indices ``i`` of this rank; Lightning calls :meth:`set_epoch`.
 
-    ``resume`` (a dict with ``epoch`` and ``next_index``, shared with the data module) makes the resumed
-    epoch skip the samples already consumed (``start = next_index`` in that epoch, else 0).
+    Sharding across distributed ranks is built in: rank ``r`` of ``world`` takes ``i = r, r + world, ...``
+    below ``world * (length // world)`` (the tail is dropped so every rank has as many batches). It is a
+    ``DistributedSampler`` so that Lightning does not wrap it (or rebuild the data loader) under DDP.
+
+    ``resume`` (a dict with ``epoch`` and a global ``next_index``, shared with the data module) makes the
+    resumed epoch skip the samples already consumed (``i >= next_index`` in that epoch, else all).
+
+    Args:
+        length: samples per epoch, all ranks together.
+        resume: the shared position dict.
+        rank, world: this process's rank and the world size (default: from ``torch.distributed`` when it is
+            initialised, else 0 and 1).
     """
 
-    def __init__(self, length: int, resume: dict[str, int] | None = None) -> None:
-        self.length = length
-        self.epoch = 0
-        self.resume = resume if resume is not None else {}
+    def __init__(self, length: int, resume: dict[str, int] | None = None, *, rank: int | None = None,
+                 world: int | None = None) -> None:
+        import torch.distributed as dist
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose samples the next iteration yields."""
-        self.epoch = epoch
+        ready = dist.is_available() and dist.is_initialized()
+        world = world if world is not None else (dist.get_world_size() if ready else 1)
+        rank = rank if rank is not None else (dist.get_rank() if ready else 0)
+        if length < world:
+            raise ExploraGeoError(f"samples per epoch {length} is fewer than the {world} processes; raise it.")
+        super().__init__(range(length), num_replicas=world, rank=rank, shuffle=False, drop_last=True)
+        self.length = length
+        self.world, self.rank = world, rank
+        self.resume = resume if resume is not None else {}
 
     def _start(self) -> int:
         return self.resume.get("next_index", 0) if self.resume.get("epoch", -1) == self.epoch else 0
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((self.epoch, i) for i in range(self._start(), self.length))
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        stop = self.world * (self.length // self.world)
+        first = self._start()
+        first += (self.rank - first) % self.world  # first index of this rank at or after the start
+        return ((self.epoch, i) for i in range(first, stop, self.world))
 
     def __len__(self) -> int:
-        # Always the full epoch: Lightning sizes every epoch from this once, and counts a resumed epoch's
-        # already-consumed batches itself.
-        return self.length
+        # Always this rank's full epoch: Lightning sizes every epoch from it once, and counts a resumed
+        # epoch's already-consumed batches itself.
+        return self.length // self.world
 
     def remaining(self) -> int:
         """Samples the next iteration yields (fewer than ``len`` in a resumed epoch)."""
-        return self.length - self._start()
+        return sum(1 for _ in iter(self))
+
+    def next_index(self, last: int) -> int:
+        """Global position after this rank consumed sample ``last`` (ranks advance in lockstep)."""
+        return last - self.rank + self.world
 
 
 def _with_offset(normalization: Normalization | None, catalog: Catalog) -> Normalization | None:

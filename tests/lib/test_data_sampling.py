@@ -142,6 +142,22 @@ def test_normalisation_and_l2a_offset(tmp_path: Path) -> None:
     torch.testing.assert_close(reordered, scaled[:, [2, 0]])
 
 
+def test_ranks_share_an_epoch_and_resume_together() -> None:
+    from explora_geo.data.sampling import EpochSampler
+
+    position: dict[str, int] = {}
+    ranks = [EpochSampler(10, position, rank=r, world=2) for r in range(2)]
+    assert [len(s) for s in ranks] == [5, 5]
+    assert [i for _, i in ranks[0]] == [0, 2, 4, 6, 8] and [i for _, i in ranks[1]] == [1, 3, 5, 7, 9]
+    # after 2 samples per rank, rank 1's last sample is 3: the global position is 4
+    assert ranks[1].next_index(3) == 4 == ranks[0].next_index(2)
+    position.update(epoch=0, next_index=4)
+    assert [i for _, i in ranks[0]] == [4, 6, 8] and [i for _, i in ranks[1]] == [5, 7, 9]
+    assert list(EpochSampler(11, rank=0, world=3))[-1] == (0, 6)  # the tail (9, 10) is dropped
+    with pytest.raises(ExploraGeoError, match="fewer than the 4 processes"):
+        EpochSampler(3, rank=0, world=4)
+
+
 def test_lightning_sets_epochs_and_checkpoints_the_position(plain: Path, tmp_path: Path) -> None:
     import lightning as L
 
