@@ -116,7 +116,8 @@ class ExploraSegmentationTask(ExploraTaskMixin, SemanticSegmentation):
                          num_classes=num_classes, num_labels=num_labels, labels=labels, pos_weight=pos_weight,
                          loss=loss, class_weights=class_weights, ignore_index=ignore_index, lr=lr,
                          patience=patience)
-        self.hparams.update(model=model, backbone=model, in_channels=in_channels or 3, backbone_meta=meta)
+        self.hparams.update(model=model, backbone=model, in_channels=in_channels or 3,
+                            backbone_meta=self._backbone_meta)
 
     def configure_models(self) -> None:
         """Backbone (checked loading of backbone files) + decoder; trainable parameters per ``mode``."""
@@ -128,6 +129,7 @@ class ExploraSegmentationTask(ExploraTaskMixin, SemanticSegmentation):
         else:
             backbone = timm.create_model(self.hparams["backbone"], num_classes=0,
                                          in_chans=self.hparams["in_channels"], pretrained=self.weights is True)
+            self._backbone_meta = getattr(backbone, "explora_sidecar", None)  # a name from register_backbone
         outputs = self.hparams["num_classes"] or self.hparams["num_labels"] or 1
         self.model = ViTSegmenter(backbone, outputs, n_blocks=self.hparams["n_blocks"],
                                   decoder_dim=self.hparams["decoder_dim"])

@@ -188,13 +188,15 @@ class ExploraClassificationTask(ExploraTaskMixin, Classification):
                          loss=loss, class_weights=class_weights, ignore_index=ignore_index, lr=lr,
                          patience=patience, freeze_backbone=freeze_backbone)
         # The CLI passes its own view of the init args to save_hyperparameters: record what was resolved.
-        self.hparams.update(model=model, in_channels=in_channels or 3, backbone_meta=meta)
+        self.hparams.update(model=model, in_channels=in_channels or 3, backbone_meta=self._backbone_meta)
 
     def configure_models(self) -> None:
         """Build the model (checked loading of backbone files) and set the trainable parameters."""
         meta = self._backbone_meta
         if meta is None:
             super().configure_models()
+            # a name from register_backbone: keep its sidecar so the checkpoint can be rebuilt anywhere
+            self._backbone_meta = getattr(self.model, "explora_sidecar", None)
         else:
             k = self.hparams["num_classes"] or self.hparams["num_labels"] or 1
             self.model = build_backbone(meta, self.weights, k)

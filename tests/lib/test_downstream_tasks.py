@@ -175,3 +175,15 @@ def test_torchgeo_fit_cli_then_probe_and_export(eurosat_dir: Path, tmp_path: Pat
                  "--out", str(tmp_path / "model.onnx")]) == 0
     meta = json.loads((tmp_path / "model.json").read_text())
     assert meta["class_names"][0] == "AnnualCrop" and len(meta["class_names"]) == 10
+
+
+def test_task_on_a_registered_name_keeps_the_sidecar_for_its_checkpoint(tmp_path: Path) -> None:
+    weights = make_backbone(tmp_path / "bb")
+    name = register_backbone(weights, name="explora_test_task_name")
+    task = ExploraClassificationTask(model=name, weights=True, in_channels=10, num_classes=3)
+    _assert_backbone_equals_file(task.model, weights)
+    assert task.hparams["backbone_meta"]["weights_file"] == str(weights.resolve())
+    ckpt = tmp_path / "t.ckpt"
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, ckpt)
+    backbone, sidecar = backbone_from_checkpoint(ckpt)
+    _assert_backbone_equals_file(backbone, weights)
