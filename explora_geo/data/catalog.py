@@ -141,7 +141,6 @@ class Catalog:
     offset: float
     offset_origin: str
     sensor: Sensor | None
-    scenes: dict[str, dict[str, str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -347,71 +346,65 @@ def build_catalog(
     Raises:
         ExploraGeoError: naming the file or value at fault.
     """
-    from rasterio.crs import CRS
-
     preset = get_sensor(sensor) if sensor is not None else None
     wanted = _requested(bands, preset)
     paths = find_rasters(data)
     infos = [inspect_raster(p) for p in paths]
-    band_files = [(_BAND_FILE.match(Path(p).stem), i) for p, i in zip(paths, infos, strict=True)]
-    is_band_files = band_names is None and all(m is not None and i.count == 1 for m, i in band_files)
-
+    matches = [_BAND_FILE.match(Path(p).stem) for p in paths]
+    if band_names is None and all(m is not None and i.count == 1 for m, i in zip(matches, infos, strict=True)):
+        kind, (file_bands, units) = "band_files", _scene_units(infos, matches, wanted, preset)
+    else:
+        kind, (file_bands, units) = "mosaic", _mosaic_units(infos, wanted, preset, band_names)
     notes: list[str] = []
-    if crs is None:
-        target_crs, why = _default_crs(infos)
-        notes.append(f"crs chosen: {target_crs.to_string()} ({why}); pass crs= to choose another")
-    else:
-        try:
-            target_crs = CRS.from_user_input(crs)
-        except Exception as err:  # rasterio raises CRSError
-            raise ExploraGeoError(f"unknown CRS {crs!r} ({err}); pass e.g. EPSG:32633.") from err
-
-    if is_band_files:
-        catalog_kind, file_bands, sources, scenes, ref_infos = "band_files", *_band_file_sources(
-            band_files, wanted, preset
-        )
-    else:
-        catalog_kind = "mosaic"
-        file_bands, sources_idx = _mosaic_band_indexes(infos, wanted, preset, band_names)
-        scenes, ref_infos = {}, infos
-        sources = []
-
-    if res is None:
-        in_crs = [i for i in ref_infos if i.crs == target_crs] or list(ref_infos)
-        finest = min(in_crs, key=lambda i: i.res[0] * i.res[1])
-        target_res = finest.res
-        notes.append(f"res chosen: {target_res[0]:g} x {target_res[1]:g} (finest native resolution); pass res= to change")
-    else:
-        target_res = (float(res), float(res)) if isinstance(res, int | float) else (float(res[0]), float(res[1]))
-        if min(target_res) <= 0:
-            raise ExploraGeoError(f"resolution {res} is not positive; pass a pixel size in CRS units.")
-
+    target_crs = _target_crs(crs, infos, notes)
+    target_res = _target_res(res, [ref for _, _, ref in units], target_crs, notes)
     value, origin = _resolve_nodata(infos, nodata)
-    if catalog_kind == "mosaic":
-        for info in infos:
-            transform, width, height = _unit_grid(info, target_res)
-            channels = tuple((info.path, k + 1) for k in sources_idx)
-            sources.append(Source(Path(info.path).name, channels, info.crs, transform, width, height,
-                                  info.block, value))
-    else:
-        sources = [
-            Source(s.name, s.channels, s.crs, *_unit_grid(ref, target_res), s.block, value)
-            for s, ref in zip(sources, ref_infos, strict=True)
-        ]
+    sources = [Source(name, channels, ref.crs, *_unit_grid(ref, target_res), ref.block, value)
+               for name, channels, ref in units]
     if isinstance(dn_offset, str):
         if dn_offset != "auto":
             raise ExploraGeoError(f"dn_offset {dn_offset!r} is not 'auto' or a number; pass e.g. 1000 or 'auto'.")
         offset, offset_origin = dn_offset_from(paths, [i.tags for i in infos])
     else:
         offset, offset_origin = float(dn_offset), "user"
-    return Catalog(catalog_kind, wanted, tuple(file_bands), sources, target_crs, target_res, value, origin,
-                   offset, offset_origin, preset, scenes, notes)
+    return Catalog(kind, wanted, tuple(file_bands), sources, target_crs, target_res, value, origin, offset,
+                   offset_origin, preset, notes)
 
 
-def _mosaic_band_indexes(
+# A unit before its grid is fixed: (name, channels as (path, 1-based band), reference file of its grid).
+_Unit = tuple[str, tuple[tuple[str, int], ...], RasterInfo]
+
+
+def _target_crs(crs: Any, infos: Sequence[RasterInfo], notes: list[str]) -> Any:
+    from rasterio.crs import CRS
+
+    if crs is None:
+        chosen, why = _default_crs(infos)
+        notes.append(f"crs chosen: {chosen.to_string()} ({why}); pass crs= to choose another")
+        return chosen
+    try:
+        return CRS.from_user_input(crs)
+    except Exception as err:  # rasterio raises CRSError
+        raise ExploraGeoError(f"unknown CRS {crs!r} ({err}); pass e.g. EPSG:32633.") from err
+
+
+def _target_res(res: float | tuple[float, float] | None, refs: Sequence[RasterInfo], crs: Any,
+                notes: list[str]) -> tuple[float, float]:
+    if res is None:
+        in_crs = [i for i in refs if i.crs == crs] or list(refs)
+        chosen = min(in_crs, key=lambda i: i.res[0] * i.res[1]).res
+        notes.append(f"res chosen: {chosen[0]:g} x {chosen[1]:g} (finest native resolution); pass res= to change")
+        return chosen
+    pair = (float(res), float(res)) if isinstance(res, int | float) else (float(res[0]), float(res[1]))
+    if min(pair) <= 0:
+        raise ExploraGeoError(f"resolution {res} is not positive; pass a pixel size in CRS units.")
+    return pair
+
+
+def _mosaic_units(
     infos: Sequence[RasterInfo], wanted: Sequence[str], sensor: Sensor | None, band_names: Sequence[str] | None
-) -> tuple[list[str], list[int]]:
-    """Common band names of multi-band files and the 0-based indexes of ``wanted`` in them."""
+) -> tuple[list[str], list[_Unit]]:
+    """Common band names of multi-band files, and one unit per file with the ``wanted`` bands."""
     counts = Counter(i.count for i in infos)
     if len(counts) > 1:
         common = counts.most_common(1)[0][0]
@@ -428,23 +421,21 @@ def _mosaic_band_indexes(
                 "mosaic files must share band order."
             )
     idx = select_bands(names0, wanted, sensor=sensor, source=Path(infos[0].path).name)
-    return names0, idx
+    return names0, [(Path(i.path).name, tuple((i.path, k + 1) for k in idx), i) for i in infos]
 
 
-def _band_file_sources(
-    band_files: Sequence[tuple[re.Match[str] | None, RasterInfo]], wanted: Sequence[str], sensor: Sensor | None
-) -> tuple[list[str], list[Source], dict[str, dict[str, str]], list[RasterInfo]]:
-    """Group per-band files into scenes; each scene's grid is its finest requested band."""
+def _scene_units(
+    infos: Sequence[RasterInfo], matches: Sequence[re.Match[str] | None], wanted: Sequence[str],
+    sensor: Sensor | None,
+) -> tuple[list[str], list[_Unit]]:
+    """Band names found, and one unit per scene of per-band files (grid: its finest requested band)."""
     scenes: dict[str, dict[str, RasterInfo]] = {}
-    for match, info in band_files:
+    for match, info in zip(matches, infos, strict=True):
         assert match is not None
         key = os.path.join(os.path.dirname(info.path), match.group("stem"))
         name = canonical_band_name(match.group("band"))
-        if sensor is not None:
-            name = sensor.canonical(name) or name
-        scenes.setdefault(key, {})[name] = info
-    found = sorted({b for s in scenes.values() for b in s})
-    sources, refs = [], []
+        scenes.setdefault(key, {})[(sensor.canonical(name) if sensor else None) or name] = info
+    units: list[_Unit] = []
     for key, members in sorted(scenes.items()):
         names = list(members)
         idx = select_bands(names, wanted, sensor=sensor, source=f"scene {Path(key).name}")
@@ -453,8 +444,5 @@ def _band_file_sources(
         for info in chosen:
             if info.crs != ref.crs:
                 raise ExploraGeoError(f"{info.path} is in {info.crs} but its scene is in {ref.crs}; reproject it.")
-        refs.append(ref)
-        sources.append(Source(Path(key).name, tuple((i.path, 1) for i in chosen), ref.crs, ref.transform,
-                              ref.width, ref.height, ref.block, None))
-    mapping = {k: {b: i.path for b, i in m.items()} for k, m in scenes.items()}
-    return found, sources, mapping, refs
+        units.append((Path(key).name, tuple((i.path, 1) for i in chosen), ref))
+    return sorted({b for s in scenes.values() for b in s}), units
