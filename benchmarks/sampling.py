@@ -55,7 +55,8 @@ def generate(folder: Path, size: int, seed: int = 0, block: int = 512) -> list[P
                 chunk = np.empty((13, y.size, size), dtype=np.uint16)
                 for k in range(13):
                     f, p = freqs[k], phases[k]
-                    field = (MEANS[k] + 0.25 * MEANS[k] * np.outer(np.sin(f[0] * y + p[0]), np.cos(f[1] * x + p[1]))
+                    hills = np.outer(np.sin(f[0] * y + p[0]), np.cos(f[1] * x + p[1]))
+                    field = (MEANS[k] + 0.25 * MEANS[k] * hills
                              + 0.15 * MEANS[k] * np.sin(f[2] * y + p[2])[:, None]
                              + 0.15 * MEANS[k] * np.cos(f[3] * x + p[3])[None, :])
                     noise = rng.integers(-40, 40, size=field.shape, dtype=np.int16)
@@ -64,6 +65,11 @@ def generate(folder: Path, size: int, seed: int = 0, block: int = 512) -> list[P
             dst.descriptions = tuple(BANDS)
         paths.append(path)
     return paths
+
+
+def disk_mib(folder: Path) -> float:
+    """MiB allocated by the ``.npy`` files of ``folder`` (the cache files are sparse until filled)."""
+    return sum(p.stat().st_blocks * 512 for p in folder.glob("*.npy")) / 2**20
 
 
 def rate(loader: Any, count: int) -> tuple[float, float]:
@@ -149,7 +155,7 @@ def main() -> None:
         loader.sampler.set_epoch(1)
         fast, fast_s = rate(loader, patches)
         print(f"fast path, epoch 2 (cached): {fast:.1f} patches/s ({fast_s:.1f} s); "
-              f"cache on disk {sum(p.stat().st_blocks * 512 for p in cache.glob('*.npy')) / 2**20:.0f} MiB", flush=True)
+              f"cache on disk {disk_mib(cache):.0f} MiB", flush=True)
         del loader
 
         assert dm.dataset is not None

@@ -14,11 +14,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--data", required=True, nargs="+", metavar="PATH",
                    help="folder(s), glob(s) or raster file(s): multi-band mosaics or per-band Sentinel-2 files")
     p.add_argument("--bands", required=True, metavar="SENSOR|B1,B2,...",
-                   help="a sensor preset (all its bands, e.g. sentinel2, sentinel2_l2a) or comma-separated band names")
+                   help="a sensor preset (all its bands, e.g. sentinel2, sentinel2_l2a) "
+                   "or comma-separated band names")
     p.add_argument("--sensor", default=None, help="preset naming the files' bands when --bands lists names "
                    "(default: sentinel2)")
     p.add_argument("--band-names", default=None, metavar="B1,B2,...",
-                   help="names of the bands of every multi-band file, in file order (e.g. EuroSAT's B8A-last order)")
+                   help="names of the bands of every multi-band file, in file order "
+                   "(e.g. EuroSAT's B8A-last order)")
     p.add_argument("--out", default=None, help="write the statistics JSON here")
     p.add_argument("--patches", type=int, default=256, help="number of random patches (default 256)")
     p.add_argument("--patch-size", type=int, default=64, help="patch side in pixels (default 64)")

@@ -151,10 +151,11 @@ class Catalog:
     def describe(self) -> str:
         """A few lines for logs: files, CRS, resolution, bands, nodata, offset and the choices made."""
         files = self.files
-        shown = ", ".join(Path(f).name for f in files[:3]) + (f", ... ({len(files)} files)" if len(files) > 3 else "")
+        shown = ", ".join(Path(f).name for f in files[:3])
+        shown += f", ... ({len(files)} files)" if len(files) > 3 else ""
         lines = [
             f"data: {self.kind}, {len(self.sources)} unit(s): {shown}",
-            f"crs: {self.crs.to_string() if self.crs is not None else None}; res: {self.res[0]:g} x {self.res[1]:g}",
+            f"crs: {self.crs.to_string()}; res: {self.res[0]:g} x {self.res[1]:g}",
             f"bands: {', '.join(self.bands)}",
             f"nodata: {self.nodata} ({self.nodata_origin}); dn offset: {self.offset:g} ({self.offset_origin})",
         ]
@@ -189,7 +190,8 @@ def find_rasters(data: DataSpec) -> list[str]:
             rasters = sorted(str(p) for p in entries if p.suffix.lower() in RASTER_SUFFIXES)
             if not rasters:
                 raise ExploraGeoError(
-                    f"folder {text} has no raster ({'/'.join(RASTER_SUFFIXES)}); point --data at GeoTIFF/JP2 files."
+                    f"folder {text} has no raster ({'/'.join(RASTER_SUFFIXES)}); "
+                    "point --data at GeoTIFF/JP2 files."
                 )
             found += rasters
         elif os.path.isfile(text):
@@ -211,7 +213,9 @@ def inspect_raster(path: str) -> RasterInfo:
     try:
         with rasterio.open(path) as src:
             if src.crs is None or src.transform.is_identity:
-                raise ExploraGeoError(f"{path} has no CRS/geotransform; georeference it (e.g. gdal_translate -a_srs).")
+                raise ExploraGeoError(
+                    f"{path} has no CRS/geotransform; georeference it (e.g. gdal_translate -a_srs)."
+                )
             tags = {**src.tags(), **src.tags(1)}
             return RasterInfo(
                 path=path, crs=src.crs, transform=src.transform, width=src.width, height=src.height,

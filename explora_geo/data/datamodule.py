@@ -179,7 +179,8 @@ class PretrainDataModule(L.LightningDataModule):
         """Resume at the stored position: the stored epoch skips the samples already consumed."""
         if int(state_dict.get("seed", self.seed)) != self.seed:
             raise ExploraGeoError(
-                f"checkpoint data seed {state_dict['seed']} differs from seed {self.seed}; resume with the same seed."
+                f"checkpoint data seed {state_dict['seed']} differs from seed {self.seed}; "
+                "resume with the same seed."
             )
         self._position.clear()
         self._position.update(epoch=int(state_dict["epoch"]), next_index=int(state_dict["next_index"]))
@@ -193,9 +194,11 @@ class PretrainDataModule(L.LightningDataModule):
         reader = "fast (cached, own grid)" if self.fast else "torchgeo"
         if self.fast:
             r = self.dataset._reader
-            reader += f", cache {r.cache_dir} ({sum(r.cached)}/{len(r.cached)} units, {r.cached_bytes / 2**30:.2f} GiB)"
+            reader += (f", cache {r.cache_dir} ({sum(r.cached)}/{len(r.cached)} units, "
+                       f"{r.cached_bytes / 2**30:.2f} GiB)")
         roi = f"; roi: {Path(self.roi).name}" if self.roi else ""
         return (f"{self.catalog.describe()}\nreader: {reader}; patch {self.patch_size} px; "
                 f"{self.samples_per_epoch} samples/epoch{roi}\n"
-                f"rejected patches so far: {self.rejected_count} of {self.samples_seen + self.rejected_count} drawn "
+                f"rejected patches so far: {self.rejected_count} of "
+                f"{self.samples_seen + self.rejected_count} drawn "
                 f"(max nodata fraction {self.max_nodata_fraction:g})")

@@ -58,7 +58,9 @@ def _open(path: str) -> Any:
         raise ExploraGeoError(f"cannot read {path} ({err}); replace or remove the file.") from err
 
 
-def read_window(source: Source, handles: dict[str, Any], row: int, col: int, height: int, width: int) -> np.ndarray:
+def read_window(
+    source: Source, handles: dict[str, Any], row: int, col: int, height: int, width: int
+) -> np.ndarray:
     """Pixels ``[C, height, width]`` of ``source`` (file dtype) for the window at ``(row, col)`` of its grid.
 
     Files whose grid is the unit grid are read directly; others (a 20 m band of a 10 m scene, a file at a
@@ -79,7 +81,8 @@ def read_window(source: Source, handles: dict[str, Any], row: int, col: int, hei
         if src is None:
             src = handles[path] = _open(path)
         indexes = list(dict.fromkeys(bands))
-        if src.transform.almost_equals(source.transform) and (src.width, src.height) == (source.width, source.height):
+        same_grid = (src.width, src.height) == (source.width, source.height)
+        if same_grid and src.transform.almost_equals(source.transform):
             data = src.read(indexes, window=window)
         else:
             src_window = from_bounds(*window_bounds(window, source.transform), src.transform)

@@ -111,7 +111,9 @@ class WindowSampler:
                     f"patch size {size} px is larger than every input (largest: {largest.name}, "
                     f"{largest.width} x {largest.height} px); use a smaller patch size."
                 )
-            raise ExploraGeoError("the region of interest does not overlap the data; check the ROI file and its CRS.")
+            raise ExploraGeoError(
+                "the region of interest does not overlap the data; check the ROI file and its CRS."
+            )
         self.probs = np.asarray(weights) / total
 
     def draw(self, rng: np.random.Generator) -> Window:

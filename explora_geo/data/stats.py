@@ -138,7 +138,9 @@ def load_stats(path: str | os.PathLike[str]) -> dict[str, Any]:
     except FileNotFoundError as err:
         raise ExploraGeoError(f"statistics file {path} does not exist; run `explora-geo stats` first.") from err
     except json.JSONDecodeError as err:
-        raise ExploraGeoError(f"statistics file {path} is not JSON ({err}); rewrite it with `explora-geo stats`.") from err
+        raise ExploraGeoError(
+            f"statistics file {path} is not JSON ({err}); rewrite it with `explora-geo stats`."
+        ) from err
     if not isinstance(stats, dict) or stats.get("format") != FORMAT:
         raise ExploraGeoError(f"{path} is not an explora-geo statistics file; write one with `explora-geo stats`.")
     return stats

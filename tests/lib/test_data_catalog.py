@@ -54,7 +54,8 @@ def test_user_band_names_override_and_must_match_count(mosaic: Path) -> None:
 
 
 def test_default_crs_and_res_are_chosen_and_reported(tmp_path: Path) -> None:
-    write_tif(tmp_path / "big.tif", smooth((4, 64, 64)), descriptions=RGBN, crs="EPSG:32632", origin=(700000, 5800000))
+    write_tif(tmp_path / "big.tif", smooth((4, 64, 64)), descriptions=RGBN, crs="EPSG:32632",
+              origin=(700000, 5800000))
     write_tif(tmp_path / "small.tif", smooth((4, 32, 32)), descriptions=RGBN, res=20.0)
     cat = build_catalog(tmp_path, bands=RGBN)
     assert cat.crs.to_epsg() == 32632 and cat.res == (10.0, 10.0)
@@ -163,7 +164,8 @@ def test_cli_stats_exits_2_with_one_line(tmp_path: Path, mosaic: Path, case: str
     assert len(err) == 1 and err[0].startswith("explora-geo stats: error:"), err
     expected = {"missing": "does not exist", "empty": "is empty", "no_raster": "has no raster",
                 "corrupt": "x.tif", "band_counts": "b.tif has 3 bands", "band": "lacks band(s) B12",
-                "all_nodata": "all nodata", "patch": "patch size 500 px is larger", "roi": "does not overlap"}[case]
+                "all_nodata": "all nodata", "patch": "patch size 500 px is larger",
+                "roi": "does not overlap"}[case]
     assert expected in err[0]
 
 

@@ -25,7 +25,8 @@ BIGEARTHNET_MEAN = dict(zip(get_sensor("sentinel2_l2a").band_names, (
 
 
 def _means(data: Path | str, bands: list[str], **kwargs: object) -> dict[str, float]:
-    stats = compute_stats(data, bands=bands, patch_size=32, num_patches=24, progress=False, **kwargs)  # type: ignore[arg-type]
+    stats = compute_stats(data, bands=bands, patch_size=32, num_patches=24, progress=False,
+                          **kwargs)  # type: ignore[arg-type]
     return dict(zip(stats["bands"], stats["mean"], strict=True))
 
 
@@ -107,7 +108,8 @@ def test_eurosat_two_workers_and_normalisation_from_stats(eurosat_dir: Path, tmp
     norm = normalization_from_stats(stats, "meanstd")
     kwargs = dict(bands=bands, band_names=EUROSAT_ORDER, patch_size=32, batch_size=8, samples_per_epoch=16,
                   normalization=norm, seed=7, cache_dir=tmp_path / "cache", crs="EPSG:32633")
-    two = torch.cat([b["image"] for b in PretrainDataModule(eurosat_dir, num_workers=2, **kwargs).train_dataloader()])
+    two_workers = PretrainDataModule(eurosat_dir, num_workers=2, **kwargs)
+    two = torch.cat([b["image"] for b in two_workers.train_dataloader()])
     one = torch.cat([b["image"] for b in PretrainDataModule(eurosat_dir, **kwargs).train_dataloader()])
     torch.testing.assert_close(two, one, rtol=0, atol=0)
     assert abs(float(two.mean())) < 1.0 and 0.3 < float(two.std()) < 3.0  # roughly standardised

@@ -188,8 +188,9 @@ def test_lightning_sets_epochs_and_checkpoints_the_position(plain: Path, tmp_pat
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     every2 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
-    L.Trainer(max_epochs=1, logger=False, callbacks=[every2], enable_progress_bar=False, enable_model_summary=False,
-              default_root_dir=tmp_path, accelerator="cpu").fit(Probe(), datamodule=_dm(plain))
+    L.Trainer(max_epochs=1, logger=False, callbacks=[every2], enable_progress_bar=False,
+              enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu").fit(
+        Probe(), datamodule=_dm(plain))
     mid = next((tmp_path / "ckpt").glob("*step=2*.ckpt"))
     seen.clear()
     resumed = _dm(plain)
