@@ -134,9 +134,9 @@ class BandFilesDataset(RasterDataset):
 
 
 def open_dataset(
-    data: DataSpec,
+    data: DataSpec | None = None,
     *,
-    bands: Sequence[str],
+    bands: Sequence[str] = (),
     sensor: str | Sensor | None = "sentinel2",
     band_names: Sequence[str] | None = None,
     crs: Any = None,
@@ -146,9 +146,10 @@ def open_dataset(
     catalog: Catalog | None = None,
 ) -> MosaicDataset | BandFilesDataset:
     """The torchgeo dataset for ``data``: :class:`BandFilesDataset` for per-band files, else
-    :class:`MosaicDataset`. See :func:`explora_geo.data.catalog.build_catalog` for the arguments."""
-    cat = catalog or build_catalog(data, bands=bands, sensor=sensor, band_names=band_names, nodata=nodata,
-                                   res=res, crs=crs)
+    :class:`MosaicDataset`. See :func:`explora_geo.data.catalog.build_catalog` for the arguments; a prebuilt
+    ``catalog`` replaces them."""
+    cat = _catalog(data, catalog, dict(bands=bands, sensor=sensor, band_names=band_names, nodata=nodata,
+                                       res=res, crs=crs))
     if cat.kind == "band_files":
         return BandFilesDataset(catalog=cat, transforms=transforms)
     return MosaicDataset(catalog=cat, transforms=transforms)

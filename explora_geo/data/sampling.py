@@ -236,6 +236,7 @@ class PatchDataset(Dataset[dict[str, Any]]):
         self.windows = WindowSampler(catalog.sources, patch_size, roi)
         self._reader: Any = None
         self._dataset: Any = None
+        self._transformers: dict[str, Any] = {}
         if fast:
             from explora_geo.data.fast import PatchReader
 
@@ -251,17 +252,22 @@ class PatchDataset(Dataset[dict[str, Any]]):
         return self._read_torchgeo(window)
 
     def _read_torchgeo(self, window: Window) -> np.ndarray:
+        """The torchgeo dataset's patch centred where ``window``'s centre lands in the catalog's grid."""
         from pyproj import Transformer
 
         if self._dataset is None:
             from explora_geo.data.datasets import open_dataset
 
-            self._dataset = open_dataset(None, bands=(), catalog=self.catalog)  # type: ignore[arg-type]
+            self._dataset = open_dataset(catalog=self.catalog)
+            self._transformers = {}
         ds, source = self._dataset, self.catalog.sources[window.source]
         half = window.size / 2
         x, y = source.transform @ (window.col + half, window.row + half)
         if source.crs != self.catalog.crs:
-            x, y = Transformer.from_crs(source.crs, self.catalog.crs, always_xy=True).transform(x, y)
+            key = source.crs.to_wkt()
+            if key not in self._transformers:
+                self._transformers[key] = Transformer.from_crs(source.crs, self.catalog.crs, always_xy=True)
+            x, y = self._transformers[key].transform(x, y)
         xres, yres = self.catalog.res
         xmin, ymax = ds.bounds[0].start, ds.bounds[1].stop
         left = xmin + round((x - half * xres - xmin) / xres) * xres
@@ -315,5 +321,5 @@ class PatchDataset(Dataset[dict[str, Any]]):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_dataset"] = None
+        state.update(_dataset=None, _transformers={})
         return state

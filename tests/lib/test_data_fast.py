@@ -38,7 +38,7 @@ def test_fast_equals_torchgeo_for_each_file_in_its_crs(two_zones: Path, tmp_path
     rng = np.random.default_rng(0)
     for crs in ("EPSG:32633", "EPSG:32632"):
         cat = build_catalog(two_zones, bands=["B04", "B02"], crs=crs)
-        ds = open_dataset(None, bands=(), catalog=cat)  # type: ignore[arg-type]
+        ds = open_dataset(catalog=cat)
         index = next(i for i, s in enumerate(cat.sources) if s.crs == cat.crs)
         source = cat.sources[index]
         reader = PatchReader(cat.sources, cache_dir=tmp_path / "cache", cache_bytes=None if cached else 0)
