@@ -15,10 +15,10 @@
 Loading is strict about the transformer: a missing or mis-shaped block / norm / cls key is an
 :class:`~explora_geo.errors.ExploraGeoError`. Only legitimately new parts may be initialised (the head;
 for a group-channel ViT loaded from a plain ViT: the group patch embeddings' non-RGB kernels, the
-position and group encodings), and the :class:`LoadReport` lists every key. Differences that have an
-exact equivalent are converted, not refused: LayerScale is folded into the preceding linear layers (or set
-to 1), position grids and patch kernels are resampled with timm's functions, and input channels are mapped
-by band name.
+position and group encodings), and the :class:`LoadReport` lists every key. Some differences are
+converted rather than refused: LayerScale is folded into the preceding linear layers or set to 1 (exact),
+position grids and patch kernels are resampled with timm's functions, and input channels are mapped by
+band name.
 """
 
 from __future__ import annotations
