@@ -269,3 +269,15 @@ def test_sensor_attribute() -> None:
     assert GroupChannelViT(sensor="LandSat8", **TINY).sensor == "landsat8"
     assert GroupChannelViT(band_groups=[["B02"]], **TINY).sensor is None
     assert GroupChannelViT(band_groups=[["B02"]], sensor="sentinel2_l2a", **TINY).sensor == "sentinel2_l2a"
+
+
+def test_grad_checkpointing_and_pruning() -> None:
+    torch.manual_seed(3)
+    m = GroupChannelViT(depth=3, embed_dim=32, num_heads=2, num_classes=2).eval()
+    x = torch.randn(2, 10, 32, 32)
+    ref = m.forward_features(x)
+    m.set_grad_checkpointing(True)
+    torch.testing.assert_close(m.forward_features(x), ref)
+    kept = m.prune_intermediate_layers(indices=[1])
+    assert kept == [1] and len(m.blocks) == 2 and isinstance(m.head, torch.nn.Identity)
+    assert m.forward_intermediates(x, indices=[1], intermediates_only=True)[0].shape == (2, 32, 4, 4)
