@@ -46,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--epochs", type=int, default=100, help="linear-head epochs (default: 100)")
     parser.add_argument("--batch-size", type=int, default=64, help="feature-extraction batch size (default: 64)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default: 0)")
-    parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 ... (default: auto)")
+    parser.add_argument("--device", default="auto",
+                        help="torch device: auto, cpu, cuda, cuda:1 ... (default: auto)")
     parser.set_defaults(func=run)
 
 

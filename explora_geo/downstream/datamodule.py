@@ -17,7 +17,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchgeo.datamodules import BaseDataModule
 
 from explora_geo.downstream.labeled import ChipDataset, ChipIndex, scan_chip_folder, stratified_split
-from explora_geo.downstream.masks import MaskDataset, MaskIndex, random_split, scan_mask_folder, vector_labels_to_masks
+from explora_geo.downstream.masks import (
+    MaskDataset,
+    MaskIndex,
+    random_split,
+    scan_mask_folder,
+    vector_labels_to_masks,
+)
 from explora_geo.errors import ExploraGeoError
 from explora_geo.normalization import Normalization
 from explora_geo.sensors import get_sensor

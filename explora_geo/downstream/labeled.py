@@ -308,7 +308,8 @@ class MosaicGrid(NamedTuple):
     bounds: tuple[float, float, float, float]
 
 
-def mosaic_grid(layout: Mapping[str, tuple[Path, int]], names: Sequence[str], res: float | None = None) -> MosaicGrid:
+def mosaic_grid(layout: Mapping[str, tuple[Path, int]], names: Sequence[str],
+                res: float | None = None) -> MosaicGrid:
     """The CRS, resolution (default: the finest band's) and the extent every band in ``names`` covers.
 
     Raises:

@@ -66,7 +66,8 @@ def scan_mask_folder(root: str | os.PathLike[str]) -> MaskIndex:
     masks = tuple(root / "masks" / p.name for p in images)
     missing = [m for m in masks if not m.is_file()]
     if missing:
-        raise ExploraGeoError(f"mask {missing[0]} is missing for image {missing[0].name} ({len(missing)} missing); "
+        raise ExploraGeoError(f"mask {missing[0]} is missing for image {missing[0].name} "
+                              f"({len(missing)} missing); "
                               "every image needs a mask of the same name.")
     return MaskIndex(images, masks, classes)
 
@@ -79,7 +80,8 @@ def random_split(n: int, fractions: Sequence[float] = (0.6, 0.2, 0.2), *, seed: 
         ExploraGeoError: bad fractions or too few items.
     """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ExploraGeoError(f"split fractions {tuple(fractions)} must be three non-negative numbers summing to 1.")
+        raise ExploraGeoError(f"split fractions {tuple(fractions)} must be three non-negative numbers "
+                              "summing to 1.")
     n_val = max(1, round(n * fractions[1])) if fractions[1] > 0 else 0
     n_test = max(1, round(n * fractions[2])) if fractions[2] > 0 else 0
     if n - n_val - n_test < 1:

@@ -41,7 +41,8 @@ class ViTSegmenter(nn.Module):
         decoder_dim: channels of the decoder.
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, *, n_blocks: int = 4, decoder_dim: int = 128) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int, *, n_blocks: int = 4,
+                 decoder_dim: int = 128) -> None:
         super().__init__()
         self.backbone = backbone
         self.n_blocks = min(n_blocks, len(backbone.blocks))

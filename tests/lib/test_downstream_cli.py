@@ -18,7 +18,8 @@ def _probe(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
     return json.loads(lines[0])
 
 
-def test_probe_prints_one_json_line_and_writes_its_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_probe_prints_one_json_line_and_writes_its_files(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
     weights = make_backbone(tmp_path / "bb", depth=2)
     data = make_chip_folder(tmp_path / "chips", {"dark": 8, "nir": 8, "swir": 8},
                             names=["B11", "B02", "B08", "B03", "B04", "B05", "B06", "B07", "B8A", "B12"])

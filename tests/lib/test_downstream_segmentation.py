@@ -76,12 +76,14 @@ def test_mask_errors(t33uuu_root: Path, tmp_path: Path) -> None:
     water = gpd.read_file(t33uuu_root / OSM)
     water[water["fclass"] == "water"].to_file(tmp_path / "water.gpkg")
     with pytest.raises(ExploraGeoError, match="single class"):
-        vector_labels_to_masks(tmp_path / "water.gpkg", t33uuu_root / "IMG_DATA", tmp_path / "o", class_column="fclass")
+        vector_labels_to_masks(tmp_path / "water.gpkg", t33uuu_root / "IMG_DATA", tmp_path / "o",
+                               class_column="fclass")
     far = water.copy()
     far.geometry = far.geometry.translate(1e6, 0)
     far.to_file(tmp_path / "far.gpkg")
     with pytest.raises(ExploraGeoError, match="overlaps the raster"):
-        vector_labels_to_masks(tmp_path / "far.gpkg", t33uuu_root / "IMG_DATA", tmp_path / "o", class_column="fclass")
+        vector_labels_to_masks(tmp_path / "far.gpkg", t33uuu_root / "IMG_DATA", tmp_path / "o",
+                               class_column="fclass")
     with pytest.raises(ExploraGeoError, match="classes.json does not exist"):
         scan_mask_folder(tmp_path / "o")
     with pytest.raises(ExploraGeoError, match="too few"):
