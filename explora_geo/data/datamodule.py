@@ -127,7 +127,8 @@ class PretrainDataModule(L.LightningDataModule):
         self.dataset: PatchDataset | None = None
         self.rejected_count = 0
         self.samples_seen = 0
-        self._position: dict[str, int] = {}
+        self._position: dict[str, int] = {}  # last consumed position, for state_dict
+        self._resume: dict[str, int] = {}  # where the next iteration of that epoch starts (load_state_dict)
         self._sampler: EpochSampler | None = None
 
     # ------------------------------------------------------------------ setup
@@ -154,7 +155,7 @@ class PretrainDataModule(L.LightningDataModule):
         """Batches of ``samples_per_epoch`` patches; see the module docstring for the keys."""
         self.setup()
         assert self.dataset is not None
-        self._sampler = EpochSampler(self.samples_per_epoch, self._position)
+        self._sampler = EpochSampler(self.samples_per_epoch, self._resume)
         loader = _TrackedLoader(
             self.dataset, batch_size=self.batch_size, sampler=self._sampler, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0, pin_memory=False,
@@ -182,8 +183,11 @@ class PretrainDataModule(L.LightningDataModule):
                 f"checkpoint data seed {state_dict['seed']} differs from seed {self.seed}; "
                 "resume with the same seed."
             )
+        position = {"epoch": int(state_dict["epoch"]), "next_index": int(state_dict["next_index"])}
         self._position.clear()
-        self._position.update(epoch=int(state_dict["epoch"]), next_index=int(state_dict["next_index"]))
+        self._position.update(position)
+        self._resume.clear()
+        self._resume.update(position)
         self.rejected_count = int(state_dict.get("rejected_count", 0))
         self.samples_seen = int(state_dict.get("samples_seen", 0))
 

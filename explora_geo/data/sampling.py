@@ -141,7 +141,8 @@ class EpochSampler(DistributedSampler):
     ``DistributedSampler`` so that Lightning does not wrap it (or rebuild the data loader) under DDP.
 
     ``resume`` (a dict with ``epoch`` and a global ``next_index``, shared with the data module) makes the
-    resumed epoch skip the samples already consumed (``i >= next_index`` in that epoch, else all).
+    next iteration of that epoch skip the samples already consumed (``i >= next_index``); it is used once,
+    so iterating the same epoch again yields it whole.
 
     Args:
         length: samples per epoch, all ranks together.
@@ -170,6 +171,7 @@ class EpochSampler(DistributedSampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
         stop = self.world * (self.length // self.world)
         first = self._start()
+        self.resume.clear()  # a resume point serves one iteration
         first += (self.rank - first) % self.world  # first index of this rank at or after the start
         return ((self.epoch, i) for i in range(first, stop, self.world))
 
@@ -180,7 +182,9 @@ class EpochSampler(DistributedSampler):
 
     def remaining(self) -> int:
         """Samples the next iteration yields (fewer than ``len`` in a resumed epoch)."""
-        return sum(1 for _ in iter(self))
+        first = self._start()
+        first += (self.rank - first) % self.world
+        return len(range(first, self.world * (self.length // self.world), self.world))
 
     def next_index(self, last: int) -> int:
         """Global position after this rank consumed sample ``last`` (ranks advance in lockstep)."""

@@ -125,8 +125,8 @@ def test_resume_skips_consumed_samples(plain: Path) -> None:
     assert rest.sampler.remaining() == 4 and len(rest.sampler) == 12
     tail = torch.cat([b["image"] for b in rest])
     torch.testing.assert_close(torch.cat([b["image"] for b in consumed] + [tail]), full["image"], rtol=0, atol=0)
-    rest.sampler.set_epoch(1)
-    assert rest.sampler.remaining() == 12  # later epochs are whole
+    assert rest.sampler.remaining() == 12  # the resume point served one iteration
+    assert len(list(rest)) == 3  # iterating epoch 0 again (no set_epoch) yields it whole
     with pytest.raises(ExploraGeoError, match="seed"):
         _dm(plain, seed=5).load_state_dict(state)
 
@@ -152,7 +152,10 @@ def test_ranks_share_an_epoch_and_resume_together() -> None:
     # after 2 samples per rank, rank 1's last sample is 3: the global position is 4
     assert ranks[1].next_index(3) == 4 == ranks[0].next_index(2)
     position.update(epoch=0, next_index=4)
-    assert [i for _, i in ranks[0]] == [4, 6, 8] and [i for _, i in ranks[1]] == [5, 7, 9]
+    assert [s.remaining() for s in ranks] == [3, 3]
+    assert [i for _, i in ranks[0]] == [4, 6, 8]
+    position.update(epoch=0, next_index=4)  # each rank's process has its own copy of the resume point
+    assert [i for _, i in ranks[1]] == [5, 7, 9]
     assert list(EpochSampler(11, rank=0, world=3))[-1] == (0, 6)  # the tail (9, 10) is dropped
     with pytest.raises(ExploraGeoError, match="fewer than the 4 processes"):
         EpochSampler(3, rank=0, world=4)
