@@ -166,3 +166,16 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(t33uuu_dir: P
         run_pretraining(tiny_config(t33uuu_dir, out, checkpoint_every=2), datamodule=NaNData(inner, 5), echo=quiet)
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
     assert not (out / "summary.json").exists() and not (out / "backbone.safetensors").exists()
+
+
+@pytest.mark.parametrize("objective", ["dinov2", "mae"])
+def test_plain_timm_vit_on_named_bands(t33uuu_dir: Path, tmp_path: Path, objective: str) -> None:
+    """``bands`` as names -> a plain timm ViT on those bands (the D-[L]-r64 path, tiny)."""
+    out = tmp_path / "rgb"
+    config = tiny_config(t33uuu_dir, out, objective, bands="B04,B03,B02", model="vit_tiny_patch16_224",
+                         model_kwargs=dict(embed_dim=32, depth=2, num_heads=2), patch_size=8, max_steps=3)
+    summary = run_pretraining(config, echo=quiet)
+    assert summary is not None and summary["steps"] == 3
+    merged, sidecar = load_backbone(out / "backbone")
+    assert sidecar["bands"] == ["B04", "B03", "B02"] and sidecar["architecture"] == "vit_tiny_patch16_224"
+    assert sidecar["band_groups"] is None and merged.patch_embed.proj.weight.shape[1] == 3
