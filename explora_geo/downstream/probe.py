@@ -463,6 +463,9 @@ def probe_backbone(
     from explora_geo.downstream.backbones import sidecar_normalization
     from explora_geo.downstream.labeled import ChipDataset, scan_chip_folder, stratified_split
 
+    if len(split) != 3 or split[1] <= 0 or split[2] <= 0:
+        raise ExploraGeoError(f"the probe needs validation and test splits (the head is chosen on validation, "
+                              f"reported on test); got fractions {tuple(split)}, e.g. use 0.6,0.2,0.2.")
     index = scan_chip_folder(data)
     train_idx, val_idx, test_idx = stratified_split(index.labels, split, seed=seed)
     size = sidecar.get("img_size")

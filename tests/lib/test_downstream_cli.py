@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_downstream_common import make_backbone, make_chip_folder
+from test_downstream_common import S2_L1C_FILE_ORDER, make_backbone, make_chip_folder
 
 from explora_geo.cli import main
 
@@ -39,21 +39,29 @@ def test_probe_prints_one_json_line_and_writes_its_files(tmp_path: Path,
     assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("problem", ["empty_class", "single_class", "missing_band"])
+@pytest.mark.parametrize("problem", ["empty_class", "single_class", "missing_band", "no_test_split",
+                                     "l1c_backbone_on_l2a"])
 def test_probe_input_errors_are_one_line_exit_2(problem: str, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     weights = make_backbone(tmp_path / "bb", depth=1)
-    if problem == "missing_band":
+    if problem == "l1c_backbone_on_l2a":  # a 13-band L1C backbone (needs B10) on 12-band L2A chips
+        weights = make_backbone(tmp_path / "l1c", depth=1, band_groups=[S2_L1C_FILE_ORDER])
+        data = make_chip_folder(tmp_path / "chips", {"a": 3, "b": 3},
+                                names=[b for b in S2_L1C_FILE_ORDER if b != "B10"])
+    elif problem == "missing_band":
         data = make_chip_folder(tmp_path / "chips", {"a": 3, "b": 3}, names=["B02", "B03", "B04", "B08"])
     else:
         data = make_chip_folder(tmp_path / "chips", {"a": 3} if problem == "single_class" else {"a": 3, "b": 3})
     if problem == "empty_class":
         (data / "c").mkdir()
-    assert main(["probe", "--backbone", str(weights), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    split = ["--split", "0.8,0.2,0"] if problem == "no_test_split" else []
+    assert main(["probe", "--backbone", str(weights), "--data", str(data), "--out", str(tmp_path / "o"), *split]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("explora-geo probe: error:")
     expected = {"empty_class": "holds no GeoTIFF", "single_class": "single class",
-                "missing_band": "lacks band(s) B05, B06, B07, B8A, B11, B12"}[problem]
+                "missing_band": "lacks band(s) B05, B06, B07, B8A, B11, B12",
+                "no_test_split": "needs validation and test splits",
+                "l1c_backbone_on_l2a": "lacks band(s) B10 "}[problem]
     assert expected in err
 
 
