@@ -4,8 +4,8 @@ Used by the plugin test session (``tests/plugin/conftest.py`` runs it, then ``ex
 ``tests/lib/test_export.py``. The backbone is a 2-block group-channel ViT over the Sentinel-2 preset's 10
 bands, 32 px tiles of 8 px patches, at 10 m; the head is a 3-class probe on the last block's cls token.
 
-Usage: ``python make_tiny_bundle.py OUT_DIR`` -> ``OUT_DIR/backbone.{safetensors,json}`` and
-``OUT_DIR/head.{safetensors,json}``.
+Usage: ``python make_tiny_bundle.py OUT_DIR [--depth N --embed-dim D --num-heads H]`` ->
+``OUT_DIR/backbone.{safetensors,json}`` and ``OUT_DIR/head.{safetensors,json}``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ COLORS = ["#1f78b4", "#33a02c", "#e31a1c"]
 KWARGS = {"depth": 2, "embed_dim": 64, "num_heads": 2}
 
 
-def build_backbone(out_dir: Path, seed: int = 0) -> Path:
-    """Write ``backbone.safetensors`` + ``backbone.json``; returns the ``.safetensors`` path."""
+def build_backbone(out_dir: Path, seed: int = 0, **size: int) -> Path:
+    """Write ``backbone.safetensors`` + ``backbone.json``; returns the ``.safetensors`` path.
+
+    ``size`` overrides :data:`KWARGS` (``depth``, ``embed_dim``, ``num_heads``)."""
     import torch
 
     from explora_geo.checkpoint import save_backbone
@@ -28,9 +30,10 @@ def build_backbone(out_dir: Path, seed: int = 0) -> Path:
     from explora_geo.sensors import get_sensor
 
     torch.manual_seed(seed)
-    model = create_backbone("group_channel_vit_tiny_patch8_96", bands="sentinel2", img_size=32, **KWARGS)
+    kwargs = {**KWARGS, **size}
+    model = create_backbone("group_channel_vit_tiny_patch8_96", bands="sentinel2", img_size=32, **kwargs)
     bands = get_sensor("sentinel2").model_bands
-    sidecar = {"model_kwargs": {"img_size": 32, "sensor": "sentinel2", **KWARGS}, "sensor": "sentinel2",
+    sidecar = {"model_kwargs": {"img_size": 32, "sensor": "sentinel2", **kwargs}, "sensor": "sentinel2",
                "gsd_m": 10.0, "normalization": Normalization.for_sensor("sentinel2", bands, "satmae").to_dict(),
                "source_weights": None, "objective": "mae"}
     weights, _ = save_backbone(model, out_dir / "backbone", sidecar)
@@ -52,7 +55,18 @@ def build_head(out_dir: Path, in_features: int = KWARGS["embed_dim"], seed: int 
     return weights
 
 
+def main(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="tiny backbone + probe head for the plugin tests")
+    parser.add_argument("out_dir", type=Path)
+    for name, value in KWARGS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=value)
+    args = parser.parse_args(argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    size = {name: getattr(args, name) for name in KWARGS}
+    print(build_backbone(args.out_dir, **size), build_head(args.out_dir, in_features=size["embed_dim"]))
+
+
 if __name__ == "__main__":
-    target = Path(sys.argv[1])
-    target.mkdir(parents=True, exist_ok=True)
-    print(build_backbone(target), build_head(target))
+    main(sys.argv[1:])

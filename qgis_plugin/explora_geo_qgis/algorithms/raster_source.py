@@ -137,7 +137,7 @@ class LayerReader:
             if dtype is None or not block.isValid():
                 raise PluginError(f"band {band} of the layer could not be read (data type "
                                   f"{int(block.dataType())}); convert the raster to integer or float32 bands.")
-            values = np.frombuffer(bytes(block.data()), dtype=dtype).reshape(h, w)
+            values = np.frombuffer(block.data(), dtype=dtype).reshape(h, w)  # QByteArray buffer, no copy
             if data is None:
                 data = np.empty((len(self.bands), h, w), dtype=np.result_type(dtype, np.float32)
                                 if dtype in (np.float32, np.float64) else dtype)

@@ -83,13 +83,14 @@ def read_strip(reader: Reader, grid: TileGrid, row: int, n_bands: int) -> tuple[
 
 def prepare_strip(data: np.ndarray, valid: np.ndarray, grid: TileGrid, scaler: Scaler, min_valid: float,
                   row: int) -> _Strip:
-    """Scale a strip, compute tile valid fractions, and copy out the tiles that will run."""
+    """Compute the tile valid fractions of a strip and cut out, scaled, the tiles that will run."""
     fractions = valid_fractions(valid, grid.tile, grid.stride, grid.n_cols)
     cols = np.flatnonzero((fractions >= min_valid) & (fractions > 0))
     if cols.size == 0:
         return _Strip(row, cols, np.empty((0, data.shape[0], grid.tile, grid.tile), np.float32), fractions)
-    scaled = scaler(data)
-    tiles = tile_views(scaled, grid.tile, grid.stride, grid.n_cols)[cols].copy()
+    views = tile_views(data, grid.tile, grid.stride, grid.n_cols)  # [n_cols, C, T, T] views, no copy
+    # scaling gathers the (strided) tiles into one new contiguous float32 batch: a single pass over the data
+    tiles = scaler(views if cols.size == grid.n_cols else views[cols])
     masks = tile_views(valid, grid.tile, grid.stride, grid.n_cols)[cols]
     return _Strip(row, cols, fill_invalid(tiles, masks), fractions)
 

@@ -67,7 +67,8 @@ class Scaler:
         return cls(scheme, bands, offset + low, 1.0 / (high - low), low=low, high=high)
 
     def __call__(self, x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
-        """Scale ``x`` of shape ``[..., C, H, W]`` (any numeric dtype) to float32.
+        """Scale ``x`` of shape ``[..., C, H, W]`` (any numeric dtype, any strides) to a C-contiguous float32
+        array (gathering strided tile views in the same pass).
 
         Args:
             x: digital numbers, channels in :attr:`bands` order.
@@ -77,7 +78,7 @@ class Scaler:
             raise PluginError(f"scaling expects {len(self.bands)} bands ({', '.join(self.bands)}), "
                               f"got {x.shape[-3]}.")
         col = (slice(None), None, None)
-        y = np.subtract(x, self.sub.astype(np.float32)[col], out=out, dtype=np.float32)
+        y = np.subtract(x, self.sub.astype(np.float32)[col], out=out, dtype=np.float32, order="C")
         if self.low is not None and self.high is not None:
             # clip(x - offset, low, high) - low  ==  clip(x - offset - low, 0, high - low)
             np.clip(y, 0.0, (self.high - self.low).astype(np.float32)[col], out=y)
