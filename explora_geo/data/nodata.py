@@ -28,9 +28,18 @@ def valid_mask(image: np.ndarray, nodata: float | None) -> np.ndarray:
         valid &= ~np.isnan(image).any(axis=0)
         if nodata is not None and np.isnan(nodata):
             return valid
-    if nodata is not None:
-        valid &= ~(image == image.dtype.type(nodata)).all(axis=0)
-    return valid
+    if nodata is None:
+        return valid
+    if np.issubdtype(image.dtype, np.integer):
+        info = np.iinfo(image.dtype)
+        if not info.min <= nodata <= info.max or nodata != int(nodata):
+            return valid  # no pixel can equal it
+    value = image.dtype.type(nodata)
+    # "every band equals nodata" <=> max == min == nodata: two reductions instead of a [C, H, W] temporary
+    high = image.max(axis=0)
+    if value == (np.iinfo(image.dtype).min if np.issubdtype(image.dtype, np.integer) else -np.inf):
+        return valid & (high != value)  # nodata is the smallest value: max alone decides
+    return valid & ((high != value) | (image.min(axis=0) != value))
 
 
 def nodata_fraction(valid: np.ndarray) -> float:

@@ -70,6 +70,23 @@ def test_valid_mask_needs_all_bands_at_nodata() -> None:
     assert nodata_fraction(valid) == pytest.approx(1 / 20)
 
 
+@pytest.mark.parametrize("dtype", ["uint16", "int16", "float32"])
+@pytest.mark.parametrize("nodata", [0, 7, -1, 65535])
+def test_valid_mask_matches_the_definition(dtype: str, nodata: int) -> None:
+    rng = np.random.default_rng(abs(nodata))
+    image = rng.integers(0, 9, size=(4, 16, 16)).astype(dtype)
+    info = np.iinfo(np.dtype(dtype)) if dtype != "float32" else None
+    representable = info is None or info.min <= nodata <= info.max
+    if representable:
+        image[:, 3:6, 2:9] = nodata  # a block where all bands are nodata
+        image[1, 10, 10] = nodata  # one band only: still valid
+        expected = ~(image == nodata).all(axis=0)
+        assert not expected[4, 5] and expected[10, 10]
+    else:  # a value the dtype cannot hold marks nothing
+        expected = np.ones((16, 16), bool)
+    np.testing.assert_array_equal(valid_mask(image, nodata), expected)
+
+
 def test_valid_mask_nan_and_none() -> None:
     image = np.ones((2, 3, 3), dtype=np.float32)
     image[1, 2, 2] = np.nan
