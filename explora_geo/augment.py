@@ -21,10 +21,12 @@ __all__ = ["MultiCropConfig", "MultiCrop", "band_jitter", "random_flips"]
 
 @dataclass
 class MultiCropConfig:
-    """Multi-crop settings (DINOv2 defaults: 2 global crops of 224 px, scale 0.32-1; 8 local of 98 px, 0.05-0.32).
+    """Multi-crop settings (DINOv2 defaults: 2 global crops, scale 0.32-1; 8 local crops, scale 0.05-0.32).
 
     Args:
-        global_size, local_size: crop sides in pixels (multiples of the patch size).
+        global_size, local_size: crop sides in pixels (multiples of the patch size). ``0`` = derived from the
+            backbone by the DINOv2 objective: global = its ``img_size`` (224 for a ViT-L/14), local = 7/16 of
+            that rounded to whole patches (98 for 224 px and patch 14, as in DINOv2).
         n_global: global crops (2 in DINO; the teacher sees these).
         n_local: local crops (student only); 0 disables them.
         global_scale, local_scale: (min, max) area fraction of the source image each crop covers.
@@ -35,8 +37,8 @@ class MultiCropConfig:
         noise_std: std of additive Gaussian noise (normalised units), 0 = off.
     """
 
-    global_size: int = 224
-    local_size: int = 98
+    global_size: int = 0
+    local_size: int = 0
     n_global: int = 2
     n_local: int = 8
     global_scale: tuple[float, float] = (0.32, 1.0)
@@ -99,6 +101,8 @@ class MultiCrop(nn.Module):
 
     def __init__(self, config: MultiCropConfig) -> None:
         super().__init__()
+        if config.global_size <= 0 or (config.n_local and config.local_size <= 0):
+            raise ValueError(f"crop sizes must be positive, got {config.global_size} and {config.local_size}")
         self.config = config
         self.global_crop = K.RandomResizedCrop((config.global_size,) * 2, scale=config.global_scale,
                                                ratio=(3 / 4, 4 / 3))

@@ -359,7 +359,7 @@ class DINOv2Objective(Objective):
 
 
 def _crop_config(crops: MultiCropConfig | None, backbone: nn.Module) -> MultiCropConfig:
-    cfg = copy.copy(crops) if crops is not None else MultiCropConfig(global_size=0, local_size=0)
+    cfg = copy.copy(crops) if crops is not None else MultiCropConfig()
     patch = patch_size_of(backbone)
     img = getattr(backbone, "img_size", None)
     if img is None:
