@@ -33,6 +33,7 @@ __all__ = [
     "backbone_model",
     "check_in_chans",
     "sidecar_normalization",
+    "read_backbone_meta",
     "register_backbone",
     "backbone_weights",
 ]
@@ -80,7 +81,7 @@ def _model_name(path: Path) -> str:
     return f"explora_{stem}"
 
 
-def _sidecar_with_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_backbone_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The validated sidecar plus ``weights_file`` (absolute path of the ``.safetensors``)."""
     from explora_geo.checkpoint import backbone_paths, read_sidecar
 
@@ -111,7 +112,7 @@ def register_backbone(path: str | os.PathLike[str], name: str | None = None) -> 
     import timm
     from timm.models import register_model
 
-    meta = _sidecar_with_file(path)
+    meta = read_backbone_meta(path)
     name = name or _model_name(Path(meta["weights_file"]))
     if not re.fullmatch(r"[A-Za-z_]\w*", name):
         raise ExploraGeoError(f"model name {name!r} must be a Python identifier (letters, digits, _).")
@@ -196,7 +197,7 @@ def backbone_weights(path: str | os.PathLike[str], name: str | None = None) -> A
     """
     from torchvision.models._api import Weights
 
-    meta = _sidecar_with_file(path)
+    meta = read_backbone_meta(path)
     member = (name or _model_name(Path(meta["weights_file"]))).upper()
     enum_cls = _weights_enum_base()(
         "ExploraBackboneWeights",

@@ -39,6 +39,8 @@ __all__ = [
     "read_band_names",
     "stratified_split",
     "vector_labels_to_chips",
+    "read_vector_labels",
+    "class_folder_name",
     "mosaic_bands",
     "mosaic_grid",
     "read_chip",
@@ -364,7 +366,12 @@ def write_geotiff(path: Path, data: np.ndarray, crs: Any, x0: float, y1: float, 
     return path
 
 
-def _read_vector(vector: str | os.PathLike[str], class_column: str, layer: str | None) -> Any:
+def read_vector_labels(vector: str | os.PathLike[str], class_column: str, layer: str | None = None) -> Any:
+    """The features of a vector file that have a geometry and a ``class_column`` value (a GeoDataFrame).
+
+    Raises:
+        ExploraGeoError: missing file, missing class column (listing the columns), no CRS, no usable feature.
+    """
     import geopandas as gpd
 
     path = Path(vector)
@@ -383,7 +390,8 @@ def _read_vector(vector: str | os.PathLike[str], class_column: str, layer: str |
     return gdf
 
 
-def _folder_name(value: Any) -> str:
+def class_folder_name(value: Any) -> str:
+    """A class value as a safe folder name (``3.0`` -> ``"3"``, ``"Forest, dense"`` -> ``"Forest_dense"``)."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     name = re.sub(r"[^\w.-]+", "_", str(value)).strip("._")
@@ -435,7 +443,7 @@ def vector_labels_to_chips(
 
     if chip_size < 1:
         raise ExploraGeoError(f"chip size {chip_size} must be a positive number of pixels.")
-    gdf = _read_vector(vector, class_column, layer)
+    gdf = read_vector_labels(vector, class_column, layer)
     layout = mosaic_bands(raster, file_bands)
     names = list(layout) if bands is None else [list(layout)[i] for i in select_bands(list(layout), bands,
                                                                                        source=str(raster))]
@@ -459,7 +467,7 @@ def vector_labels_to_chips(
     if not windows:
         raise ExploraGeoError(f"no label of {vector} has a chip inside the raster {raster}; check that they "
                               "overlap.")
-    classes = sorted({_folder_name(gdf[class_column].iloc[p]) for p, _, _ in windows})
+    classes = sorted({class_folder_name(gdf[class_column].iloc[p]) for p, _, _ in windows})
     if len(classes) < 2:
         raise ExploraGeoError(f"the labels inside the raster have a single class ({classes[0]}) in column "
                               f"{class_column!r}; classification needs at least two.")
@@ -470,7 +478,7 @@ def vector_labels_to_chips(
     labels: list[int] = []
     try:
         for pos, x0, y1 in windows:
-            cls = _folder_name(gdf[class_column].iloc[pos])
+            cls = class_folder_name(gdf[class_column].iloc[pos])
             chip = read_window(handles, layout, names, x0, y1, chip_size, res)
             paths.append(write_geotiff(out / cls / f"{cls}_{gdf.index[pos]}.tif", chip, crs, x0, y1, res, names))
             labels.append(classes.index(cls))

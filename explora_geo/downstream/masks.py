@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import Dataset
 
 from explora_geo.downstream.labeled import (
-    _folder_name,
-    _read_vector,
+    class_folder_name,
+    read_vector_labels,
     mosaic_bands,
     mosaic_grid,
     read_chip,
@@ -162,7 +162,7 @@ def vector_labels_to_masks(
 
     if chip_size < 1 or (stride is not None and stride < 1):
         raise ExploraGeoError(f"chip size {chip_size} and stride {stride} must be positive numbers of pixels.")
-    gdf = _read_vector(vector, class_column, layer)
+    gdf = read_vector_labels(vector, class_column, layer)
     layout = mosaic_bands(raster, file_bands)
     names = list(layout) if bands is None else [list(layout)[i] for i in select_bands(list(layout), bands,
                                                                                        source=str(raster))]
@@ -171,11 +171,11 @@ def vector_labels_to_masks(
     gdf = gdf[gdf.intersects(box(left, bottom, right, top))]
     if len(gdf) == 0:
         raise ExploraGeoError(f"no label of {vector} overlaps the raster {raster}; check that they overlap.")
-    classes = sorted({_folder_name(v) for v in gdf[class_column]})
+    classes = sorted({class_folder_name(v) for v in gdf[class_column]})
     if len(classes) < 2:
         raise ExploraGeoError(f"the labels over the raster have a single class ({classes[0]}) in column "
                               f"{class_column!r}; segmentation needs at least two.")
-    values = np.asarray([classes.index(_folder_name(v)) + 1 for v in gdf[class_column]])
+    values = np.asarray([classes.index(class_folder_name(v)) + 1 for v in gdf[class_column]])
     geoms = gdf.geometry.reset_index(drop=True)
     tree = geoms.sindex
     span, step = chip_size * res, (stride or chip_size) * res

@@ -480,7 +480,9 @@ def probe_backbone(
                                   index.classes, lrs=lrs, epochs=epochs, seed=seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_confusion_png(np.asarray(result.confusion_matrix), index.classes, out / "confusion_matrix.png")
+    save_confusion_png(np.asarray(result.confusion_matrix), index.classes, out / "confusion_matrix.png",
+                       title=f"linear probe ({result.head['feature_set']}, lr {result.head['lr']:g}), test split: "
+                             f"top-1 {result.top1:.3f}")
     save_head(head, out / "head", {
         "classes": list(index.classes), "feature_set": result.head["feature_set"], "lr": result.head["lr"],
         "val_top1": result.head["val_top1"], "test_top1": result.top1, "bands": list(sidecar["bands"]),

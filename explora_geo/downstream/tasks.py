@@ -80,10 +80,10 @@ def resolve_backbone_meta(weights: Any, backbone_meta: dict[str, Any] | None = N
     ``weights`` may be a backbone file path or a :func:`backbone_weights` entry; otherwise the stored
     ``backbone_meta`` (a checkpoint's) is returned, or ``None`` (a plain timm / torchgeo model).
     """
-    from explora_geo.downstream.backbones import _sidecar_with_file
+    from explora_geo.downstream.backbones import read_backbone_meta
 
     if _is_backbone_path(weights):
-        return _sidecar_with_file(weights)
+        return read_backbone_meta(weights)
     value = getattr(weights, "value", None)
     if isinstance(getattr(value, "meta", None), dict) and "weights_file" in value.meta:
         return dict(value.meta)
