@@ -172,3 +172,33 @@ def test_labels_of_a_single_class_are_rejected(t33uuu_root: Path, tmp_path: Path
     with pytest.raises(ExploraGeoError, match="single class"):
         vector_labels_to_chips(tmp_path / "one.gpkg", t33uuu_root / "IMG_DATA", tmp_path / "out",
                                class_column="cid", chip_size=16, skip_outside=True)
+
+
+def test_real_l2a_patches_lack_b10_for_an_l1c_model(bigearthnet_dir: Path, tmp_path: Path) -> None:
+    """Real BigEarthNet L2A patches (one GeoTIFF per band, 10/20/60 m, no B10) as a chip folder: an L1C band
+    list fails naming B10; the 10 bands of the group-channel ViT are picked by name, extra bands ignored."""
+    import json
+
+    import rasterio
+
+    from explora_geo.downstream.labeled import mosaic_bands, mosaic_grid, read_window, write_geotiff
+
+    for patch in sorted(p for p in bigearthnet_dir.iterdir() if p.is_dir()):
+        layout = mosaic_bands(patch)
+        names = list(layout)
+        crs, res, (left, bottom, right, top) = mosaic_grid(layout, names)
+        handles = {n: rasterio.open(layout[n][0]) for n in names}
+        try:
+            chip = read_window(handles, layout, names, left, top, round((right - left) / res), res)
+        finally:
+            for h in handles.values():
+                h.close()
+        label = json.loads(next(patch.glob("*labels_metadata.json")).read_text())["labels"][0]
+        write_geotiff(tmp_path / label[:20].replace(" ", "_") / f"{patch.name}.tif", chip, crs, left, top, res, names)
+    index = scan_chip_folder(tmp_path)
+    assert len(index) == 6 and len(index.classes) >= 2
+    with pytest.raises(ExploraGeoError, match=r"lacks band\(s\) B10 "):
+        ChipDataset(index, bands=get_sensor("sentinel2").band_names)
+    ds = ChipDataset(index, bands=get_sensor("sentinel2").model_bands, img_size=96)
+    image = ds[0]["image"]
+    assert image.shape == (10, 96, 96) and image.std() > 0
