@@ -194,7 +194,8 @@ def test_real_l2a_patches_lack_b10_for_an_l1c_model(bigearthnet_dir: Path, tmp_p
             for h in handles.values():
                 h.close()
         label = json.loads(next(patch.glob("*labels_metadata.json")).read_text())["labels"][0]
-        write_geotiff(tmp_path / label[:20].replace(" ", "_") / f"{patch.name}.tif", chip, crs, left, top, res, names)
+        target = tmp_path / label[:20].replace(" ", "_") / f"{patch.name}.tif"
+        write_geotiff(target, chip, crs, left, top, res, names)
     index = scan_chip_folder(tmp_path)
     assert len(index) == 6 and len(index.classes) >= 2
     with pytest.raises(ExploraGeoError, match=r"lacks band\(s\) B10 "):
