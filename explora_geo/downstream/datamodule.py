@@ -16,7 +16,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchgeo.datamodules import BaseDataModule
 
-from explora_geo.downstream.labeled import ChipDataset, ChipIndex, scan_chip_folder, stratified_split
+from explora_geo.downstream.labeled import (
+    ChipDataset,
+    ChipIndex,
+    scan_chip_folder,
+    stratified_split,
+    vector_labels_to_chips,
+)
 from explora_geo.downstream.masks import (
     MaskDataset,
     MaskIndex,
@@ -96,8 +102,12 @@ class _SplitDataModule(BaseDataModule):
 class ChipFolderDataModule(_SplitDataModule):
     """Train/val/test loaders over a chip folder (one sub-folder per class), split seeded and stratified.
 
+    When ``root`` does not exist yet and ``vector`` + ``raster`` are given, the chip folder is first made
+    from them (:func:`explora_geo.downstream.labeled.vector_labels_to_chips`: one chip per point/polygon).
+
     Args:
         root: the chip folder.
+        vector, raster, class_column, chip_size, skip_outside: how to make it when missing.
         backbone: a backbone file (``.safetensors``/``.json``) whose sidecar gives the bands (model order),
             the normalisation and the input size.
         bands: band names (or a sensor preset, whose model bands are used) when no backbone is given.
@@ -114,6 +124,11 @@ class ChipFolderDataModule(_SplitDataModule):
         self,
         root: str,
         backbone: str | None = None,
+        vector: str | None = None,
+        raster: str | None = None,
+        class_column: str | None = None,
+        chip_size: int = 64,
+        skip_outside: bool = False,
         bands: str | list[str] | None = None,
         normalization: dict[str, Any] | None = None,
         file_bands: str | list[str] | None = None,
@@ -128,8 +143,19 @@ class ChipFolderDataModule(_SplitDataModule):
         self.save_hyperparameters()
         self.index: ChipIndex | None = None
 
+    def prepare_data(self) -> None:
+        """Make the chip folder from ``vector`` + ``raster`` when it does not exist yet."""
+        hp = self.hparams
+        if Path(hp["root"]).exists() or not (hp["vector"] and hp["raster"]):
+            return
+        if not hp["class_column"]:
+            raise ExploraGeoError("making chips from vector labels needs class_column=<attribute name>.")
+        vector_labels_to_chips(hp["vector"], hp["raster"], hp["root"], class_column=hp["class_column"],
+                               chip_size=hp["chip_size"], skip_outside=hp["skip_outside"])
+
     def _load_index(self) -> ChipIndex:
         if self.index is None:
+            self.prepare_data()
             self.index = scan_chip_folder(self.hparams["root"])
         return self.index
 

@@ -203,3 +203,17 @@ def test_real_l2a_patches_lack_b10_for_an_l1c_model(bigearthnet_dir: Path, tmp_p
     ds = ChipDataset(index, bands=get_sensor("sentinel2").model_bands, img_size=96)
     image = ds[0]["image"]
     assert image.shape == (10, 96, 96) and image.std() > 0
+
+
+def test_chip_datamodule_makes_its_chips_from_vector_labels(t33uuu_root: Path, tmp_path: Path) -> None:
+    from explora_geo.downstream.datamodule import ChipFolderDataModule
+
+    data = ChipFolderDataModule(str(tmp_path / "chips"), vector=str(t33uuu_root / "s2l1c_ref.gpkg"),
+                                raster=str(t33uuu_root / "IMG_DATA"), class_column="cid", chip_size=16,
+                                skip_outside=True, bands=["B04", "B03", "B02"], img_size=32, batch_size=4)
+    assert data.classes == ["1", "2"]
+    data.setup("fit")
+    sizes = [len(data.splits[k]) for k in ("train", "val", "test")]
+    assert sum(sizes) == len(list((tmp_path / "chips").rglob("*.tif"))) and min(sizes) >= 2
+    batch = next(iter(data.train_dataloader()))
+    assert batch["image"].shape == (4, 3, 32, 32) and batch["label"].dtype == torch.int64
