@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from qgis.core import QgsProcessingProvider
+from qgis.PyQt.QtGui import QIcon
 
 from .algorithms.classify import ClassifyAlgorithm
 from .algorithms.embed import EmbedAlgorithm
@@ -20,6 +23,9 @@ class ExploraGeoProvider(QgsProcessingProvider):
 
     def longName(self) -> str:
         return "ExPLoRA geo: adapted vision transformers for Earth observation (ONNX Runtime)"
+
+    def icon(self) -> QIcon:
+        return QIcon(str(Path(__file__).with_name("icon.png")))
 
     def loadAlgorithms(self) -> None:
         for algorithm in (ClassifyAlgorithm(), EmbedAlgorithm(), SimilarityAlgorithm()):

@@ -302,3 +302,14 @@ def test_embedder_cannot_classify(qgis_app: Any, bundle: dict, t33uuu_vrt: Path,
         _run("classify", {"INPUT": _layer(t33uuu_vrt), "MODEL": str(bundle["embedder"]),
                           "OUTPUT_GRID": str(tmp_path / "g.gpkg"), "OUTPUT_CLASSES": str(tmp_path / "c.tif"),
                           "OUTPUT_PROBABILITY": str(tmp_path / "p.tif")})
+
+
+def test_enum_spellings_resolve_on_this_qgis(qgis_app: Any) -> None:
+    from explora_geo_qgis.algorithms import compat
+    from qgis.core import QgsProcessing, QgsProcessingParameterNumber, QgsUnitTypes
+
+    assert compat.SOURCE_POLYGON == QgsProcessing.SourceType.TypeVectorPolygon
+    assert compat.NUMBER_INTEGER == QgsProcessingParameterNumber.Type.Integer
+    assert QgsUnitTypes.fromUnitToUnitFactor(compat.METERS, QgsUnitTypes.DistanceUnit.DistanceKilometers) == 0.001
+    with pytest.raises(AttributeError, match="none of"):
+        compat.pick((compat, "No.Such"))

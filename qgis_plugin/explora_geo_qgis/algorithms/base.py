@@ -9,7 +9,6 @@ from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
     QgsFeatureRequest,
-    QgsProcessing,
     QgsProcessingAlgorithm,
     QgsProcessingContext,
     QgsProcessingException,
@@ -30,6 +29,7 @@ from ..core.errors import PluginError
 from ..core.model import OnnxModel
 from ..core.pipeline import Cancelled, TileResults, run_tiles
 from ..core.tiling import TileGrid
+from .compat import FILE_BEHAVIOR, NUMBER_DOUBLE, NUMBER_INTEGER, SOURCE_POLYGON
 from .raster_source import LayerReader, WorkingGrid, make_grid, working_crs
 
 
@@ -92,7 +92,7 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
         """Input raster, model, band mapping, area, overlap, batch size and nodata handling."""
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Input raster"))
         self.addParameter(QgsProcessingParameterFile(
-            self.MODEL, "Model (.onnx exported by explora-geo)", QgsProcessingParameterFile.Behavior.File,
+            self.MODEL, "Model (.onnx exported by explora-geo)", FILE_BEHAVIOR,
             extension="onnx"))
         self.addParameter(QgsProcessingParameterString(
             self.BAND_MAPPING, "Band mapping, e.g. 'B02=2, B03=3' (empty: from band names, else by position)",
@@ -100,18 +100,18 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Extent (empty: whole layer)", optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(
             self.MASK, "Mask polygons (only pixels inside are used)",
-            [QgsProcessing.SourceType.TypeVectorPolygon], optional=True))
+            [SOURCE_POLYGON], optional=True))
         self.addParameter(QgsProcessingParameterNumber(
-            self.OVERLAP, "Tile overlap (% of the tile)", QgsProcessingParameterNumber.Type.Double,
+            self.OVERLAP, "Tile overlap (% of the tile)", NUMBER_DOUBLE,
             defaultValue=0.0, minValue=0.0, maxValue=90.0))
         self.addParameter(QgsProcessingParameterNumber(
-            self.BATCH_SIZE, "Batch size (tiles per forward pass)", QgsProcessingParameterNumber.Type.Integer,
+            self.BATCH_SIZE, "Batch size (tiles per forward pass)", NUMBER_INTEGER,
             defaultValue=32, minValue=1, maxValue=4096))
         self.addParameter(QgsProcessingParameterNumber(
             self.MIN_VALID, "Minimum valid-pixel fraction of a tile (others are skipped)",
-            QgsProcessingParameterNumber.Type.Double, defaultValue=0.5, minValue=0.0, maxValue=1.0))
+            NUMBER_DOUBLE, defaultValue=0.5, minValue=0.0, maxValue=1.0))
         self.addParameter(QgsProcessingParameterNumber(
-            self.NODATA, "Extra nodata value (besides the layer's own)", QgsProcessingParameterNumber.Type.Double,
+            self.NODATA, "Extra nodata value (besides the layer's own)", NUMBER_DOUBLE,
             optional=True))
 
     def run_model(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback,

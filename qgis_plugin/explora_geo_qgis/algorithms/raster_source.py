@@ -26,6 +26,7 @@ from qgis.core import (
 )
 
 from ..core.errors import PluginError
+from .compat import METERS, RESAMPLE_AVERAGE, RESAMPLE_BILINEAR
 
 # Qgis.DataType values (stable since QGIS 3.0) -> numpy dtypes
 _DTYPES = {1: np.uint8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32, 7: np.float64}
@@ -76,7 +77,7 @@ class WorkingGrid:
 
 def make_grid(crs: QgsCoordinateReferenceSystem, area: QgsRectangle, gsd_m: float) -> WorkingGrid:
     """Grid of ``gsd_m``-metre pixels covering ``area`` (in ``crs``)."""
-    factor = QgsUnitTypes.fromUnitToUnitFactor(QgsUnitTypes.DistanceMeters, crs.mapUnits())
+    factor = QgsUnitTypes.fromUnitToUnitFactor(METERS, crs.mapUnits())
     pixel = gsd_m * factor
     width, height = math.ceil(area.width() / pixel - 1e-6), math.ceil(area.height() / pixel - 1e-6)
     return WorkingGrid(crs, area.xMinimum(), area.yMaximum(), pixel, max(width, 0), max(height, 0))
@@ -99,8 +100,8 @@ class LayerReader:
         self._provider = provider
         try:
             provider.enableProviderResampling(True)
-            provider.setZoomedInResamplingMethod(QgsRasterDataProvider.ResamplingMethod.Bilinear)
-            provider.setZoomedOutResamplingMethod(QgsRasterDataProvider.ResamplingMethod.Average)
+            provider.setZoomedInResamplingMethod(RESAMPLE_BILINEAR)
+            provider.setZoomedOutResamplingMethod(RESAMPLE_AVERAGE)
         except AttributeError:  # providers without resampling support read nearest-neighbour
             pass
         self.bands = bands

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 from qgis.core import (
-    QgsProcessing,
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
@@ -15,6 +14,7 @@ from qgis.core import (
 from ..core.errors import PluginError
 from ..core.products import cosine_similarity, reference_embedding
 from ..core.writers import FLOAT_NODATA, write_geotiff
+from .compat import SOURCE_POINT, SOURCE_POLYGON
 from .base import TiledModelAlgorithm, geometries_as_wkt
 from .raster_source import memory_layer, rasterize
 
@@ -43,7 +43,7 @@ class SimilarityAlgorithm(TiledModelAlgorithm):
         self.add_common_parameters()
         self.addParameter(QgsProcessingParameterFeatureSource(
             self.REFERENCE, "Reference point(s) or polygon(s)",
-            [QgsProcessing.SourceType.TypeVectorPoint, QgsProcessing.SourceType.TypeVectorPolygon]))
+            [SOURCE_POINT, SOURCE_POLYGON]))
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "Similarity raster"))
 
     def processAlgorithm(self, parameters: dict, context: QgsProcessingContext,
