@@ -353,8 +353,8 @@ def build_trainer(config: PretrainConfig, out: Path, callbacks: Sequence[L.Callb
         accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes, strategy=strategy,
         precision=_precision(config), accumulate_grad_batches=config.accumulate,
         gradient_clip_val=config.grad_clip or None, log_every_n_steps=config.log_every,
-        logger=[TensorBoardLogger(out / "logs", name="tensorboard", version=""),
-                CSVLogger(out / "logs", name="csv", version="")],
+        # One version folder per (re)start: a resumed run never overwrites the earlier part of the logs.
+        logger=[TensorBoardLogger(out / "logs", name="tensorboard"), CSVLogger(out / "logs", name="csv")],
         callbacks=[checkpoint, TQDMProgressBar(refresh_rate=max(1, config.log_every // 2)), *callbacks],
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, deterministic=False,
     )

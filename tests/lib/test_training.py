@@ -59,9 +59,9 @@ def test_mae_loss_falls_frozen_weights_unchanged_and_outputs(t33uuu_dir: Path, t
     assert summary is not None and summary["steps"] == 20 and summary["images_seen"] == 160
     assert falls(summary["loss_history"]), summary["loss_history"]
     for name in ("backbone.safetensors", "backbone.json", "adapter.safetensors", "adapter.json", "loss_curve.png",
-                 "summary.json", "checkpoints/last.ckpt", "logs/csv/metrics.csv"):
+                 "summary.json", "checkpoints/last.ckpt", "logs/csv/version_0/metrics.csv"):
         assert (out / name).is_file(), name
-    assert any((out / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    assert any((out / "logs" / "tensorboard").glob("version_0/events.out.tfevents.*"))
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["first_loss"] == summary["first_loss"] and on_disk["device"] == "cpu x1"
@@ -127,6 +127,8 @@ def test_resume_reproduces_the_uninterrupted_losses(t33uuu_dir: Path, tmp_path: 
     assert full is not None and resumed is not None and resumed["steps"] == 8
     assert [s for s, _ in resumed["loss_history"]] == list(range(8))
     assert torch.allclose(torch.tensor(resumed["loss_history"]), torch.tensor(full["loss_history"]), atol=1e-6)
+    assert (part / "logs" / "csv" / "version_0" / "metrics.csv").is_file()  # the first part's log is kept
+    assert (part / "logs" / "csv" / "version_1" / "metrics.csv").is_file()
 
 
 class NaNData(L.LightningDataModule):
