@@ -3,8 +3,7 @@
 Both configurations run the same training step on the same model and data: ``forward_features`` on a batch
 of random images, a mean-squared-error regression loss toward a fixed random target of the token features
 (the SSL heads/decoders are left out: they cost the same in both and are not part of the adapter), backward,
-``AdamW.step()`` (the fused kernel, on CPU and CUDA alike)
-and ``zero_grad(set_to_none=True)``.
+``AdamW.step()`` (the fused kernel, on CPU and CUDA alike) and ``zero_grad(set_to_none=True)``.
 
 - ExPLoRA: the paper's D-[L]-r64 parameterisation (last block unfrozen, LoRA r=64 on the Q and V rows of
   every other block's fused qkv, all norms, cls token), built with ``explora_geo.adapter.apply_explora``.
@@ -12,21 +11,21 @@ and ``zero_grad(set_to_none=True)``.
 
 CPU (default): ViT-B/16 at 224 px, batch 8, one thread (``--threads``: on a shared machine, multi-threaded
 OpenMP kernels mostly measure the other processes' load, while the ratios of these matmul-bound steps barely
-depend on the thread count). Each configuration runs in its own subprocess, ``--rounds``
-times, alternating (ExPLoRA, full, ExPLoRA, full, ...) so that background load hits both alike; the reported
-step time of a configuration is the lowest of its rounds' medians (after warm-up steps). Memory is the peak
+depend on the thread count). Each configuration lives in its own subprocess; the driver makes them take
+steps in turn (ExPLoRA, full, full, ExPLoRA, ExPLoRA, full, ...), so that the load of other processes on a
+shared machine falls on both alike. Step time = median over the steps after warm-up. Memory = the peak
 resident set size during training minus the RSS once the model, optimizer, batch and target exist (the peak
-is reset with ``/proc/self/clear_refs`` at that point). Optimizer state is the bytes of the tensors in
-``optimizer.state``. The process CPU time per step (less sensitive to other processes than wall-clock time
-on a shared machine) is printed too; the ratios on the last line use wall-clock time.
+is reset through ``/proc/self/clear_refs`` at that point). Optimizer state = bytes of the tensors in
+``optimizer.state``. The process CPU time per step is printed too; the ratios on the last line use
+wall-clock time.
 
-``--gpu``: ViT-L/16 at 224 px in bf16 autocast on CUDA, images/s and peak allocated GPU memory (minus the
-memory of the loaded model); refuses to run without a GPU.
+``--gpu``: ViT-L/16 at 224 px in bf16 autocast on CUDA: images/s and peak allocated GPU memory (minus the
+memory of the loaded model); it refuses to run without a GPU.
 
 The last line is ``time_ratio=<x> mem_ratio=<y> optimizer_state_ratio=<z>`` (ExPLoRA / full).
 Targets: time <= 0.75, memory <= 0.7, optimizer state <= 0.12.
 
-Usage: ``python benchmarks/train_step.py [--quick] [--gpu] [--rounds N] [--steps N] [--warmup N]``.
+Usage: ``python benchmarks/train_step.py [--quick] [--gpu] [--steps N] [--warmup N] [--threads N]``.
 """
 
 from __future__ import annotations
@@ -51,16 +50,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="timm name (default: vit_base_patch16_224; ViT-L on GPU)")
     parser.add_argument("--img-size", type=int, default=None, help="input size in px (default 224)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 8 on CPU, 64 on GPU)")
-    parser.add_argument("--steps", type=int, default=None, help="measured steps per run (default 5)")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per run (default 1)")
-    parser.add_argument("--rounds", type=int, default=None, help="alternating runs per configuration (default 2)")
+    parser.add_argument("--steps", type=int, default=None, help="measured steps per configuration (default 6)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per configuration (default 1)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1; 0 = torch's choice, one per core)")
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    quick = {"model": "vit_tiny_patch16_224", "img_size": 64, "batch": 2, "steps": 2, "warmup": 1, "rounds": 1}
-    gpu = {"model": "vit_large_patch16_224", "img_size": 224, "batch": 64, "steps": 10, "warmup": 3, "rounds": 1}
-    cpu = {"model": "vit_base_patch16_224", "img_size": 224, "batch": 8, "steps": 5, "warmup": 1, "rounds": 2}
+    quick = {"model": "vit_tiny_patch16_224", "img_size": 64, "batch": 2, "steps": 2, "warmup": 1}
+    gpu = {"model": "vit_large_patch16_224", "img_size": 224, "batch": 64, "steps": 10, "warmup": 3}
+    cpu = {"model": "vit_base_patch16_224", "img_size": 224, "batch": 8, "steps": 6, "warmup": 1}
     defaults = quick if args.quick else gpu if args.gpu else cpu
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -69,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Worker: one configuration in this process
+# Worker: one configuration in this process, one step per "step" line on stdin
 # --------------------------------------------------------------------------------------------------------
 
 def _rss_bytes(field: str) -> int:
@@ -101,15 +99,20 @@ def build(mode: str, args: argparse.Namespace, device: str) -> Any:
     return model.to(device).train()
 
 
-def worker(mode: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Run ``warmup + steps`` training steps of ``mode``; return timings and memory."""
+def _send(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+def worker(mode: str, args: argparse.Namespace) -> None:
+    """Set up ``mode``, then answer each ``step`` line on stdin with one timed training step and ``finish``
+    with the memory and optimizer-state figures (JSON lines on stdout)."""
     import torch
 
     device = "cuda" if args.gpu else "cpu"
-    if args.threads and not args.gpu:
-        torch.set_num_threads(args.threads)
     if args.gpu and not torch.cuda.is_available():
         raise SystemExit("--gpu needs a CUDA device; none is available here (run without --gpu on CPU).")
+    if args.threads and not args.gpu:
+        torch.set_num_threads(args.threads)
     model = build(mode, args, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, fused=True)
@@ -136,71 +139,95 @@ def worker(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     else:
         base = _rss_bytes("VmRSS")
         _reset_peak_rss()
-    times, cpu_times = [], []
-    for _ in range(args.warmup + args.steps):
+    _send({"ready": mode})
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
         start, cpu_start = time.perf_counter(), time.process_time()
         step()
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
+        _send({"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start})
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_bytes("VmHWM")
-    state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
-                      if torch.is_tensor(t) and t.dim() > 0)
-    step_s = statistics.median(times[args.warmup:])
-    return {
-        "mode": mode, "device": device, "model": args.model, "batch": args.batch, "img_size": args.img_size,
+    _send({
+        "mode": mode, "device": device, "threads": torch.get_num_threads(),
         "trainable_params": sum(p.numel() for p in params),
         "total_params": sum(p.numel() for p in model.parameters()),
-        "step_s": step_s, "cpu_step_s": statistics.median(cpu_times[args.warmup:]), "images_per_s": args.batch / step_s, "times_s": [round(t, 4) for t in times],
-        "train_mem_bytes": peak - base, "optimizer_state_bytes": state_bytes,
-        "threads": torch.get_num_threads(),
-    }
+        "train_mem_bytes": peak - base,
+        "optimizer_state_bytes": sum(t.numel() * t.element_size() for s in opt.state.values()
+                                     for t in s.values() if torch.is_tensor(t) and t.dim() > 0),
+    })
 
 
 # --------------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------------
 
-def run_worker(mode: str, argv: list[str]) -> dict[str, Any]:
-    """Run one configuration in a fresh interpreter and parse its JSON result line."""
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--worker", mode],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr)
-        raise SystemExit(f"worker {mode} failed with status {proc.returncode}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+class Worker:
+    """A configuration running in its own interpreter, stepped over a pipe."""
+
+    def __init__(self, mode: str, argv: list[str]) -> None:
+        self.mode = mode
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, "--worker", mode],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def ask(self, command: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        if command:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"worker {self.mode} died with status {self.proc.wait()}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args)))
+        worker(args.worker, args)
         return
     if args.gpu:
         import torch
 
         if not torch.cuda.is_available():
             raise SystemExit("--gpu needs a CUDA device; none is available here (run without --gpu on CPU).")
-    results: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
-    for r in range(args.rounds):
-        for mode in MODES:
-            res = run_worker(mode, argv)
-            results[mode].append(res)
-            print(f"round {r + 1} {mode:>7}: step {res['step_s']:.3f} s ({res['images_per_s']:.1f} img/s), "
-                  f"train mem {res['train_mem_bytes'] / 2**20:.0f} MiB, optimizer state "
-                  f"{res['optimizer_state_bytes'] / 2**20:.1f} MiB, trainable {res['trainable_params']:,}, "
-                  f"steps {res['times_s']}", flush=True)
-    best = {m: min(rs, key=lambda r: r["step_s"]) for m, rs in results.items()}
-    mem = {m: min(r["train_mem_bytes"] for r in rs) for m, rs in results.items()}
-    e, f = best["explora"], best["full"]
+    workers = {m: Worker(m, argv) for m in MODES}
+    try:
+        for w in workers.values():
+            w.ask("")  # wait until set up
+        steps: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
+        for i in range(args.warmup + args.steps):
+            for mode in MODES if i % 2 == 0 else MODES[::-1]:
+                steps[mode].append(workers[mode].ask("step"))
+        final = {m: w.ask("finish") for m, w in workers.items()}
+    finally:
+        for w in workers.values():
+            w.close()
+    for mode in MODES:
+        measured = steps[mode][args.warmup:]
+        final[mode]["step_s"] = statistics.median(s["wall_s"] for s in measured)
+        final[mode]["cpu_step_s"] = statistics.median(s["cpu_s"] for s in measured)
+        r = final[mode]
+        print(f"{mode:>7}: step {r['step_s']:.3f} s ({args.batch / r['step_s']:.2f} img/s, CPU time "
+              f"{r['cpu_step_s']:.3f} s), train mem {r['train_mem_bytes'] / 2**20:.0f} MiB, optimizer state "
+              f"{r['optimizer_state_bytes'] / 2**20:.1f} MiB, trainable {r['trainable_params']:,} of "
+              f"{r['total_params']:,}, steps {[round(s['wall_s'], 3) for s in steps[mode]]}", flush=True)
+    e, f = final["explora"], final["full"]
     unit = "GPU peak allocated" if args.gpu else "peak RSS"
     print(f"{args.model} {args.img_size}px batch {args.batch} on {e['device']} ({e['threads']} threads): "
-          f"ExPLoRA {e['images_per_s']:.2f} img/s vs full {f['images_per_s']:.2f} img/s; training memory "
-          f"({unit} minus model) {mem['explora'] / 2**20:.0f} vs {mem['full'] / 2**20:.0f} MiB; process CPU-time "
-          f"ratio {min(r['cpu_step_s'] for r in results['explora']) / min(r['cpu_step_s'] for r in results['full']):.3f}")
-    print(f"time_ratio={e['step_s'] / f['step_s']:.3f} mem_ratio={mem['explora'] / mem['full']:.3f} "
+          f"ExPLoRA {args.batch / e['step_s']:.2f} img/s vs full {args.batch / f['step_s']:.2f} img/s; "
+          f"training memory ({unit} minus model) {e['train_mem_bytes'] / 2**20:.0f} vs "
+          f"{f['train_mem_bytes'] / 2**20:.0f} MiB; process CPU-time ratio "
+          f"{e['cpu_step_s'] / f['cpu_step_s']:.3f}")
+    print(f"time_ratio={e['step_s'] / f['step_s']:.3f} "
+          f"mem_ratio={e['train_mem_bytes'] / f['train_mem_bytes']:.3f} "
           f"optimizer_state_ratio={e['optimizer_state_bytes'] / f['optimizer_state_bytes']:.3f}")
 
 

@@ -34,7 +34,7 @@ from explora_geo.errors import ExploraGeoError
 from explora_geo.normalization import Normalization
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_backbone", "load_backbone", "read_sidecar", "validate_sidecar",
-           "backbone_paths"]
+           "build_from_sidecar", "backbone_paths"]
 
 FORMAT = "explora-geo-backbone"
 FORMAT_VERSION = 1
@@ -116,8 +116,9 @@ def validate_sidecar(data: Mapping[str, Any], *, source: str = "the sidecar") ->
     out["model_kwargs"] = dict(out["model_kwargs"] or {})
     size = out["img_size"]
     _expect(isinstance(out["architecture"], str), source, "architecture", "a timm model name", out["architecture"])
-    _expect(isinstance(out["bands"], list) and bool(out["bands"]) and all(isinstance(b, str) for b in out["bands"]),
-            source, "bands", "a non-empty list of band names", out["bands"])
+    bands = out["bands"]
+    _expect(isinstance(bands, list) and bool(bands) and all(isinstance(b, str) for b in bands), source, "bands",
+            "a non-empty list of band names", bands)
     groups = out["band_groups"]
     _expect(groups is None or (isinstance(groups, list) and [b for g in groups for b in g] == out["bands"]),
             source, "band_groups", "null or groups whose concatenation equals 'bands'", groups)
@@ -157,7 +158,9 @@ def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         data = json.loads(json_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ExploraGeoError(f"backbone sidecar {json_path} is not valid JSON ({err}); re-save the backbone.") from err
+        raise ExploraGeoError(
+            f"backbone sidecar {json_path} is not valid JSON ({err}); re-save the backbone."
+        ) from err
     return validate_sidecar(data, source=str(json_path))
 
 
@@ -196,7 +199,9 @@ def save_backbone(
         ``(weights_path, sidecar_path)``.
 
     Raises:
-        ExploraGeoError: a required sidecar field is missing or invalid (nothing is written).
+        ExploraGeoError: a required sidecar field is missing or invalid, or ``architecture`` +
+            ``model_kwargs`` do not rebuild a model with these keys and shapes (checked on the meta device);
+            nothing is written then.
     """
     weights_path, json_path = backbone_paths(path)
     data = {"format": FORMAT, "format_version": FORMAT_VERSION, **_model_facts(model), **dict(sidecar or {})}
@@ -205,6 +210,12 @@ def save_backbone(
     heads = _head_prefixes(model)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in merged_state_dict(model).items()
                if not k.startswith(heads)}
+    with torch.device("meta"):  # the architecture only: check that the sidecar rebuilds this model
+        rebuilt = build_from_sidecar(data)
+    problem = _mismatch(rebuilt.state_dict(), tensors, _head_prefixes(rebuilt))
+    if problem:
+        raise ExploraGeoError(f"the sidecar for {json_path} does not rebuild this model ({problem}); pass the "
+                              "timm.create_model kwargs that built it as sidecar['model_kwargs'].")
     text = json.dumps(data, indent=2)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_paths: list[str] = []
@@ -227,6 +238,16 @@ def save_backbone(
     return weights_path, json_path
 
 
+def _mismatch(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+              heads: tuple[str, ...]) -> str:
+    """How ``state`` differs from ``expected`` (keys and shapes; a head may be absent); ``""`` if it fits."""
+    missing = sorted(k for k in expected if k not in state and not k.startswith(heads))
+    unexpected = sorted(k for k in state if k not in expected)
+    shapes = sorted(k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape))
+    return "; ".join(f"{label}: {_few(keys)}" for label, keys in
+                     (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys)
+
+
 def build_from_sidecar(sidecar: Mapping[str, Any], *, num_classes: int = 0) -> nn.Module:
     """The (randomly initialised) architecture a sidecar describes, through timm's registry.
 
@@ -241,7 +262,11 @@ def build_from_sidecar(sidecar: Mapping[str, Any], *, num_classes: int = 0) -> n
     if not timm.is_model(arch):
         raise ExploraGeoError(f"backbone architecture {arch!r} is not a registered timm model; install the "
                               "timm/explora-geo version that wrote it.")
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **sidecar["model_kwargs"])
+    try:
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **sidecar["model_kwargs"])
+    except TypeError as err:
+        raise ExploraGeoError(f"model_kwargs {sidecar['model_kwargs']} do not fit {arch} ({err}); pass the "
+                              "timm.create_model keyword arguments of that architecture.") from err
     if getattr(model, "band_names", None) is None:
         model.band_names = list(sidecar["bands"])
     return model
@@ -278,15 +303,10 @@ def load_backbone(path: str | os.PathLike[str], *, num_classes: int = 0) -> tupl
                               "re-save or re-copy the backbone.") from err
     model = build_from_sidecar(sidecar, num_classes=num_classes)
     expected = model.state_dict()
-    heads = _head_prefixes(model)
-    missing = sorted(k for k in expected if k not in state and not k.startswith(heads))
-    unexpected = sorted(k for k in state if k not in expected)
-    shapes = sorted(k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape))
-    if missing or unexpected or shapes:
-        parts = [f"{label}: {_few(keys)}" for label, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
+    problem = _mismatch(expected, state, _head_prefixes(model))
+    if problem:
         raise ExploraGeoError(f"backbone weights {weights_path} do not match architecture "
-                              f"{sidecar['architecture']} ({'; '.join(parts)}); fix the sidecar's "
+                              f"{sidecar['architecture']} ({problem}); fix the sidecar's "
                               "architecture/model_kwargs or re-save the backbone.")
     with torch.no_grad():
         model.load_state_dict({**{k: v for k, v in expected.items() if k not in state}, **state}, strict=True)

@@ -24,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "groups, a plain ViT its number of bands (default: the model's own input)")
     parser.add_argument("--unfreeze", default="L", metavar="SPEC",
                         help="blocks to unfreeze, 1-based with L = depth: L, 1,L, 1,L-1,L, none (default: L)")
-    parser.add_argument("--rank", type=int, default=64, help="LoRA rank on the frozen blocks, 0 = none (default 64)")
+    parser.add_argument("--rank", type=int, default=64,
+                        help="LoRA rank on the frozen blocks, 0 = none (default 64)")
     parser.add_argument("--alpha", type=float, default=1.0,
                         help="LoRA alpha; the update is scaled by alpha/rank (default 1.0, i.e. 1/rank)")
     parser.add_argument("--targets", default="q,v", metavar="LIST",

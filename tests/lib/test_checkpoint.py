@@ -181,3 +181,11 @@ def test_unknown_architecture_is_a_user_error(tmp_path: Path) -> None:
 def test_backbone_paths() -> None:
     assert backbone_paths("a/b.v1") == (Path("a/b.v1.safetensors"), Path("a/b.v1.json"))
     assert backbone_paths("a/b.json") == backbone_paths("a/b.safetensors") == backbone_paths("a/b")
+
+
+def test_save_refuses_a_sidecar_that_would_not_rebuild_the_model(tmp_path: Path) -> None:
+    with pytest.raises(ExploraGeoError, match="does not rebuild this model.*model_kwargs"):
+        save_backbone(tiny_vit(), tmp_path / "b", {**RGB, "model_kwargs": {**KWARGS, "depth": 2}})
+    with pytest.raises(ExploraGeoError, match="do not fit vit_tiny_patch16_224"):
+        save_backbone(tiny_vit(), tmp_path / "b", {**RGB, "model_kwargs": {**KWARGS, "n_layers": 2}})
+    assert list(tmp_path.iterdir()) == []
