@@ -256,7 +256,13 @@ class PatchReader:
             return read_window(source, self._handles, row, col, height, width)
         cache = self._caches.get(index)
         if cache is None:
-            cache = self._caches[index] = _UnitCache(self.cache_dir, source, self._dtypes[index])
+            try:
+                cache = self._caches[index] = _UnitCache(self.cache_dir, source, self._dtypes[index])
+            except OSError as err:
+                raise ExploraGeoError(
+                    f"cannot use the cache folder {self.cache_dir} ({err}); pass a writable cache_dir, "
+                    "or cache_bytes=0 to read without a cache."
+                ) from err
         return cache.read(source, self._handles, row, col, height, width)
 
     def close(self) -> None:

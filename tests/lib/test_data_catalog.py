@@ -124,6 +124,10 @@ def test_bad_inputs_name_the_culprit(tmp_path: Path, mosaic: Path) -> None:
     write_tif(mixed / "three.tif", smooth((3, 32, 32)), descriptions=RGBN[:3])
     assert "three.tif has 3 bands" in _error(mixed)
     assert "lacks band(s) B12" in _error(mosaic, bands=["B02", "B12"])
+    assert "unknown CRS 'EPSG:99999'" in _error(mosaic, crs="EPSG:99999")
+    assert "resolution -5 is not positive" in _error(mosaic, res=-5)
+    assert "dn_offset 'yes'" in _error(mosaic, dn_offset="yes")
+    assert "no bands requested" in _error(mosaic, bands=[])
 
 
 CLI_CASES = ["missing", "empty", "no_raster", "corrupt", "band_counts", "band", "all_nodata", "patch", "roi"]

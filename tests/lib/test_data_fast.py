@@ -133,3 +133,13 @@ def test_fast_and_torchgeo_datasets_agree_on_real_scene(t33uuu_dir: Path, tmp_pa
         window = fast.windows.draw(np.random.default_rng([2, 0, i, 0]))
         assert isinstance(window, Window)
         np.testing.assert_array_equal(fast.read(window), slow.read(window).astype(np.uint16))
+
+
+def test_unwritable_cache_folder_is_a_clear_error(two_zones: Path, tmp_path: Path) -> None:
+    from explora_geo.errors import ExploraGeoError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder should go")
+    cat = build_catalog(two_zones, bands=BANDS)
+    with pytest.raises(ExploraGeoError, match="cannot use the cache folder"):
+        PatchReader(cat.sources, cache_dir=blocker / "cache", cache_bytes=1 << 30).read(0, 0, 0, 8, 8)
