@@ -28,6 +28,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -93,13 +94,19 @@ def read_window(
     return np.stack([parts[c] for c in source.channels])
 
 
+_MIN_BLOCK = 256
+
+
 def _cache_block(source: Source) -> tuple[int, int]:
-    """Cache block ``(rows, cols)``: the file's tiles, or bands of >= 256 rows for striped files."""
+    """Cache block ``(rows, cols)``: whole file tiles (or strips), grouped to at least 256 px a side, so a
+    block read stays tile-aligned and small tiles (e.g. 64 px JPEG2000 code blocks) do not mean many reads."""
+
+    def grow(size: int, limit: int) -> int:
+        size = max(size, 1)
+        return min(size * math.ceil(_MIN_BLOCK / size), limit)
+
     rows, cols = source.block
-    if cols >= source.width:  # striped: group strips into ~256-row bands
-        rows = max(rows, rows * math.ceil(256 / max(rows, 1)))
-        return min(rows, source.height), source.width
-    return min(rows, source.height), min(cols, source.width)
+    return grow(rows, source.height), grow(cols, source.width)
 
 
 def _cache_key(source: Source, dtype: str) -> str:
@@ -170,6 +177,9 @@ def prune_cache(folder: Path, keep: set[str], budget: int) -> list[str]:
     """
     if not folder.exists():
         return []
+    for tmp in folder.glob("*.tmp"):  # left by a process killed while creating an entry
+        if time.time() - tmp.stat().st_mtime > 3600:
+            tmp.unlink(missing_ok=True)
     entries = []
     for flag in folder.glob("*.done.npy"):
         key = flag.name[: -len(".done.npy")]

@@ -57,20 +57,41 @@ def test_cache_fills_blocks_and_stays_exact(two_zones: Path, tmp_path: Path) -> 
     direct = PatchReader(cat.sources, cache_bytes=0)
     first = reader.read(0, 70, 100, 64, 64)
     cache = reader._caches[0]
-    assert _cache_block(cat.sources[0]) == (64, 64)
-    # window rows 70..133, cols 100..163 touch block rows 1-2 and block cols 1-2: four blocks decoded
-    assert cache.done.sum() == 4 and cache.done[1:3, 1:3].all()
+    # 64-px tiles grouped by 4 (capped by the 200 x 260 size): blocks of 200 rows x 256 cols
+    assert _cache_block(cat.sources[0]) == (200, 256)
+    # window rows 70..133, cols 100..163 lie in block (0, 0) only
+    assert cache.done.sum() == 1 and cache.done[0, 0]
     again = reader.read(0, 70, 100, 64, 64)
     np.testing.assert_array_equal(first, again)
     np.testing.assert_array_equal(first, direct.read(0, 70, 100, 64, 64))
-    # the edge block (partial tile) is exact too
+    # a window across the block edge decodes the partial edge block too, and is exact
     np.testing.assert_array_equal(reader.read(0, 150, 200, 50, 60), direct.read(0, 150, 200, 50, 60))
+    assert cache.done.sum() == 2
     # a second reader (another process or run) reuses the decoded blocks from disk
     other = PatchReader(cat.sources, cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(other.read(0, 70, 100, 64, 64), first)
     assert other._caches[0].done.sum() == cache.done.sum()
     with pytest.raises(IndexError):
         reader.read(0, 190, 0, 64, 64)
+
+
+@pytest.mark.parametrize(("block", "shape", "expected"), [
+    ((512, 512), (4096, 4096), (512, 512)),  # COG tiles kept
+    ((64, 64), (1000, 1000), (256, 256)),  # small JPEG2000 blocks grouped
+    ((1, 900), (700, 900), (256, 900)),  # one-row strips grouped into 256-row bands
+    ((64, 64), (100, 120), (100, 120)),  # capped by the raster size
+])
+def test_cache_blocks_are_tile_aligned(block: tuple[int, int], shape: tuple[int, int],
+                                       expected: tuple[int, int]) -> None:
+    from affine import Affine
+
+    from explora_geo.data.catalog import Source
+
+    source = Source("x", (("x.tif", 1),), None, Affine.identity(), shape[1], shape[0], block, None)
+    rows, cols = _cache_block(source)
+    assert (rows, cols) == expected
+    assert rows % block[0] == 0 or rows == shape[0]
+    assert cols % block[1] == 0 or cols == shape[1]
 
 
 def test_cache_is_bounded(two_zones: Path, tmp_path: Path) -> None:
