@@ -1,10 +1,10 @@
 """Multi-crop augmentation for DINO-style training, for images with any number of bands.
 
 Built from kornia augmentations, so it runs on the training device (GPU) on whole batches. Everything here is
-valid for multispectral input: geometric transforms (random resized crop, horizontal and vertical flips, both
-fine for overhead imagery), Gaussian blur and noise act per band, and the "colour" jitter is a per-band gain and offset plus a
-global brightness factor, so it never assumes three RGB channels (no hue / saturation / grey-scale, which are
-defined for RGB only and would mix unrelated spectral bands).
+valid for multispectral input: geometric transforms (random resized crop, horizontal and vertical flips,
+both fine for overhead imagery), Gaussian blur and noise act per band, and the "colour" jitter is a per-band
+gain and offset plus a global brightness factor, so it never assumes three RGB channels (no hue / saturation /
+grey-scale, which are defined for RGB only and would mix unrelated spectral bands).
 """
 
 from __future__ import annotations

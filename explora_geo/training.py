@@ -188,7 +188,8 @@ class ExploraPretrainModule(L.LightningModule):
         for name, p in self.objective.named_parameters():
             if id(p) in trainable:
                 (no_decay if p.ndim <= 1 or name.split(".")[-1] in _NO_DECAY else decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.objective.weight_decay(0, self.max_steps), "scheduled": True},
+        wd = self.objective.weight_decay(0, self.max_steps)
+        groups = [{"params": decay, "weight_decay": wd, "scheduled": True},
                   {"params": no_decay, "weight_decay": 0.0, "scheduled": False}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.objective.betas)
         floor = self.min_lr / self.lr if self.lr > 0 else 0.0
@@ -345,9 +346,9 @@ def build_trainer(config: PretrainConfig, out: Path, callbacks: Sequence[L.Callb
     strategy = config.strategy
     if strategy == "auto" and _world(config) > 1:
         strategy = "ddp"
-    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
-                                 every_n_train_steps=config.checkpoint_every, save_top_k=1, save_last=True,
-                                 save_on_exception=False)
+    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step:07d}",
+                                 auto_insert_metric_name=False, every_n_train_steps=config.checkpoint_every,
+                                 save_top_k=1, save_last=True, save_on_exception=False)
     return L.Trainer(
         default_root_dir=out, max_steps=config.max_steps, max_epochs=-1,
         accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes, strategy=strategy,

@@ -113,5 +113,6 @@ def write_outputs(out: Path, *, config: Any, run: Any, module: Any, trainer: L.T
         "loss_history": [[s, v] for s, v in history],
         "config": config.to_dict(),
     }
-    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, default=str)))
+    text = json.dumps(summary, indent=2, default=str)
+    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(text))
     return summary

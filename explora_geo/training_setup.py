@@ -126,7 +126,8 @@ def prepare_run(config: Any, *, datamodule: L.LightningDataModule | None = None,
              f"Pass --weights PATH or a hub name (default {DEFAULT_WEIGHTS[config.objective]}) for real use.")
     else:
         echo(f"source weights: {report.source}")
-    apply_explora(backbone, ExploraConfig(unfreeze=config.unfreeze, rank=int(config.rank), alpha=float(config.alpha)))
+    explora = ExploraConfig(unfreeze=config.unfreeze, rank=int(config.rank), alpha=float(config.alpha))
+    apply_explora(backbone, explora)
     objective = build_objective(config.objective, backbone, dict(config.mae if config.objective == "mae"
                                                                  else config.dinov2), report.extra)
     counts = count_parameters(backbone)

@@ -61,7 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a("--grad-clip", type=float, help="gradient-norm clipping, 0 = off (default 3)")
     a("--img-size", type=int, help="input size in px (default: the model's)")
     a("--patch-size", type=int, help="patch size in px (default: the model's)")
-    a("--normalization", choices=["satmae", "meanstd", "reflectance", "none"], help="data scaling (default satmae)")
+    a("--normalization", choices=["satmae", "meanstd", "reflectance", "none"],
+      help="data scaling (default satmae)")
     a("--accelerator", help="cpu, gpu, auto (default auto)")
     a("--devices", type=_devices, help="devices per node: a number or 'auto' (default 1)")
     a("--num-nodes", type=int, help="nodes for multi-node DDP (default 1)")
@@ -98,7 +99,8 @@ def load_config_file(path: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ExploraGeoError(f"config file {path} is not valid YAML ({str(err).splitlines()[0]}); fix it.") from None
+        first = str(err).splitlines()[0]
+        raise ExploraGeoError(f"config file {path} is not valid YAML ({first}); fix it.") from None
     if not isinstance(data, dict):
         raise ExploraGeoError(f"config file {path} must be a mapping of settings, got {type(data).__name__}.")
     return {str(k).replace("-", "_"): v for k, v in data.items()}

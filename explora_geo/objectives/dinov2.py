@@ -38,7 +38,8 @@ from explora_geo.errors import ExploraGeoError
 from explora_geo.objectives.base import Objective, cosine
 from explora_geo.objectives.masking import patch_size_of, replaced_tokens, token_grid
 
-__all__ = ["DINOv2Config", "DINOv2Objective", "projection_head", "build_teacher", "ema_pairs", "ema_update", "sinkhorn_knopp",
+__all__ = ["DINOv2Config", "DINOv2Objective", "projection_head", "build_teacher", "ema_pairs", "ema_update",
+           "sinkhorn_knopp",
            "cross_view_loss", "masked_patch_loss"]
 
 

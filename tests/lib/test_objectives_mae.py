@@ -94,7 +94,8 @@ def test_group_targets_take_each_groups_own_bands_by_name() -> None:
         # patchify lays a patch out as (row, col, channel): channel varies fastest.
         assert torch.equal(target[0, 0, : len(group)], expected)
     # The buggy variant: cut the band-ordered scene into consecutive slices of the group sizes.
-    in_band_order = scene[:, select_bands(sensor.band_names, sorted(model.band_names, key=sensor.band_names.index))]
+    sensor_order = sorted(model.band_names, key=sensor.band_names.index)
+    in_band_order = scene[:, select_bands(sensor.band_names, sensor_order)]
     buggy = patchify(in_band_order[:, :4], 8)
     assert not torch.equal(buggy, targets[0])  # B05 where B08 belongs
 
@@ -117,9 +118,10 @@ def test_reconstruction_loss_counts_masked_valid_patches_only() -> None:
     assert normed.item() == pytest.approx(1.0, rel=0.15)  # normalised targets have unit variance
 
 
-def test_mae_objective_trains_adapter_only_and_predicts_every_group() -> None:
+@pytest.mark.parametrize("mode", ["independent", "consistent"])
+def test_mae_objective_trains_adapter_only_and_predicts_every_group(mode: str) -> None:
     model = apply_explora(gcvit(), ExploraConfig(unfreeze="L", rank=4))
-    objective = MAEObjective(model, 10, MAEConfig(decoder_dim=32, decoder_depth=1, decoder_heads=2))
+    objective = MAEObjective(model, 10, MAEConfig(decoder_dim=32, decoder_depth=1, decoder_heads=2, mask_mode=mode))
     assert [p.out_features for p in objective.decoder.pred] == [64 * 4, 64 * 4, 64 * 2]
     out = objective({"image": torch.randn(2, 10, 32, 32), "valid_mask": torch.ones(2, 32, 32, dtype=torch.bool)})
     assert out["mask_ratio"].item() == pytest.approx(0.75)

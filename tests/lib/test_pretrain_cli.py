@@ -85,7 +85,8 @@ def test_quickstart_config_uses_the_embedded_sample(tmp_path: Path, capsys: pyte
     line = json.loads(captured.out.strip().splitlines()[-1])
     assert line["steps"] == 2 and Path(line["backbone"]).is_file()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["config"]["max_steps"] == 2 and summary["config"]["rank"] == 8  # flag over file, file over default
+    # flag over file, file over default
+    assert summary["config"]["max_steps"] == 2 and summary["config"]["rank"] == 8
 
 
 @pytest.mark.slow
