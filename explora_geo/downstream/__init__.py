@@ -3,7 +3,9 @@
 Modules (import them directly; this package imports nothing heavy):
 
 - :mod:`~explora_geo.downstream.labeled`: chip folders (EuroSAT layout, bands picked by name), seeded
-  stratified splits, vector labels (points / polygons, any CRS) -> chips over a mosaic.
+  stratified splits.
+- :mod:`~explora_geo.downstream.mosaic`: mosaics (band files), chip windows, vector labels (points /
+  polygons, any CRS) -> chips.
 - :mod:`~explora_geo.downstream.masks`: polygons -> image/mask chips for segmentation.
 - :mod:`~explora_geo.downstream.datamodule`: ``ChipFolderDataModule`` / ``MaskFolderDataModule`` for
   ``torchgeo fit``.

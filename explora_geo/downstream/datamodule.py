@@ -16,13 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchgeo.datamodules import BaseDataModule
 
-from explora_geo.downstream.labeled import (
-    ChipDataset,
-    ChipIndex,
-    scan_chip_folder,
-    stratified_split,
-    vector_labels_to_chips,
-)
+from explora_geo.downstream.labeled import ChipDataset, ChipIndex, scan_chip_folder, stratified_split
 from explora_geo.downstream.masks import (
     MaskDataset,
     MaskIndex,
@@ -30,6 +24,7 @@ from explora_geo.downstream.masks import (
     scan_mask_folder,
     vector_labels_to_masks,
 )
+from explora_geo.downstream.mosaic import vector_labels_to_chips
 from explora_geo.errors import ExploraGeoError
 from explora_geo.normalization import Normalization
 from explora_geo.sensors import get_sensor
@@ -103,7 +98,7 @@ class ChipFolderDataModule(_SplitDataModule):
     """Train/val/test loaders over a chip folder (one sub-folder per class), split seeded and stratified.
 
     When ``root`` does not exist yet and ``vector`` + ``raster`` are given, the chip folder is first made
-    from them (:func:`explora_geo.downstream.labeled.vector_labels_to_chips`: one chip per point/polygon).
+    from them (:func:`explora_geo.downstream.mosaic.vector_labels_to_chips`: one chip per point/polygon).
 
     Args:
         root: the chip folder.

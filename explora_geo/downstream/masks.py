@@ -17,14 +17,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from explora_geo.downstream.labeled import (
+from explora_geo.downstream.labeled import read_chip, resolve_file_bands
+from explora_geo.downstream.mosaic import (
     class_folder_name,
-    read_vector_labels,
     mosaic_bands,
     mosaic_grid,
-    read_chip,
+    read_vector_labels,
     read_window,
-    resolve_file_bands,
     write_geotiff,
 )
 from explora_geo.errors import ExploraGeoError

@@ -15,8 +15,8 @@ from explora_geo.downstream.labeled import (
     resolve_file_bands,
     scan_chip_folder,
     stratified_split,
-    vector_labels_to_chips,
 )
+from explora_geo.downstream.mosaic import vector_labels_to_chips
 from explora_geo.errors import ExploraGeoError
 from explora_geo.normalization import Normalization
 from explora_geo.sensors import get_sensor
@@ -181,7 +181,7 @@ def test_real_l2a_patches_lack_b10_for_an_l1c_model(bigearthnet_dir: Path, tmp_p
 
     import rasterio
 
-    from explora_geo.downstream.labeled import mosaic_bands, mosaic_grid, read_window, write_geotiff
+    from explora_geo.downstream.mosaic import mosaic_bands, mosaic_grid, read_window, write_geotiff
 
     for patch in sorted(p for p in bigearthnet_dir.iterdir() if p.is_dir()):
         layout = mosaic_bands(patch)
