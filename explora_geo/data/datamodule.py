@@ -197,7 +197,7 @@ class PretrainDataModule(L.LightningDataModule):
         assert self.catalog is not None and self.dataset is not None
         reader = "fast (cached, own grid)" if self.fast else "torchgeo"
         if self.fast:
-            r = self.dataset._reader
+            r = self.dataset.reader
             reader += (f", cache {r.cache_dir} ({sum(r.cached)}/{len(r.cached)} units, "
                        f"{r.cached_bytes / 2**30:.2f} GiB)")
         roi = f"; roi: {Path(self.roi).name}" if self.roi else ""

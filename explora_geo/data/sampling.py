@@ -249,6 +249,11 @@ class PatchDataset(Dataset[dict[str, Any]]):
     def __len__(self) -> int:
         return self.length
 
+    @property
+    def reader(self) -> Any:
+        """The fast path's :class:`~explora_geo.data.fast.PatchReader` (``None`` on the torchgeo path)."""
+        return self._reader
+
     def read(self, window: Window) -> np.ndarray:
         """Raw pixels ``[C, size, size]`` (digital numbers) of ``window``."""
         if self.fast:

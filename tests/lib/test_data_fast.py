@@ -141,7 +141,7 @@ def test_two_workers_share_the_cache_and_match_one_process(two_zones: Path, tmp_
     serial = PatchDataset(cat, patch_size=40, length=24, seed=5, cache_bytes=0)
     expected = torch.stack([serial[i]["image"] for i in range(24)])
     torch.testing.assert_close(parallel, expected, rtol=0, atol=0)
-    assert ds._reader._pid == -1  # the parent never opened a file: workers opened their own
+    assert ds.reader._pid == -1  # the parent never opened a file: workers opened their own
 
 
 def test_fast_and_torchgeo_datasets_agree_on_real_scene(t33uuu_dir: Path, tmp_path: Path) -> None:
