@@ -55,7 +55,8 @@ def test_probe_input_errors_are_one_line_exit_2(problem: str, tmp_path: Path,
     if problem == "empty_class":
         (data / "c").mkdir()
     split = ["--split", "0.8,0.2,0"] if problem == "no_test_split" else []
-    assert main(["probe", "--backbone", str(weights), "--data", str(data), "--out", str(tmp_path / "o"), *split]) == 2
+    args = ["probe", "--backbone", str(weights), "--data", str(data), "--out", str(tmp_path / "o"), *split]
+    assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("explora-geo probe: error:")
     expected = {"empty_class": "holds no GeoTIFF", "single_class": "single class",
