@@ -181,3 +181,32 @@ def test_plain_timm_vit_on_named_bands(t33uuu_dir: Path, tmp_path: Path, objecti
     merged, sidecar = load_backbone(out / "backbone")
     assert sidecar["bands"] == ["B04", "B03", "B02"] and sidecar["architecture"] == "vit_tiny_patch16_224"
     assert sidecar["band_groups"] is None and merged.patch_embed.proj.weight.shape[1] == 3
+
+
+def test_official_mae_file_gives_its_decoder_to_the_objective(t33uuu_dir: Path, tmp_path: Path) -> None:
+    """A full MAE checkpoint (``{"model": encoder + decoder_* + mask_token}``, official names): the encoder
+    loads into the backbone and the decoder into the MAE objective (frozen + LoRA)."""
+    from explora_geo.objectives.mae import MAEDecoder
+
+    torch.manual_seed(0)
+    encoder = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=0, **TINY)
+    decoder = MAEDecoder(32, 32, 1, 2, 8, [3])
+    official = {"decoder_pos_embed": torch.zeros(1, 17, 32)}
+    for key, value in decoder.state_dict().items():
+        for ours, theirs in (("embed.", "decoder_embed."), ("blocks.", "decoder_blocks."),
+                             ("norm.", "decoder_norm."), ("pred.0.", "decoder_pred."), ("mask_token", "mask_token")):
+            if key.startswith(ours):
+                official[theirs + key[len(ours):]] = value + 0.25
+    path = tmp_path / "mae_visualize_tiny.pth"
+    torch.save({"model": {**encoder.state_dict(), **official}}, path)
+    capture = Capture()
+    config = tiny_config(t33uuu_dir, tmp_path / "run", "mae", bands="B04,B03,B02", model="vit_tiny_patch16_224",
+                         model_kwargs=TINY, patch_size=8, weights=str(path), max_steps=2,
+                         mae=dict(decoder_dim=32, decoder_depth=1, decoder_heads=2, decoder_lora_rank=2))
+    summary = run_pretraining(config, callbacks=[capture], echo=quiet)
+    assert summary is not None and not summary["random_weights"]
+    objective = capture.module.objective
+    assert "pred.0.weight" in objective.decoder_loaded and "blocks.0.attn.qkv.weight" in objective.decoder_loaded
+    fc1 = objective.decoder.blocks[0].mlp.fc1.weight
+    assert not fc1.requires_grad and torch.equal(fc1, official["decoder_blocks.0.mlp.fc1.weight"])
+    assert torch.equal(objective.backbone.blocks[0].mlp.fc1.weight, encoder.blocks[0].mlp.fc1.weight)
