@@ -72,11 +72,13 @@ BENCH_SIZE = ["--embed-dim", "192", "--num-heads", "3", "--depth", "2"]
 def export_tiny_model(out_dir: Path) -> Path:
     """The benchmark model, built and exported by the real ``explora-geo export`` of the library environment."""
     lib_python, cli = REPO / ".venv" / "bin" / "python", REPO / ".venv" / "bin" / "explora-geo"
-    subprocess.run([str(lib_python), str(REPO / "tests" / "plugin" / "make_tiny_bundle.py"), str(out_dir),  # noqa: S603
-                    *BENCH_SIZE], check=True, capture_output=True)
+    builder = REPO / "tests" / "plugin" / "make_tiny_bundle.py"
+    subprocess.run([str(lib_python), str(builder), str(out_dir), *BENCH_SIZE],  # noqa: S603
+                   check=True, capture_output=True)
     model = out_dir / "classifier.onnx"
-    subprocess.run([str(cli), "export", "--checkpoint", str(out_dir / "backbone.safetensors"), "--out",  # noqa: S603
-                    str(model), "--head", str(out_dir / "head.safetensors")], check=True, capture_output=True)
+    command = [str(cli), "export", "--checkpoint", str(out_dir / "backbone.safetensors"), "--out", str(model),
+               "--head", str(out_dir / "head.safetensors")]
+    subprocess.run(command, check=True, capture_output=True)  # noqa: S603
     return model
 
 

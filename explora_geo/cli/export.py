@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="FILE",
                         help="backbone file written by pretraining (<name>.safetensors or <name>.json)")
     parser.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
-    parser.add_argument("--out", required=True, metavar="FILE", help="output .onnx file (sidecar: same name .json)")
+    parser.add_argument("--out", required=True, metavar="FILE",
+                        help="output .onnx file (sidecar: same name .json)")
     parser.add_argument("--head", metavar="FILE", default=None,
                         help="classification head: a probe head (.safetensors/.json from `explora-geo probe`) "
                              "or a torchgeo ClassificationTask checkpoint (.ckpt)")

@@ -170,3 +170,16 @@ def test_plugin_band_names_match_library() -> None:
     bands, _ = _plugin_core()
     for name in ["b2", "B02", "band_2", "Band 2", "b8a", "B8A", "B08A", "band-11", "B1", "b12"]:
         assert bands.canonical_band_name(name) == canonical_band_name(name).upper(), name
+
+
+def test_backbone_without_gsd_is_refused(files: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(files["backbone"].with_suffix(suffix), tmp_path / f"nogsd{suffix}")
+    sidecar = json.loads((tmp_path / "nogsd.json").read_text())
+    sidecar["gsd_m"] = None
+    (tmp_path / "nogsd.json").write_text(json.dumps(sidecar))
+    with pytest.raises(ExploraGeoError, match="no 'gsd_m' in its sidecar"):
+        export_onnx(tmp_path / "nogsd.safetensors", tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()

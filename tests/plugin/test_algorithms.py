@@ -255,7 +255,8 @@ def test_too_few_bands_names_the_missing_ones(qgis_app: Any, bundle: dict, t33uu
                                               vrt_builder: Any, tmp_path: Path) -> None:
     from qgis.core import QgsProcessingException
 
-    rgb = vrt_builder([t33uuu_files[b] for b in ("B02", "B03", "B04")], tmp_path / "rgb.vrt", ["B02", "B03", "B04"])
+    names = ["B02", "B03", "B04"]
+    rgb = vrt_builder([t33uuu_files[b] for b in names], tmp_path / "rgb.vrt", names)
     with pytest.raises(QgsProcessingException, match=r"lacks band\(s\) B08, B05, B06, B07, B8A, B11, B12"):
         _run("embed", {"INPUT": _layer(rgb, "rgb"), "MODEL": str(bundle["embedder"]),
                        "OUTPUT": str(tmp_path / "e.tif")})

@@ -45,16 +45,16 @@ def test_build_plugin_zip_installs_and_registers(tmp_path: Path) -> None:
         "app.exitQgis()\n"
     )
     env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "plugins")], capture_output=True,  # noqa: S603
-                          text=True, env=env, timeout=120)
+    command = [sys.executable, "-c", code, str(tmp_path / "plugins")]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)  # noqa: S603
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "explora_geo:classify,explora_geo:embed,explora_geo:similarity"
 
 
 def test_bandit_finds_nothing_of_medium_severity_or_above() -> None:
     bandit = Path(sys.executable).with_name("bandit")
-    done = subprocess.run([str(bandit), "-r", str(REPO / "qgis_plugin"), "--severity-level", "medium",  # noqa: S603
-                           "-f", "json", "-q"], capture_output=True, text=True, timeout=300)
+    command = [str(bandit), "-r", str(REPO / "qgis_plugin"), "--severity-level", "medium", "-f", "json", "-q"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)  # noqa: S603
     report = json.loads(done.stdout)
     assert report["results"] == [], report["results"]
     assert report["metrics"]["_totals"]["loc"] > 500  # it did scan the plugin

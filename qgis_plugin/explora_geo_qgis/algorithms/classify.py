@@ -66,7 +66,7 @@ class ClassifyAlgorithm(TiledModelAlgorithm):
         write_geotiff(prob_path, result.probability[None].astype(np.float32), gt, wkt, nodata=FLOAT_NODATA,
                       descriptions=["probability"])
         save_grid_style(grid_path, info.class_names, info.class_colors, feedback)
-        for key, path, kind in ((self.OUTPUT_GRID, grid_path, "grid"), (self.OUTPUT_CLASSES, class_path, "raster")):
+        for path, kind in ((grid_path, "grid"), (class_path, "raster")):
             if context.willLoadLayerOnCompletion(path):
                 processor = ClassStylePostProcessor.create(kind, info.class_names, info.class_colors)
                 context.layerToLoadOnCompletionDetails(path).setPostProcessor(processor)

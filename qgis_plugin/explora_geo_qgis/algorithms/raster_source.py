@@ -138,7 +138,8 @@ class LayerReader:
             if dtype is None or not block.isValid():
                 raise PluginError(f"band {band} of the layer could not be read (data type "
                                   f"{int(block.dataType())}); convert the raster to integer or float32 bands.")
-            values = np.frombuffer(block.data(), dtype=dtype).reshape(h, w)  # QByteArray buffer, no copy
+            # a view of the block's buffer: used only while `block` is alive, copied into `data` right away
+            values = np.frombuffer(block.data(), dtype=dtype).reshape(h, w)
             if data is None:
                 data = np.empty((len(self.bands), h, w), dtype=np.result_type(dtype, np.float32)
                                 if dtype in (np.float32, np.float64) else dtype)

@@ -123,7 +123,8 @@ class OnnxModel:
         ort = import_onnxruntime()
         path = Path(path)
         if not path.is_file():
-            raise PluginError(f"model file {path} does not exist; choose the .onnx file 'explora-geo export' wrote.")
+            raise PluginError(f"model file {path} does not exist; choose the .onnx file that "
+                              "'explora-geo export' wrote.")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         # Idle ONNX Runtime threads sleep instead of spinning: the reader thread (and QGIS itself) needs

@@ -89,7 +89,8 @@ class Scaler:
 def _per_band(values: Sequence[float] | None, n: int, name: str, default: float | None = None) -> np.ndarray:
     if values is None:
         if default is None:
-            raise PluginError(f"model metadata normalisation lacks '{name}'; re-export the model with explora-geo.")
+            raise PluginError(f"model metadata normalisation lacks '{name}'; "
+                              "re-export the model with explora-geo.")
         return np.full(n, default, dtype=np.float64)
     arr = np.asarray(values, dtype=np.float64)
     if arr.shape != (n,):

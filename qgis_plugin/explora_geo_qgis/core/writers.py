@@ -128,11 +128,13 @@ def field_name(label: str, taken: set[str]) -> str:
 
 
 def polygon_hex_wkb(geotransform: Sequence[float], rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Hex WKB (little-endian) of the rectangles of cells ``(rows[i], cols[i])`` of a north-up grid: ``[N]`` str."""
+    """Hex WKB (little-endian) of the rectangles of cells ``(rows[i], cols[i])`` of a north-up grid:
+    ``[N]`` str."""
     x0, dx, _, y0, _, dy = geotransform
     left, top = x0 + cols * dx, y0 + rows * dy
     right, bottom = left + dx, top + dy
-    record = np.dtype([("order", "u1"), ("type", "<u4"), ("rings", "<u4"), ("points", "<u4"), ("xy", "<f8", (10,))])
+    record = np.dtype([("order", "u1"), ("type", "<u4"), ("rings", "<u4"), ("points", "<u4"),
+                       ("xy", "<f8", (10,))])
     wkb = np.zeros(len(rows), dtype=record)
     wkb["order"], wkb["type"], wkb["rings"], wkb["points"] = 1, 3, 1, 5
     wkb["xy"] = np.stack([left, top, right, top, right, bottom, left, bottom, left, top], axis=1)
