@@ -408,7 +408,7 @@ def _target_res(res: float | tuple[float, float] | None, refs: Sequence[RasterIn
 def _mosaic_units(
     infos: Sequence[RasterInfo], wanted: Sequence[str], sensor: Sensor | None, band_names: Sequence[str] | None
 ) -> tuple[list[str], list[_Unit]]:
-    """Common band names of multi-band files, and one unit per file with the ``wanted`` bands."""
+    """Band names of the first file, and one unit per file with the ``wanted`` bands located by name."""
     counts = Counter(i.count for i in infos)
     if len(counts) > 1:
         common = counts.most_common(1)[0][0]
@@ -416,16 +416,12 @@ def _mosaic_units(
         raise ExploraGeoError(
             f"{odd.path} has {odd.count} bands but most files have {common}; mosaic files must share their bands."
         )
-    names0 = _file_band_names(infos[0], sensor, band_names)
-    for info in infos[1:]:
+    units: list[_Unit] = []
+    for info in infos:  # each file's own band order (descriptions may differ between files)
         names = _file_band_names(info, sensor, band_names)
-        if names != names0:
-            raise ExploraGeoError(
-                f"{info.path} names its bands {names}, unlike {Path(infos[0].path).name} ({names0}); "
-                "mosaic files must share band order."
-            )
-    idx = select_bands(names0, wanted, sensor=sensor, source=Path(infos[0].path).name)
-    return names0, [(Path(i.path).name, tuple((i.path, k + 1) for k in idx), i) for i in infos]
+        idx = select_bands(names, wanted, sensor=sensor, source=Path(info.path).name)
+        units.append((Path(info.path).name, tuple((info.path, k + 1) for k in idx), info))
+    return _file_band_names(infos[0], sensor, band_names), units
 
 
 def _scene_units(

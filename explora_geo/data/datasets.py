@@ -18,6 +18,8 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+from torch import Tensor
 from torchgeo.datasets import RasterDataset
 
 from explora_geo.data.catalog import Catalog, DataSpec, build_catalog
@@ -47,7 +49,8 @@ class MosaicDataset(RasterDataset):
     """Multi-band raster mosaics as a torchgeo :class:`~torchgeo.datasets.RasterDataset`.
 
     Args:
-        paths: folder, glob, file or list of those (all files hold the same bands in the same order).
+        paths: folder, glob, file or list of those (all files hold the same number of bands; files whose
+            bands are named by descriptions may order them differently).
         bands: band names to return, in this order (names or sensor aliases, e.g. ``"B8A"``, ``"nir"``).
         sensor: preset naming the files' bands when they carry no descriptions.
         band_names: names of the files' bands in file order (overrides descriptions and preset).
@@ -82,10 +85,34 @@ class MosaicDataset(RasterDataset):
         self.catalog = cat
         self.all_bands = cat.file_bands
         idx = select_bands(cat.file_bands, cat.bands, sensor=cat.sensor, source="the mosaic")
+        # 1-based band indexes of the requested bands in each file (files may order their bands differently)
+        self._indexes = {s.channels[0][0]: tuple(b for _, b in s.channels) for s in cat.sources}
         if cat.nodata_origin == "user":
             self.nodata = cat.nodata
         super().__init__(paths=cat.files, crs=_pyproj(cat.crs), res=cat.res,
                          bands=[cat.file_bands[i] for i in idx], transforms=transforms, cache=cache)
+
+    def _merge_or_stack(self, filepaths: Sequence[str], index: Any, band_indexes: Sequence[int] | None = None,
+                        out_crs: Any = None) -> Tensor:
+        """torchgeo's merge, per group of files sharing a band order; groups fill each other's gaps.
+
+        Returns ``[C, H, W]`` (requested bands). Where several files cover a pixel, the first file (in the
+        index order) with data wins, as in torchgeo.
+        """
+        groups: dict[tuple[int, ...], list[str]] = {}
+        for path in filepaths:
+            groups.setdefault(self._indexes[os.path.abspath(path)], []).append(path)
+        merged: Tensor | None = None
+        for indexes, paths in groups.items():
+            part = super()._merge_or_stack(paths, index, list(indexes), out_crs)
+            if merged is None:
+                merged = part
+                continue
+            fill = 0.0 if self.catalog.nodata is None else self.catalog.nodata
+            gap = (merged == fill).all(dim=-3, keepdim=True)
+            merged = torch.where(gap, part, merged)
+        assert merged is not None
+        return merged
 
 
 class BandFilesDataset(RasterDataset):

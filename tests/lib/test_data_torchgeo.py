@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import geopandas as gpd
+import numpy as np
 import shapely
 import torch
 from test_data_nodata import smooth, write_tif
@@ -67,3 +68,26 @@ def test_mixed_crs_and_resolution_are_warped_to_one_grid(tmp_path: Path) -> None
     cx, cy = round((minx + maxx) / 20) * 10, round((miny + maxy) / 20) * 10
     patch = ds[cx - 160:cx + 160:10, cy - 160:cy + 160:10]["image"]
     assert patch.shape == (1, 32, 32) and patch.min() > 5000
+
+
+def test_files_with_different_band_orders_are_read_by_name(tmp_path: Path) -> None:
+    import rasterio
+
+    from explora_geo.data.catalog import build_catalog
+    from explora_geo.data.fast import PatchReader
+
+    folder = tmp_path / "orders"
+    a = write_tif(folder / "a.tif", smooth((4, 64, 64), 1), descriptions=BANDS)
+    b = write_tif(folder / "b.tif", smooth((4, 64, 64), 2), descriptions=BANDS[::-1], origin=(300640.0, 5800000.0))
+    ds = MosaicDataset(folder, bands=["B04", "B08"])
+    # one patch straddling both files: the west half from a.tif (bands 3, 4), the east half from b.tif (2, 1)
+    patch = ds[300320:300960:10, 5799360:5800000:10]["image"].numpy()
+    with rasterio.open(a) as src:
+        west = src.read([3, 4], window=((0, 64), (32, 64)))
+    with rasterio.open(b) as src:
+        east = src.read([2, 1], window=((0, 64), (0, 32)))
+    np.testing.assert_array_equal(patch[:, :, :32], west)
+    np.testing.assert_array_equal(patch[:, :, 32:], east)
+    cat = build_catalog(folder, bands=["B04", "B08"])
+    reader = PatchReader(cat.sources, cache_bytes=0)
+    np.testing.assert_array_equal(reader.read(1, 0, 0, 64, 32), east)
