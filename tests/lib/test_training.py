@@ -210,3 +210,10 @@ def test_official_mae_file_gives_its_decoder_to_the_objective(t33uuu_dir: Path, 
     fc1 = objective.decoder.blocks[0].mlp.fc1.weight
     assert not fc1.requires_grad and torch.equal(fc1, official["decoder_blocks.0.mlp.fc1.weight"])
     assert torch.equal(objective.backbone.blocks[0].mlp.fc1.weight, encoder.blocks[0].mlp.fc1.weight)
+
+
+def test_gradient_accumulation_counts_optimiser_steps(t33uuu_dir: Path, tmp_path: Path) -> None:
+    summary = run_pretraining(tiny_config(t33uuu_dir, tmp_path / "acc", max_steps=3, accumulate=2, batch_size=4),
+                              echo=quiet)
+    assert summary is not None and summary["steps"] == 3 and summary["images_seen"] == 3 * 4 * 2
+    assert [s for s, _ in summary["loss_history"]] == [0, 1, 2]
