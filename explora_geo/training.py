@@ -379,6 +379,7 @@ def run_pretraining(config: PretrainConfig, *, callbacks: Sequence[L.Callback] =
     from explora_geo.training_outputs import write_outputs
 
     out = Path(config.out)
+    ckpt_path = _resume_path(config, out)
     L.seed_everything(config.seed, workers=True, verbose=False)  # model init, heads, decoder
     run = prepare_run(config, datamodule=datamodule, echo=echo)
     world = _world(config)
@@ -386,7 +387,6 @@ def run_pretraining(config: PretrainConfig, *, callbacks: Sequence[L.Callback] =
         run.objective, max_steps=config.max_steps, lr=run.lr, warmup_steps=run.warmup_steps, min_lr=config.min_lr,
         seed=config.seed, images_per_step=config.batch_size * config.accumulate * world)
     trainer = build_trainer(config, out, callbacks)
-    ckpt_path = _resume_path(config, out)
     started = time.perf_counter()
     trainer.fit(module, datamodule=run.datamodule, ckpt_path=ckpt_path)
     wall = time.perf_counter() - started
@@ -398,6 +398,9 @@ def run_pretraining(config: PretrainConfig, *, callbacks: Sequence[L.Callback] =
 
 def _resume_path(config: PretrainConfig, out: Path) -> str | None:
     if not config.resume:
+        if (out / "checkpoints" / "last.ckpt").exists():
+            raise ExploraGeoError(f"{out} already holds a run (checkpoints/last.ckpt); pass --resume to continue "
+                                  "it, or choose another --out.")
         return None
     path = out / "checkpoints" / "last.ckpt" if config.resume is True or config.resume == "true" else Path(
         str(config.resume))

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import explora_geo.models  # noqa: F401
 from explora_geo.checkpoint import load_backbone
+from explora_geo.errors import ExploraGeoError
 from explora_geo.training import NonFiniteLossError, PretrainConfig, run_pretraining, warmup_cosine
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
@@ -123,6 +124,8 @@ def test_resume_reproduces_the_uninterrupted_losses(t33uuu_dir: Path, tmp_path: 
     run_pretraining(tiny_config(t33uuu_dir, part, **kwargs), callbacks=[StopAt(5)], echo=quiet)
     ckpt = torch.load(part / "checkpoints" / "last.ckpt", weights_only=False)
     assert 4 <= ckpt["global_step"] < 8
+    with pytest.raises(ExploraGeoError, match="already holds a run.*--resume"):
+        run_pretraining(tiny_config(t33uuu_dir, part, **kwargs), echo=quiet)
     resumed = run_pretraining(tiny_config(t33uuu_dir, part, resume=True, **kwargs), echo=quiet)
     assert full is not None and resumed is not None and resumed["steps"] == 8
     assert [s for s, _ in resumed["loss_history"]] == list(range(8))
