@@ -134,5 +134,6 @@ class MultiCrop(nn.Module):
     def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """See the class docstring."""
         images = images.float()
-        return (self._views(images, self.config.n_global, self.global_crop, self.global_blur),
-                self._views(images, self.config.n_local, self.local_crop, self.local_blur))
+        with torch.autocast(device_type=images.device.type, enabled=False):  # warps stay in float32
+            return (self._views(images, self.config.n_global, self.global_crop, self.global_blur),
+                    self._views(images, self.config.n_local, self.local_crop, self.local_blur))

@@ -220,3 +220,12 @@ def test_gradient_accumulation_counts_optimiser_steps(t33uuu_dir: Path, tmp_path
                               echo=quiet)
     assert summary is not None and summary["steps"] == 3 and summary["images_seen"] == 3 * 4 * 2
     assert [s for s, _ in summary["loss_history"]] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("objective", ["mae", "dinov2"])
+def test_bf16_mixed_precision_runs(t33uuu_dir: Path, tmp_path: Path, objective: str) -> None:
+    """The GPU default precision (bf16-mixed), exercised with CPU autocast: dtypes must line up."""
+    summary = run_pretraining(tiny_config(t33uuu_dir, tmp_path / "bf16", objective, max_steps=2,
+                                          precision="bf16-mixed"), echo=quiet)
+    assert summary is not None and summary["precision"] == "bf16-mixed"
+    assert all(torch.isfinite(torch.tensor(v)) for _, v in summary["loss_history"])
