@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from explora_geo.errors import ExploraGeoError
 from explora_geo.sensors import get_sensor
 
-__all__ = ["ONNX_OPSET", "HeadSpec", "OnnxBundle", "load_head_spec", "bundle_metadata", "export_onnx"]
+__all__ = ["ONNX_OPSET", "HeadSpec", "OnnxBundle", "load_head_spec", "load_model", "bundle_metadata",
+           "export_onnx"]
 
 #: ONNX opset of exported bundles.
 ONNX_OPSET = 17
@@ -99,7 +100,7 @@ def load_head_spec(path: str | os.PathLike[str], class_colors: Sequence[str] | N
     """Read a probe head (``.safetensors``/``.json``/stem) or a torchgeo task checkpoint (``.ckpt``)."""
     path = Path(path)
     if path.suffix == ".ckpt":
-        return _torchgeo_head(path, class_colors)
+        return _torchgeo_head(path, class_colors)  # the head only; see load_model for its backbone
     from explora_geo.downstream.probe import load_head
 
     linear, meta = load_head(path)
@@ -112,15 +113,21 @@ def load_head_spec(path: str | os.PathLike[str], class_colors: Sequence[str] | N
                     source=f"probe:{path.name}")
 
 
-def _torchgeo_head(path: Path, class_colors: Sequence[str] | None) -> HeadSpec:
-    """The timm ``head`` of a torchgeo ``ClassificationTask`` checkpoint (acts on the pooled embedding)."""
+def _read_task_checkpoint(path: Path) -> dict[str, Any]:
+    """A Lightning ``.ckpt`` (tensors and plain hyper-parameters only: ``weights_only`` loading)."""
     if not path.is_file():
-        raise ExploraGeoError(f"head checkpoint {path} does not exist; pass the .ckpt torchgeo wrote.")
+        raise ExploraGeoError(f"checkpoint {path} does not exist; pass the .ckpt torchgeo wrote.")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
         raise ExploraGeoError(f"cannot read {path} as a torchgeo checkpoint ({type(err).__name__}); "
                               "pass a Lightning .ckpt of a ClassificationTask.") from err
+
+
+def _torchgeo_head(path: Path, class_colors: Sequence[str] | None,
+                   ckpt: dict[str, Any] | None = None) -> HeadSpec:
+    """The timm ``head`` of a torchgeo ``ClassificationTask`` checkpoint (acts on the pooled embedding)."""
+    ckpt = ckpt if ckpt is not None else _read_task_checkpoint(path)
     state = ckpt.get("state_dict", {})
     weight, bias = state.get("model.head.weight"), state.get("model.head.bias")
     if weight is None or bias is None or weight.ndim != 2:
@@ -129,9 +136,52 @@ def _torchgeo_head(path: Path, class_colors: Sequence[str] | None) -> HeadSpec:
     linear = nn.Linear(weight.shape[1], weight.shape[0])
     linear.load_state_dict({"weight": weight, "bias": bias})
     hparams = ckpt.get("hyper_parameters", {}) or {}
-    names = hparams.get("class_names") or [f"class_{k}" for k in range(weight.shape[0])]
+    names = hparams.get("class_names") or hparams.get("labels") or [f"class_{k}" for k in range(weight.shape[0])]
     return HeadSpec(linear.eval(), [str(n) for n in names], list(class_colors) if class_colors else None,
                     on_embedding=True, source=f"torchgeo:{path.name}")
+
+
+def load_model(
+    checkpoint: str | os.PathLike[str],
+    head: str | os.PathLike[str] | HeadSpec | None = None,
+    class_colors: Sequence[str] | None = None,
+) -> tuple[nn.Module, dict[str, Any], HeadSpec | None]:
+    """The backbone, its sidecar and the head to export.
+
+    A torchgeo task checkpoint (``.ckpt``, as ``checkpoint`` or as ``head``) that carries an explora-geo
+    backbone (``ExploraClassificationTask``) also gives the backbone: the head was trained with that (possibly
+    fine-tuned, LoRA-merged) backbone, not with the original file. Its architecture must then match
+    ``checkpoint``'s.
+    """
+    from explora_geo.checkpoint import load_backbone, read_sidecar
+
+    checkpoint = Path(checkpoint)
+    head_path = None if head is None or isinstance(head, HeadSpec) else Path(head)
+    task_path = checkpoint if checkpoint.suffix == ".ckpt" else (
+        head_path if head_path is not None and head_path.suffix == ".ckpt" else None)
+    task = _read_task_checkpoint(task_path) if task_path is not None else None
+    if task is not None and (task.get("hyper_parameters") or {}).get("backbone_meta"):
+        from explora_geo.downstream.tasks import backbone_from_checkpoint
+
+        backbone, sidecar = backbone_from_checkpoint(task_path)
+        if checkpoint != task_path:
+            given = read_sidecar(checkpoint)
+            same = [given.get(k) == sidecar.get(k) for k in ("architecture", "bands")]
+            if not all(same):
+                raise ExploraGeoError(
+                    f"head checkpoint {task_path.name} was trained on a {sidecar.get('architecture')} backbone "
+                    f"({len(sidecar.get('bands') or [])} bands), not on {checkpoint.name} "
+                    f"({given.get('architecture')}); pass the matching backbone or only --checkpoint {task_path}.")
+        return backbone, sidecar, _torchgeo_head(task_path, class_colors, task)
+    if task_path is not None and task_path == checkpoint:
+        raise ExploraGeoError(f"{checkpoint} has no explora-geo backbone metadata; pass the backbone file "
+                              "(.safetensors) as --checkpoint and the .ckpt as --head.")
+    backbone, sidecar = load_backbone(checkpoint, num_classes=0)
+    if head is None or isinstance(head, HeadSpec):
+        return backbone, sidecar, head
+    if task is not None:
+        return backbone, sidecar, _torchgeo_head(head_path, class_colors, task)
+    return backbone, sidecar, load_head_spec(head_path, class_colors)
 
 
 def _wavelengths(bands: Sequence[str], sensor: str | None) -> list[float | None]:
@@ -204,26 +254,24 @@ def export_onnx(
     """Export a backbone file (+ head) to ``out`` (``.onnx``) and its ``.json`` sidecar.
 
     Args:
-        checkpoint: a backbone file of ``explora_geo.checkpoint.save_backbone`` (``.safetensors``/``.json``).
+        checkpoint: a backbone file of ``explora_geo.checkpoint.save_backbone`` (``.safetensors``/``.json``),
+            or an ``ExploraClassificationTask`` checkpoint (``.ckpt``: backbone and head).
         out: destination ``.onnx`` path; the sidecar is written beside it with the ``.json`` suffix.
-        head: a probe head path, a torchgeo ``.ckpt``, or a :class:`HeadSpec`.
+        head: a probe head path, a torchgeo ``.ckpt`` (see :func:`load_model`), or a :class:`HeadSpec`.
         class_colors: ``"#rrggbb"`` per class, overriding the head's.
         check: verify the written model with onnxruntime on a batch of 2 random tiles (max |diff| <= 1e-4).
 
     Returns:
         ``(onnx_path, json_path)``.
     """
-    from explora_geo.checkpoint import load_backbone
-
     out = Path(out)
     if out.suffix != ".onnx":
         raise ExploraGeoError(f"output {out} must end in .onnx; pass e.g. --out model.onnx.")
-    backbone, sidecar = load_backbone(checkpoint, num_classes=0)
+    backbone, sidecar, spec = load_model(checkpoint, head, class_colors)
     for key in ("gsd_m", "normalization"):
         if sidecar.get(key) is None:
             raise ExploraGeoError(f"backbone {checkpoint} has no '{key}' in its sidecar; the QGIS plugin needs "
                                   "it: set it in the backbone's .json (see docs/architecture.md) and re-export.")
-    spec = head if isinstance(head, HeadSpec) or head is None else load_head_spec(head, class_colors)
     if spec is not None and class_colors:
         spec.class_colors = list(class_colors)
     embedding_dim = int(getattr(backbone, "num_features", sidecar["embed_dim"]))

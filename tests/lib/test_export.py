@@ -183,3 +183,28 @@ def test_backbone_without_gsd_is_refused(files: dict[str, Path], tmp_path: Path)
     with pytest.raises(ExploraGeoError, match="no 'gsd_m' in its sidecar"):
         export_onnx(tmp_path / "nogsd.safetensors", tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_finetuned_task_checkpoint_exports_its_own_backbone(files: dict[str, Path], tmp_path: Path) -> None:
+    """A head from an ExploraClassificationTask checkpoint comes with the backbone it was trained with."""
+    from explora_geo.checkpoint import load_backbone
+    from explora_geo.downstream.tasks import ExploraClassificationTask
+
+    task = ExploraClassificationTask(weights=str(files["backbone"]), num_classes=3, labels=["a", "b", "c"])
+    with torch.no_grad():  # stands in for full fine-tuning: the backbone no longer equals the file
+        torch.manual_seed(0)
+        task.model.norm.bias.add_(torch.randn_like(task.model.norm.bias))
+        torch.nn.init.normal_(task.model.head.weight, std=1.0)
+    task.eval()
+    ckpt = tmp_path / "task.ckpt"
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, ckpt)
+    x = torch.rand(4, 10, 32, 32)
+    with torch.no_grad():
+        want = torch.softmax(task.model(x), dim=-1).numpy()
+        stale = torch.softmax(task.model.head(load_backbone(files["backbone"])[0](x)), dim=-1).numpy()
+    assert np.abs(want - stale).max() > 1e-3  # the original backbone would give other probabilities
+    for checkpoint, head in ((files["backbone"], ckpt), (ckpt, None)):
+        onnx_path, _ = export_onnx(checkpoint, tmp_path / "ft.onnx", head=head)
+        got = ort.InferenceSession(str(onnx_path)).run(["probabilities"], {"image": x.numpy()})[0]
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        assert _metadata(onnx_path)["class_names"] == ["a", "b", "c"]
