@@ -45,6 +45,10 @@ RASTER_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".jp2", ".vrt", ".img")
 
 # "<stem>_B02", "<stem>_B8A_20m" (extension removed).
 _BAND_FILE = re.compile(r"^(?P<stem>.+?)_(?P<band>B(?:0?[1-9]|1[0-2]|8A))(?:_(?P<res>\d+m))?$", re.IGNORECASE)
+# Other rasters of an L2A SAFE product (true colour, aerosol, water vapour, scene classification, masks).
+_AUX_FILE = re.compile(r"_(?:TCI|AOT|WVP|SCL|CLD|SNW|CLDPRB|SNWPRB|PVI)(?:_\d+m)?$", re.IGNORECASE)
+# The resolution folders of an L2A SAFE granule (IMG_DATA/R10m, R20m, R60m).
+_RES_FOLDER = re.compile(r"^R\d+m$")
 # SAFE product names carry the processing baseline, e.g. ..._N0400_..., ..._N0509_...
 _BASELINE = re.compile(r"_N(\d{4})(?:_|$)")
 
@@ -355,11 +359,17 @@ def build_catalog(
     paths = find_rasters(data)
     infos = [inspect_raster(p) for p in paths]
     matches = [_BAND_FILE.match(Path(p).stem) for p in paths]
-    if band_names is None and all(m is not None and i.count == 1 for m, i in zip(matches, infos, strict=True)):
+    band_like = [m is not None and i.count == 1 for m, i in zip(matches, infos, strict=True)]
+    aux = [_AUX_FILE.search(Path(p).stem) is not None for p in paths]
+    notes: list[str] = []
+    if band_names is None and any(band_like) and all(b or a for b, a in zip(band_like, aux, strict=True)):
+        if not all(band_like):
+            notes.append(f"ignored {band_like.count(False)} auxiliary file(s) (TCI/AOT/WVP/SCL/...)")
+            infos = [i for i, b in zip(infos, band_like, strict=True) if b]
+            matches = [m for m, b in zip(matches, band_like, strict=True) if b]
         kind, (file_bands, units) = "band_files", _scene_units(infos, matches, wanted, preset)
     else:
         kind, (file_bands, units) = "mosaic", _mosaic_units(infos, wanted, preset, band_names)
-    notes: list[str] = []
     target_crs = _target_crs(crs, infos, notes)
     target_res = _target_res(res, [ref for _, _, ref in units], target_crs, notes)
     value, origin = _resolve_nodata(infos, nodata)
@@ -428,13 +438,23 @@ def _scene_units(
     infos: Sequence[RasterInfo], matches: Sequence[re.Match[str] | None], wanted: Sequence[str],
     sensor: Sensor | None,
 ) -> tuple[list[str], list[_Unit]]:
-    """Band names found, and one unit per scene of per-band files (grid: its finest requested band)."""
+    """Band names found, and one unit per scene of per-band files (grid: its finest requested band).
+
+    A scene is the files sharing a folder and a stem; the resolution folders of an L2A SAFE granule
+    (``R10m``/``R20m``/``R60m``) count as one folder, and a band present at several resolutions is taken at
+    the finest (its native one).
+    """
     scenes: dict[str, dict[str, RasterInfo]] = {}
     for match, info in zip(matches, infos, strict=True):
         assert match is not None
-        key = os.path.join(os.path.dirname(info.path), match.group("stem"))
+        folder = os.path.dirname(info.path)
+        if _RES_FOLDER.match(os.path.basename(folder)):
+            folder = os.path.dirname(folder)
+        members = scenes.setdefault(os.path.join(folder, match.group("stem")), {})
         name = canonical_band_name(match.group("band"))
-        scenes.setdefault(key, {})[(sensor.canonical(name) if sensor else None) or name] = info
+        name = (sensor.canonical(name) if sensor else None) or name
+        if name not in members or info.res[0] * info.res[1] < members[name].res[0] * members[name].res[1]:
+            members[name] = info
     units: list[_Unit] = []
     for key, members in sorted(scenes.items()):
         names = list(members)

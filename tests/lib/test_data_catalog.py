@@ -187,3 +187,24 @@ def test_cli_stats_writes_json_loadable_as_normalisation(mosaic: Path, tmp_path:
     satmae = normalization_from_stats(out, "satmae", bands=["B02"])
     assert satmae.bands == ("B02",) and satmae.mean == (stats["mean"][1],)
     assert not list(out.parent.glob("*.tmp"))
+
+
+def test_l2a_safe_granule_layout(tmp_path: Path) -> None:
+    """R10m/R20m/R60m folders form one scene, bands at their native resolution, auxiliary rasters ignored."""
+    safe = tmp_path / "S2B_MSIL2A_20230101T100309_N0509_R122_T33UUU_20230101T120000.SAFE"
+    img = safe / "GRANULE" / "L2A_T33UUU_A030000_20230101T100310" / "IMG_DATA"
+    stem = "T33UUU_20230101T100309"
+    layout = {"R10m": (10.0, ["B02", "B03", "B04", "B08"]), "R20m": (20.0, ["B02", "B05", "B8A", "B11"]),
+              "R60m": (60.0, ["B01", "B02", "B09"])}
+    for folder, (res, bands) in layout.items():
+        size = int(640 / res)
+        for k, band in enumerate(bands):
+            write_tif(img / folder / f"{stem}_{band}_{folder[1:]}.tif", smooth((1, size, size), k), res=res)
+    write_tif(img / "R10m" / f"{stem}_TCI_10m.tif", smooth((3, 64, 64)).astype(np.uint8), res=10.0)
+    write_tif(img / "R20m" / f"{stem}_SCL_20m.tif", smooth((1, 32, 32)).astype(np.uint8), res=20.0)
+    cat = build_catalog(safe, bands=["B02", "B05", "B01"])
+    assert cat.kind == "band_files" and len(cat.sources) == 1
+    assert [Path(p).parent.name for p, _ in cat.sources[0].channels] == ["R10m", "R20m", "R60m"]
+    assert (cat.sources[0].width, cat.res) == (64, (10.0, 10.0))
+    assert cat.offset == 1000 and "N0509" in cat.offset_origin
+    assert any("ignored 2 auxiliary file(s)" in n for n in cat.notes)
