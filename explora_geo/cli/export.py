@@ -18,13 +18,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "classes and colours), and the same metadata in a JSON file beside it.",
     )
     parser.add_argument("--checkpoint", required=True, metavar="FILE",
-                        help="backbone file written by pretraining (<name>.safetensors or <name>.json)")
+                        help="backbone file written by pretraining (<name>.safetensors or <name>.json), or "
+                             "an ExploraClassificationTask checkpoint (.ckpt: its backbone and head)")
     parser.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
     parser.add_argument("--out", required=True, metavar="FILE",
                         help="output .onnx file (sidecar: same name .json)")
     parser.add_argument("--head", metavar="FILE", default=None,
                         help="classification head: a probe head (.safetensors/.json from `explora-geo probe`) "
-                             "or a torchgeo ClassificationTask checkpoint (.ckpt)")
+                             "or a torchgeo ClassificationTask checkpoint (.ckpt; an explora-geo task checkpoint "
+                             "also replaces the backbone by the one the head was trained with)")
     parser.add_argument("--class-colors", metavar="HEX", nargs="+", default=None,
                         help="one #rrggbb colour per class (default: the head's, else a tab10/tab20 palette)")
     parser.add_argument("--no-check", action="store_true",
