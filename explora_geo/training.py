@@ -388,7 +388,13 @@ def run_pretraining(config: PretrainConfig, *, callbacks: Sequence[L.Callback] =
         seed=config.seed, images_per_step=config.batch_size * config.accumulate * world)
     trainer = build_trainer(config, out, callbacks)
     started = time.perf_counter()
-    trainer.fit(module, datamodule=run.datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=run.datamodule, ckpt_path=ckpt_path)
+    except RuntimeError as err:
+        if ckpt_path and "state_dict" in str(err):
+            raise ExploraGeoError(f"checkpoint {ckpt_path} was written by a run with other settings (model, "
+                                  "rank, unfreeze or objective differ); resume with the same settings.") from None
+        raise
     wall = time.perf_counter() - started
     if not trainer.is_global_zero:
         return None
