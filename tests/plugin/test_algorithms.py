@@ -314,3 +314,34 @@ def test_enum_spellings_resolve_on_this_qgis(qgis_app: Any) -> None:
     assert QgsUnitTypes.fromUnitToUnitFactor(compat.METERS, QgsUnitTypes.DistanceUnit.DistanceKilometers) == 0.001
     with pytest.raises(AttributeError, match="none of"):
         compat.pick((compat, "No.Such"))
+
+
+def test_overlap_halves_the_cells_and_polygon_reference(qgis_app: Any, bundle: dict, t33uuu_vrt: Path,
+                                                         tmp_path: Path) -> None:
+    from qgis.core import QgsFeature, QgsGeometry, QgsVectorLayer
+
+    extent = "330000,331280,5820760,5822040 [EPSG:32633]"  # 1280 m square
+    out = _run("classify", {"INPUT": _layer(t33uuu_vrt), "MODEL": str(bundle["classifier"]), "EXTENT": extent,
+                            "OVERLAP": 50, "MIN_VALID": 0.5, "OUTPUT_GRID": str(tmp_path / "g.gpkg"),
+                            "OUTPUT_CLASSES": str(tmp_path / "c.tif"), "OUTPUT_PROBABILITY": str(tmp_path / "p.tif")})
+    ds = gdal.Open(out["OUTPUT_CLASSES"])
+    # stride 16 px -> 160 m cells, 8 x 8 of them; edge tiles reach 8 px outside the processed area, which
+    # counts as nodata
+    assert ds.GetGeoTransform() == (330000.0, 160.0, 0.0, 5822040.0, 0.0, -160.0)
+    assert (ds.RasterXSize, ds.RasterYSize) == (8, 8)
+    ds = None
+    rows = _features(out["OUTPUT_GRID"])
+    corner = next(r for r in rows if (r["tile_row"], r["tile_col"]) == (0, 0))
+    assert corner["valid_frac"] == pytest.approx(24 * 24 / (32 * 32)) and corner["status"] == "partial"
+    inner = next(r for r in rows if (r["tile_row"], r["tile_col"]) == (3, 3))
+    assert inner["valid_frac"] == 1.0 and inner["status"] == "ok"
+    polygon = QgsVectorLayer("Polygon?crs=EPSG:32633", "ref", "memory")
+    feature = QgsFeature()
+    feature.setGeometry(QgsGeometry.fromWkt("POLYGON((330000 5822040, 330300 5822040, 330300 5821740, "
+                                             "330000 5821740, 330000 5822040))"))
+    polygon.dataProvider().addFeatures([feature])
+    sim = _run("similarity", {"INPUT": _layer(t33uuu_vrt), "MODEL": str(bundle["embedder"]), "EXTENT": extent,
+                              "OVERLAP": 50, "REFERENCE": polygon, "OUTPUT": str(tmp_path / "s.tif")})
+    assert sim["REFERENCE_TILES"] == 4  # the 300 m square touches 2 x 2 cells of 160 m
+    values = _read(sim["OUTPUT"])
+    assert values.shape == (8, 8) and np.all((values >= -1.0001) & (values <= 1.0001))
