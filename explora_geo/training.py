@@ -177,8 +177,7 @@ class ExploraPretrainModule(L.LightningModule):
         self._pending: list[Tensor] = []
         self._tick: float | None = None
         self._rng_to_restore: dict[str, Any] | None = None
-        if hasattr(objective, "set_max_steps"):
-            objective.set_max_steps(max_steps)
+        objective.set_max_steps(max_steps)
 
     # -- optimisation ----------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

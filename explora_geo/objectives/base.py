@@ -80,6 +80,9 @@ class Objective(nn.Module):
         """Trainable parameters the optimiser updates (teacher copies excluded)."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def set_max_steps(self, max_steps: int) -> None:
+        """Fix the run length for step-count settings (called once by the training module)."""
+
     def before_optimizer_step(self, step: int) -> None:
         """Called after backward and before clipping / the optimiser step (e.g. cancel some gradients)."""
 

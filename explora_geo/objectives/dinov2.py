@@ -247,6 +247,8 @@ class DINOv2Objective(Objective):
         self.patch_center = Center((1, cfg.num_prototypes), momentum=cfg.center_momentum)
         self.koleo = KoLeoLoss()
         self.crop = MultiCrop(_crop_config(cfg.crops, backbone))
+        self._freeze_steps = 0  # set by set_max_steps
+        self._ema: tuple[list[Tensor], list[Tensor]] | None = None
 
     # -- schedules -------------------------------------------------------------------------------------
     def teacher_temp(self, step: int, max_steps: int) -> float:
@@ -348,15 +350,15 @@ class DINOv2Objective(Objective):
     @torch.no_grad()
     def after_optimizer_step(self, step: int, max_steps: int) -> None:
         """EMA update of the teacher's trainable tensors."""
-        m = self.momentum(step, max_steps)
-        for student, teacher in ((self.backbone, self.teacher["backbone"]), (self.head, self.teacher["head"])):
-            ema_update(*ema_pairs(student, teacher), m)
+        if self._ema is None:  # the same Parameter objects all run long (moving devices keeps them)
+            pairs = [ema_pairs(s, t) for s, t in ((self.backbone, self.teacher["backbone"]),
+                                                  (self.head, self.teacher["head"]))]
+            self._ema = ([p for s, _ in pairs for p in s], [p for _, t in pairs for p in t])
+        ema_update(*self._ema, self.momentum(step, max_steps))
 
     def set_max_steps(self, max_steps: int) -> None:
         """Fix the schedule length (called by the training module before training)."""
         self._freeze_steps = self.freeze_last_layer_steps(max_steps)
-
-    _freeze_steps: int = 0
 
 
 def _crop_config(crops: MultiCropConfig | None, backbone: nn.Module) -> MultiCropConfig:
