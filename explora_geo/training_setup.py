@@ -73,6 +73,8 @@ def _band_spec(bands: Any) -> tuple[str | None, list[str] | None]:
 
 
 def _build_backbone(config: Any, preset: str | None, names: list[str] | None) -> tuple[nn.Module, str, dict]:
+    """``(backbone, architecture, model_kwargs)``; ``timm.create_model(architecture, **model_kwargs)``
+    rebuilds the same architecture (the sidecar's ``model_kwargs``)."""
     from explora_geo.models import create_backbone, is_group_channel, resolve_model_name
 
     model = config.model or (GROUP_CHANNEL_DEFAULT if preset else DEFAULT_MODELS[config.objective])
@@ -82,23 +84,16 @@ def _build_backbone(config: Any, preset: str | None, names: list[str] | None) ->
         kwargs["patch_size"] = int(config.patch_size)
     if config.img_size:
         kwargs["img_size"] = int(config.img_size)
-    group_channel = is_group_channel(arch)
-    if group_channel:
-        if preset is None:
-            bands: Any = [names]
-        else:
-            bands = preset
-            kwargs["sensor"] = preset
-    else:
-        bands = names if names is not None else get_sensor(preset or "rgb").model_bands
-        kwargs["in_chans"] = len(bands)
-        if config.objective == "dinov2":
-            kwargs["dynamic_img_size"] = True  # local crops are smaller than the global ones
-    build_kwargs = {k: v for k, v in kwargs.items() if not (group_channel and k == "sensor")}
-    backbone = create_backbone(arch, bands=bands, **build_kwargs)
-    if group_channel and preset is None:
-        kwargs["band_groups"] = [list(names or [])]
-    return backbone, arch, kwargs
+    if is_group_channel(arch):
+        bands: Any = preset if preset is not None else [names]
+        backbone = create_backbone(arch, bands=bands, **kwargs)
+        kwargs.update({"sensor": preset} if preset is not None else {"band_groups": [list(names or [])]})
+        return backbone, arch, kwargs
+    bands = names if names is not None else get_sensor(preset or "rgb").model_bands
+    kwargs["in_chans"] = len(bands)
+    if config.objective == "dinov2":
+        kwargs["dynamic_img_size"] = True  # local crops are smaller than the global ones
+    return create_backbone(arch, bands=bands, **kwargs), arch, kwargs
 
 
 def _img_size(backbone: nn.Module) -> int:
