@@ -147,6 +147,7 @@ def prepare_run(config: Any, *, datamodule: L.LightningDataModule | None = None,
             num_workers=config.workers, samples_per_epoch=config.max_steps * config.batch_size * config.accumulate
             * world, normalization=normalization, max_nodata_fraction=config.max_nodata_fraction, seed=config.seed)
         description = str(data)
+        echo(datamodule.describe())  # files, grid, bands, nodata, reader (also validates the data now)
     else:
         description = type(datamodule).__name__
     effective_batch = config.batch_size * config.accumulate * world
