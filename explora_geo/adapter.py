@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -183,9 +184,12 @@ def resolve_unfreeze(spec: str | Sequence[int], depth: int | None) -> tuple[int,
         return tuple(sorted(set(indices)))
     indices = []
     for item in spec:
-        if isinstance(item, bool) or not isinstance(item, int):
-            raise ExploraGeoError(f"unfreeze indices must be 0-based integers, got {item!r} in {list(spec)!r}.")
-        if depth is not None and not 0 <= item < depth:
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral) or item < 0:
+            raise ExploraGeoError(
+                f"unfreeze indices must be 0-based integers >= 0, got {item!r} in {list(spec)!r}."
+            )
+        item = int(item)
+        if depth is not None and item >= depth:
             raise ExploraGeoError(
                 f"unfreeze block index {item} (0-based) is outside the model's depth {depth} "
                 f"(valid 0..{depth - 1}); use an index below {depth}."

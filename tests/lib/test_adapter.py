@@ -105,6 +105,8 @@ def test_unfreeze_beyond_depth_fails_at_apply_time() -> None:
         ({"targets": ("q", "qkv")}, "'qkv'"),
         ({"dropout": 1.0}, "dropout"),
         ({"unfreeze": "L;1"}, "L;1"),
+        ({"unfreeze": (0, -1)}, "-1"),
+        ({"unfreeze": (0, 1.0)}, "1.0"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, needle) -> None:
