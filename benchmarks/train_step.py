@@ -198,12 +198,14 @@ def main(argv: list[str] | None = None) -> None:
 
         if not torch.cuda.is_available():
             raise SystemExit("--gpu needs a CUDA device; none is available here (run without --gpu on CPU).")
+    from tqdm import tqdm
+
     workers = {m: Worker(m, argv) for m in MODES}
     try:
         for w in workers.values():
             w.ask("")  # wait until set up
         steps: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
-        for i in range(args.warmup + args.steps):
+        for i in tqdm(range(args.warmup + args.steps), desc="steps (each: ExPLoRA + full)", file=sys.stderr):
             for mode in MODES if i % 2 == 0 else MODES[::-1]:
                 steps[mode].append(workers[mode].ask("step"))
         final = {m: w.ask("finish") for m, w in workers.items()}
