@@ -337,9 +337,22 @@ def _world(config: PretrainConfig) -> int:
     return n * int(config.num_nodes)
 
 
+def _progress_bar(refresh_rate: int) -> L.Callback:
+    """Lightning's tqdm bar (loss, images/s, elapsed and remaining time), without the logger version."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    class Bar(TQDMProgressBar):
+        def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+            items = super().get_metrics(trainer, pl_module)
+            items.pop("v_num", None)
+            return items
+
+    return Bar(refresh_rate=refresh_rate)
+
+
 def build_trainer(config: PretrainConfig, out: Path, callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
     """The Lightning ``Trainer`` of a run (see the module docstring)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     strategy = config.strategy
@@ -355,7 +368,7 @@ def build_trainer(config: PretrainConfig, out: Path, callbacks: Sequence[L.Callb
         gradient_clip_val=config.grad_clip or None, log_every_n_steps=config.log_every,
         # One version folder per (re)start: a resumed run never overwrites the earlier part of the logs.
         logger=[TensorBoardLogger(out / "logs", name="tensorboard"), CSVLogger(out / "logs", name="csv")],
-        callbacks=[checkpoint, TQDMProgressBar(refresh_rate=max(1, config.log_every // 2)), *callbacks],
+        callbacks=[checkpoint, _progress_bar(max(1, config.log_every // 2)), *callbacks],
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, deterministic=False,
     )
 
