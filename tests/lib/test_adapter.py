@@ -434,3 +434,14 @@ def test_group_channel_embeddings_can_be_frozen() -> None:
     model = apply_explora(tiny_group_channel(), ExploraConfig(rank=2, train_embeddings=False))
     assert not model.pos_embed.requires_grad and not model.patch_embeds[0].proj.weight.requires_grad
     assert model.cls_token.requires_grad
+
+
+def test_register_tokens_train_with_the_cls_token() -> None:
+    with torch.device("meta"):
+        model = timm.create_model("vit_base_patch14_reg4_dinov2", pretrained=False)
+    counts = count_parameters(apply_explora(model, ExploraConfig()))
+    assert counts["by_category"]["embeddings"]["trainable"] == (1 + 4) * 768
+    with torch.device("meta"):
+        model = timm.create_model("vit_base_patch14_reg4_dinov2", pretrained=False)
+    counts = count_parameters(apply_explora(model, ExploraConfig(train_cls_token=False)))
+    assert counts["by_category"]["embeddings"]["trainable"] == 0
