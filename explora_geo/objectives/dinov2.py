@@ -39,7 +39,7 @@ from explora_geo.objectives.base import Objective, cosine
 from explora_geo.objectives.masking import patch_size_of, replaced_tokens, token_grid
 
 __all__ = ["DINOv2Config", "DINOv2Objective", "projection_head", "build_teacher", "ema_pairs", "ema_update",
-           "sinkhorn_knopp",
+           "sinkhorn_knopp", "update_center",
            "cross_view_loss", "masked_patch_loss"]
 
 
@@ -159,14 +159,15 @@ def ema_update(student: list[Tensor], teacher: list[Tensor], momentum: float) ->
 @torch.no_grad()
 def sinkhorn_knopp(logits: Tensor, temp: float, iterations: int = 3) -> Tensor:
     """Sinkhorn-Knopp teacher targets (DINOv2 / SwAV): rows of ``[N, K]`` probabilities whose prototype
-    marginal is uniform over the whole (all-process) batch.
+    marginal is uniform over the whole (all-process) batch. ``N`` may be 0 on some processes (no masked
+    patch there): the collectives still run, so processes never wait on each other.
 
     Args:
         logits: teacher logits ``[N, K]``.
         temp: teacher temperature.
         iterations: normalisation rounds.
     """
-    top = logits.detach().float().max()
+    top = logits.detach().float().max() if logits.numel() else logits.new_tensor(float("-inf")).float()
     if _distributed():
         dist.all_reduce(top, op=dist.ReduceOp.MAX)
     q = torch.exp((logits.float() - top) / temp).t()  # [K, N]; the shift cancels in the normalisation
@@ -184,6 +185,19 @@ def sinkhorn_knopp(logits: Tensor, temp: float, iterations: int = 3) -> Tensor:
         q = q / rows / k
         q = q / q.sum(dim=0, keepdim=True) / n
     return (q * n).t()
+
+
+@torch.no_grad()
+def update_center(center: Center, x: Tensor) -> None:
+    """Moving-average update of a DINO centre with the mean of ``x`` ``[N, K]`` over all processes (weighted
+    by their N; N may be 0 on some processes, and every process takes part in the all-reduce)."""
+    total = x.float().sum(dim=0, keepdim=True)
+    count = torch.tensor(float(x.shape[0]), device=x.device)
+    if _distributed():
+        dist.all_reduce(total)
+        dist.all_reduce(count)
+    if count.item() > 0:
+        center.center = center.center * center.momentum + (total / count) * (1.0 - center.momentum)
 
 
 def _distributed() -> bool:
@@ -315,7 +329,7 @@ class DINOv2Objective(Objective):
             t_cls = self.teacher["head"](t_tokens[:, 0])
             t_patch = self.teacher["head"](t_tokens[:, prefix:][flat_masks])
             t_cls_probs = self._targets(t_cls, self.cls_center, temp).chunk(n_global)
-            t_patch_probs = self._targets(t_patch, self.patch_center, temp) if t_patch.numel() else None
+            t_patch_probs = self._targets(t_patch, self.patch_center, temp)  # [M, K]; M may be 0
 
         with replaced_tokens(self.backbone, masks, self.mask_token):
             s_tokens = self.backbone.forward_features(globals_)
@@ -326,18 +340,14 @@ class DINOv2Objective(Objective):
             s_logits += list(self.head(s_local).chunk(len(local_crops)))
 
         dino = cross_view_loss(list(t_cls_probs), s_logits, cfg.student_temp)
-        if t_patch_probs is not None:
-            s_patch = self.head(s_tokens[:, prefix:][flat_masks])
-            ibot = masked_patch_loss(t_patch_probs, s_patch, flat_masks, cfg.student_temp)
-        else:
-            ibot = dino.new_zeros(())
+        s_patch = self.head(s_tokens[:, prefix:][flat_masks])
+        ibot = masked_patch_loss(t_patch_probs, s_patch, flat_masks, cfg.student_temp)
         koleo = sum(self.koleo(c.float()) for c in s_cls.chunk(n_global))
         loss = cfg.dino_weight * dino + cfg.ibot_weight * ibot + cfg.koleo_weight * koleo
 
         if cfg.centering == "softmax":
-            self.cls_center.update(t_cls.float())
-            if t_patch.numel():
-                self.patch_center.update(t_patch.float())
+            update_center(self.cls_center, t_cls)
+            update_center(self.patch_center, t_patch)
         return {"loss": loss, "dino": dino.detach(), "ibot": ibot.detach(), "koleo": koleo.detach(),
                 "teacher_temp": loss.new_tensor(temp)}
 

@@ -138,3 +138,21 @@ def test_multicrop_any_band_count_and_band_jitter_keeps_bands_apart() -> None:
     y = band_jitter(x, p=1.0, gain=0.5, offset=0.0, brightness=0.5)
     assert torch.equal(y[:, [0, 1, 3, 4]], x[:, [0, 1, 3, 4]])  # zero bands stay zero: no band mixing
     assert not torch.equal(y[:, 2], x[:, 2])
+
+
+def test_no_masked_patch_is_harmless() -> None:
+    """A batch where iBOT masked nothing: zero iBOT loss, finite total, centres and Sinkhorn unharmed."""
+    from lightly.models.modules.center import Center
+
+    from explora_geo.objectives.dinov2 import update_center
+
+    empty = torch.zeros(0, 8)
+    assert sinkhorn_knopp(empty, 0.1).shape == (0, 8)
+    center = Center((1, 8), momentum=0.5)
+    update_center(center, empty)
+    assert torch.equal(center.value, torch.zeros(1, 8))
+    update_center(center, torch.ones(3, 8))
+    assert torch.allclose(center.value, torch.full((1, 8), 0.5))
+    obj = DINOv2Objective(adapted(), DINOv2Config(**SMALL_HEAD, mask_probability=0.0, centering="sinkhorn"))
+    out = obj({"image": torch.rand(2, 10, 32, 32)})
+    assert out["ibot"].item() == 0.0 and torch.isfinite(out["loss"])
