@@ -50,6 +50,12 @@ class Run:
     def crs_wkt(self) -> str:
         return self.grid.crs.toWkt()
 
+    def stats(self) -> dict:
+        """Speed and device facts every algorithm returns besides its outputs."""
+        return {"TILES_RUN": self.results.tiles_run, "TILES_PER_SECOND": self.results.tiles_per_second,
+                "SECONDS": self.results.seconds, "FORWARD_SECONDS": self.results.forward_seconds,
+                "EXECUTION_PROVIDER": self.model.execution_provider}
+
 
 def geometries_as_wkt(source: QgsProcessingFeatureSource, crs: QgsCoordinateReferenceSystem,
                       context: QgsProcessingContext) -> list[str]:
@@ -135,29 +141,8 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
         if need_classifier and not info.is_classifier:
             raise PluginError(f"model {os.path.basename(model_path)} is an embedder (no classes); export it "
                               "with --head to classify, or use the embed algorithm.")
-        provider = layer.dataProvider()
-        labels = [layer_band_label(provider.generateBandName(i)) for i in range(1, layer.bandCount() + 1)]
-        mapping_text = self.parameterAsString(parameters, self.BAND_MAPPING, context)
-        override = parse_mapping(mapping_text, info.bands) if mapping_text.strip() else None
-        bands = resolve_bands(info.bands, labels, override, source=f"layer '{layer.name()}'")
-        feedback.pushInfo("Band mapping: " + ", ".join(f"{m}<-band {b}" for m, b in zip(info.bands, bands)))
-
-        area = QgsRectangle(layer.extent())
-        if parameters.get(self.EXTENT):
-            area = area.intersect(self.parameterAsExtent(parameters, self.EXTENT, context, layer.crs()))
-        mask_source = self.parameterAsSource(parameters, self.MASK, context)
-        mask_wkts = None
-        if mask_source is not None:
-            to_layer = QgsCoordinateTransform(mask_source.sourceCrs(), layer.crs(), context.transformContext())
-            area = area.intersect(to_layer.transformBoundingBox(mask_source.sourceExtent()))
-        if area.isEmpty():
-            raise PluginError("the extent/mask does not overlap the input raster; choose an area over it.")
-        crs = working_crs(layer, area)
-        if crs != layer.crs():
-            feedback.pushInfo(f"Layer CRS {layer.crs().authid()} is geographic: working in {crs.authid()}.")
-            area = QgsCoordinateTransform(layer.crs(), crs, context.transformContext()).transformBoundingBox(area)
-        if mask_source is not None:
-            mask_wkts = geometries_as_wkt(mask_source, crs, context)
+        bands = self._layer_bands(layer, info.bands, parameters, context, feedback)
+        crs, area, mask_wkts = self._area(layer, parameters, context, feedback)
         grid = make_grid(crs, area, info.gsd_m)
         overlap = self.parameterAsDouble(parameters, self.OVERLAP, context) / 100.0
         tiles = TileGrid.from_overlap(grid.width, grid.height, info.tile_size, overlap)
@@ -181,6 +166,38 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
         if feedback.isCanceled():
             raise Cancelled()
         return Run(results, grid, tiles, model)
+
+    def _layer_bands(self, layer: QgsRasterLayer, model_bands: tuple[str, ...], parameters: dict,
+                     context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> list[int]:
+        """1-based layer bands feeding the model's bands (names, else position, user mapping first)."""
+        provider = layer.dataProvider()
+        labels = [layer_band_label(provider.generateBandName(i)) for i in range(1, layer.bandCount() + 1)]
+        mapping_text = self.parameterAsString(parameters, self.BAND_MAPPING, context)
+        override = parse_mapping(mapping_text, model_bands) if mapping_text.strip() else None
+        bands = resolve_bands(model_bands, labels, override, source=f"layer '{layer.name()}'")
+        feedback.pushInfo("Band mapping: " + ", ".join(f"{m}<-band {b}" for m, b in zip(model_bands, bands)))
+        return bands
+
+    def _area(self, layer: QgsRasterLayer, parameters: dict, context: QgsProcessingContext,
+              feedback: QgsProcessingFeedback) -> tuple[QgsCoordinateReferenceSystem, QgsRectangle,
+                                                         list[str] | None]:
+        """Working CRS, processing area in it (layer extent cut by EXTENT and the MASK's bbox), and the mask
+        polygons as WKT in the working CRS."""
+        area = QgsRectangle(layer.extent())
+        if parameters.get(self.EXTENT):
+            area = area.intersect(self.parameterAsExtent(parameters, self.EXTENT, context, layer.crs()))
+        mask_source = self.parameterAsSource(parameters, self.MASK, context)
+        if mask_source is not None:
+            to_layer = QgsCoordinateTransform(mask_source.sourceCrs(), layer.crs(), context.transformContext())
+            area = area.intersect(to_layer.transformBoundingBox(mask_source.sourceExtent()))
+        if area.isEmpty():
+            raise PluginError("the extent/mask does not overlap the input raster; choose an area over it.")
+        crs = working_crs(layer, area)
+        if crs != layer.crs():
+            feedback.pushInfo(f"Layer CRS {layer.crs().authid()} is geographic: working in {crs.authid()}.")
+            area = QgsCoordinateTransform(layer.crs(), crs, context.transformContext()).transformBoundingBox(area)
+        mask_wkts = geometries_as_wkt(mask_source, crs, context) if mask_source is not None else None
+        return crs, area, mask_wkts
 
     def check_cancel(self, feedback: QgsProcessingFeedback) -> None:
         """Stop before writing the next output when the user cancelled."""

@@ -73,5 +73,4 @@ class ClassifyAlgorithm(TiledModelAlgorithm):
         counts = np.bincount(result.class_id[run.results.ran].astype(np.int64), minlength=len(info.class_names))
         feedback.pushInfo("Tiles per class: " + ", ".join(f"{n}={c}" for n, c in zip(info.class_names, counts)))
         return {self.OUTPUT_GRID: grid_path, self.OUTPUT_CLASSES: class_path, self.OUTPUT_PROBABILITY: prob_path,
-                "TILES_RUN": run.results.tiles_run, "TILES_PER_SECOND": run.results.tiles_per_second,
-                "EXECUTION_PROVIDER": run.model.execution_provider}
+                **run.stats()}

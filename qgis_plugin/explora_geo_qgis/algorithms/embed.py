@@ -41,6 +41,4 @@ class EmbedAlgorithm(TiledModelAlgorithm):
         self.check_cancel(feedback)
         write_geotiff(out, bands, run.cell_geotransform, run.crs_wkt, nodata=FLOAT_NODATA,
                       descriptions=[f"emb_{i:03d}" for i in range(bands.shape[0])])
-        return {self.OUTPUT: out, "TILES_RUN": run.results.tiles_run,
-                "TILES_PER_SECOND": run.results.tiles_per_second,
-                "EXECUTION_PROVIDER": run.model.execution_provider}
+        return {self.OUTPUT: out, **run.stats()}

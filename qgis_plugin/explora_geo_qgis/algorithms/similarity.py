@@ -67,6 +67,4 @@ class SimilarityAlgorithm(TiledModelAlgorithm):
         self.check_cancel(feedback)
         write_geotiff(out, similarity[None], run.cell_geotransform, run.crs_wkt, nodata=FLOAT_NODATA,
                       descriptions=["cosine_similarity"])
-        return {self.OUTPUT: out, "REFERENCE_TILES": int(cells.sum()), "TILES_RUN": run.results.tiles_run,
-                "TILES_PER_SECOND": run.results.tiles_per_second,
-                "EXECUTION_PROVIDER": run.model.execution_provider}
+        return {self.OUTPUT: out, "REFERENCE_TILES": int(cells.sum()), **run.stats()}
