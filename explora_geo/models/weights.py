@@ -224,11 +224,19 @@ def _timm_checkpoint(name: str) -> SourceCheckpoint:
         return SourceCheckpoint(found.raw, f"{name} ({cfg.file})", meta)
     failures: list[str] = []
     if cfg.hf_hub_id:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 
         repo, _, revision = cfg.hf_hub_id.partition("@")
         names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
         for filename in names:
+            cached_file = try_to_load_from_cache(repo, filename, revision=revision or None)
+            if isinstance(cached_file, str):
+                found = read_checkpoint_file(cached_file)
+                return SourceCheckpoint(found.raw, f"{name} (hf-hub cache {repo}/{filename})", meta)
+        reachable = not _offline() and _reachable(constants.ENDPOINT)
+        if not reachable:
+            failures.append(f"{constants.ENDPOINT} not reachable")
+        for filename in names if reachable else ():
             try:
                 local = hf_hub_download(repo, filename, revision=revision or None)
             except Exception as err:  # noqa: BLE001 - offline / not cached / missing entry: try the next one
@@ -240,7 +248,7 @@ def _timm_checkpoint(name: str) -> SourceCheckpoint:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
         if cached.is_file():
             return SourceCheckpoint(read_checkpoint_file(cached).raw, f"{name} ({cached})", meta)
-        if not _offline():
+        if not _offline() and _reachable(cfg.url):
             try:
                 raw = torch.hub.load_state_dict_from_url(cfg.url, map_location="cpu", progress=True,
                                                          weights_only=True)
@@ -255,6 +263,26 @@ def _timm_checkpoint(name: str) -> SourceCheckpoint:
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _reachable(url: str, timeout_s: float = 3.0) -> bool:
+    """Whether the host of ``url`` accepts a TCP connection within ``timeout_s``.
+
+    Checked before a download so that an offline machine fails in seconds with one clear line, instead of
+    after a minute of the hub clients' retries and their own log lines.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    if not parsed.hostname:
+        return False
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def _torchgeo_checkpoint(name: str) -> SourceCheckpoint:
@@ -272,8 +300,8 @@ def _torchgeo_checkpoint(name: str) -> SourceCheckpoint:
         meta["normalization"] = norm
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     try:
-        if not cached.is_file() and _offline():
-            raise ConnectionError("HF_HUB_OFFLINE is set")
+        if not cached.is_file() and (_offline() or not _reachable(weights.url)):
+            raise ConnectionError(f"{weights.url} not reachable")
         raw = weights.get_state_dict(progress=True)  # torch.hub: reads the cached file, else downloads
     except Exception as err:  # noqa: BLE001 - offline / not cached / corrupt
         if cached.is_file():

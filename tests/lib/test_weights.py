@@ -389,7 +389,7 @@ def test_timm_name_from_offline_hf_cache(tmp_path: Path) -> None:
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
-    assert f"hf-hub timm/{name}/model.safetensors" in lines["SOURCE"]
+    assert f"hf-hub cache timm/{name}/model.safetensors" in lines["SOURCE"]
     assert lines["NORM"].startswith("[0.485")
     assert "--weights PATH" in lines["ERROR"] and "--weights random" in lines["ERROR"]
 
