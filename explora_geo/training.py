@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -70,6 +71,8 @@ class PretrainConfig:
             ``bf16-mixed`` on GPU, ``32-true`` on CPU; strategy default: ``ddp`` when several devices/nodes).
         seed, workers, checkpoint_every, log_every: RNG seed, data workers, steps between checkpoints / logs.
         resume: continue from ``out/checkpoints/last.ckpt`` (``True``) or from a given checkpoint path.
+        overwrite: start afresh in an ``out`` that already holds a run (its checkpoints are deleted; logs get a
+            new version folder; the final outputs are replaced when the new run ends).
         max_nodata_fraction: patches with more nodata are redrawn.
     """
 
@@ -106,6 +109,7 @@ class PretrainConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     resume: Any = False
+    overwrite: bool = False
     max_nodata_fraction: float = 0.5
 
     @classmethod
@@ -415,10 +419,14 @@ def run_pretraining(config: PretrainConfig, *, callbacks: Sequence[L.Callback] =
 
 
 def _resume_path(config: PretrainConfig, out: Path) -> str | None:
+    if config.resume and config.overwrite:
+        raise ExploraGeoError("--resume and --overwrite contradict each other; pass one of them.")
     if not config.resume:
         if (out / "checkpoints" / "last.ckpt").exists():
-            raise ExploraGeoError(f"{out} already holds a run (checkpoints/last.ckpt); pass --resume to continue "
-                                  "it, or choose another --out.")
+            if not config.overwrite:
+                raise ExploraGeoError(f"{out} already holds a run (checkpoints/last.ckpt); pass --resume to "
+                                      "continue it, --overwrite to start afresh, or choose another --out.")
+            shutil.rmtree(out / "checkpoints")
         return None
     path = out / "checkpoints" / "last.ckpt" if config.resume is True or config.resume == "true" else Path(
         str(config.resume))

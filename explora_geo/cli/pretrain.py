@@ -19,7 +19,7 @@ from explora_geo.errors import ExploraGeoError
 _FIELDS = ("data", "bands", "sensor", "model", "weights", "objective", "unfreeze", "rank", "alpha", "max_steps",
            "batch_size", "accumulate", "lr", "warmup_steps", "min_lr", "grad_clip", "img_size", "patch_size",
            "normalization", "accelerator", "devices", "num_nodes", "strategy", "precision", "seed", "workers",
-           "checkpoint_every", "log_every", "out", "resume", "max_nodata_fraction")
+           "checkpoint_every", "log_every", "out", "resume", "overwrite", "max_nodata_fraction")
 #: flag destination -> (objective section, key)
 _SHORTCUTS = {"mask_ratio": ("mae", "mask_ratio"), "norm_pix_loss": ("mae", "norm_pix_loss"),
               "decoder_lora_rank": ("mae", "decoder_lora_rank"), "centering": ("dinov2", "centering"),
@@ -76,6 +76,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a("--out", metavar="DIR", help="output folder (required, here or in the config)")
     a("--resume", nargs="?", const=True, metavar="CKPT",
       help="continue from DIR/checkpoints/last.ckpt, or from the given checkpoint")
+    a("--overwrite", action="store_const", const=True,
+      help="start afresh in an --out that already holds a run (deletes its checkpoints)")
     a("--mask-ratio", type=float, help="MAE mask ratio (default 0.75)")
     a("--norm-pix-loss", action="store_const", const=True, help="MAE: regress normalised patch pixels")
     a("--decoder-lora-rank", type=int, help="MAE: LoRA rank of a loaded decoder (default 8)")

@@ -134,6 +134,12 @@ def test_resume_reproduces_the_uninterrupted_losses(t33uuu_dir: Path, tmp_path: 
     assert torch.allclose(torch.tensor(resumed["loss_history"]), torch.tensor(full["loss_history"]), atol=1e-6)
     logs = sorted((part / "logs" / "csv").glob("version_*/metrics.csv"))
     assert len(logs) == 2 and logs[0].parent.name == "version_0"  # the first part's log is kept
+    with pytest.raises(ExploraGeoError, match="contradict"):
+        run_pretraining(tiny_config(t33uuu_dir, part, resume=True, overwrite=True, **kwargs), echo=quiet)
+    # --overwrite starts afresh in the same folder: the same losses as the uninterrupted run, from step 0.
+    again = run_pretraining(tiny_config(t33uuu_dir, part, overwrite=True, **kwargs), echo=quiet)
+    assert again is not None and again["resumed_from"] is None
+    assert torch.allclose(torch.tensor(again["loss_history"]), torch.tensor(full["loss_history"]), atol=1e-6)
 
 
 class NaNData(L.LightningDataModule):
