@@ -345,3 +345,25 @@ def test_overlap_halves_the_cells_and_polygon_reference(qgis_app: Any, bundle: d
     assert sim["REFERENCE_TILES"] == 4  # the 300 m square touches 2 x 2 cells of 160 m
     values = _read(sim["OUTPUT"])
     assert values.shape == (8, 8) and np.all((values >= -1.0001) & (values <= 1.0001))
+
+
+def test_float_raster_nan_pixels_are_nodata(qgis_app: Any, bundle: dict, t33uuu_vrt: Path, tmp_path: Path) -> None:
+    """A float32 raster without a nodata value: NaN pixels are invalid all the same."""
+    path = tmp_path / "float.tif"
+    src = gdal.Open(str(t33uuu_vrt))
+    ds = gdal.Translate(str(path), src, outputType=gdal.GDT_Float32, srcWin=[0, 0, 128, 64])
+    for i in range(1, ds.RasterCount + 1):
+        band = ds.GetRasterBand(i)
+        values = band.ReadAsArray()
+        values[:, :32] = np.nan  # first tile column
+        if i == 4:
+            values[:, 32:48] = np.nan  # half of the second column, in one band only
+        band.WriteArray(values)
+        band.SetDescription(src.GetRasterBand(i).GetDescription())
+    ds = src = None
+    out = _run("embed", {"INPUT": _layer(path, "float"), "MODEL": str(bundle["embedder"]), "MIN_VALID": 0.5,
+                         "OUTPUT": str(tmp_path / "e.tif")})
+    first = _read(out["OUTPUT"])
+    assert first.shape == (2, 4)
+    assert (first[:, 0] == -9999.0).all() and (first[:, 1:] != -9999.0).all()
+    assert out["TILES_RUN"] == 6

@@ -275,3 +275,11 @@ def test_core_imports_no_qgis() -> None:
             "explora_geo_qgis.core.products; assert not any(m.split('.')[0] == 'qgis' for m in sys.modules), "
             "'qgis imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=PLUGIN_ROOT)  # noqa: S603
+
+
+def test_many_classes_use_int16_ids() -> None:
+    probs = np.full((1, 2, 300), 1 / 300, dtype=np.float32)
+    probs[0, 0, 299] = 0.5
+    result = classify(probs, np.array([[True, False]]), np.ones((1, 2), np.float32))
+    assert result.class_id.dtype == np.int16 and result.class_id.tolist() == [[299, -1]]
+    assert result.nodata_id == -1
