@@ -267,6 +267,7 @@ def export_onnx(
     out = Path(out)
     if out.suffix != ".onnx":
         raise ExploraGeoError(f"output {out} must end in .onnx; pass e.g. --out model.onnx.")
+    _refuse_foreign_json(out.with_suffix(".json"))
     backbone, sidecar, spec = load_model(checkpoint, head, class_colors)
     for key in ("gsd_m", "normalization"):
         if sidecar.get(key) is None:
@@ -300,6 +301,20 @@ def export_onnx(
             if os.path.exists(leftover):
                 os.unlink(leftover)
     return out, json_path
+
+
+def _refuse_foreign_json(path: Path) -> None:
+    """Never overwrite a JSON file that is not an exported bundle's metadata (e.g. the backbone's sidecar,
+    which ``out = <backbone stem>.onnx`` would otherwise replace)."""
+    if not path.exists():
+        return
+    try:
+        fmt = json.loads(path.read_text()).get("format")
+    except (ValueError, AttributeError, OSError):
+        fmt = None
+    if fmt != BUNDLE_FORMAT:
+        raise ExploraGeoError(f"the export would overwrite {path}, which is not an exported model's metadata "
+                              f"(format {fmt!r}); choose another --out name.")
 
 
 def _head_inputs(spec: HeadSpec, embedding_dim: int) -> int:

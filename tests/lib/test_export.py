@@ -208,3 +208,38 @@ def test_finetuned_task_checkpoint_exports_its_own_backbone(files: dict[str, Pat
         got = ort.InferenceSession(str(onnx_path)).run(["probabilities"], {"image": x.numpy()})[0]
         np.testing.assert_allclose(got, want, atol=1e-5)
         assert _metadata(onnx_path)["class_names"] == ["a", "b", "c"]
+
+
+def test_plain_timm_vit_with_cls4_avg_probe(tmp_path: Path) -> None:
+    """A plain timm ViT backbone and a probe head on the last 4 cls tokens + mean patch token."""
+    from torch import nn
+
+    from explora_geo.checkpoint import load_backbone, save_backbone
+    from explora_geo.downstream.probe import ProbeClassifier, load_head, save_head
+    from explora_geo.models import create_backbone
+
+    torch.manual_seed(0)
+    kwargs = {"depth": 4, "embed_dim": 48, "num_heads": 2, "patch_size": 8}
+    model = create_backbone("vit_tiny_patch16_224", bands=["B04", "B03", "B02", "B08"], img_size=32, **kwargs)
+    bands = ["B04", "B03", "B02", "B08"]
+    weights, _ = save_backbone(model, tmp_path / "vit", {
+        "model_kwargs": {"img_size": 32, "in_chans": 4, **kwargs}, "gsd_m": 10.0, "sensor": "sentinel2",
+        "normalization": Normalization.for_sensor("sentinel2", bands, "meanstd").to_dict()})
+    head = nn.Linear(48 * 5, 2)
+    save_head(head, tmp_path / "head", {"classes": ["x", "y"], "feature_set": "cls4+avg"})
+    sidecar_text = (tmp_path / "vit.json").read_text()
+    with pytest.raises(ExploraGeoError, match="would overwrite .*vit.json"):  # the backbone's own sidecar
+        export_onnx(weights, tmp_path / "vit.onnx", head=tmp_path / "head.safetensors")
+    assert (tmp_path / "vit.json").read_text() == sidecar_text and not (tmp_path / "vit.onnx").exists()
+    onnx_path, _ = export_onnx(weights, tmp_path / "vit_probe.onnx", head=tmp_path / "head.safetensors")
+    export_onnx(weights, onnx_path, head=tmp_path / "head.safetensors")  # re-export over a bundle: fine
+    meta = _metadata(onnx_path)
+    assert meta["bands"] == bands and meta["wavelengths_nm"] == [664.6, 559.8, 492.4, 832.8]
+    backbone, _ = load_backbone(weights)
+    linear, head_meta = load_head(tmp_path / "head")
+    reference = ProbeClassifier(backbone.eval(), linear, head_meta["n_last_blocks"], head_meta["avgpool"]).eval()
+    x = torch.randn(3, 4, 32, 32)
+    with torch.no_grad():
+        want = torch.softmax(reference(x), dim=-1).numpy()
+    got = ort.InferenceSession(str(onnx_path)).run(["probabilities"], {"image": x.numpy()})[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
