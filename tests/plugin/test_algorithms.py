@@ -367,3 +367,15 @@ def test_float_raster_nan_pixels_are_nodata(qgis_app: Any, bundle: dict, t33uuu_
     assert first.shape == (2, 4)
     assert (first[:, 0] == -9999.0).all() and (first[:, 1:] != -9999.0).all()
     assert out["TILES_RUN"] == 6
+
+
+def test_missing_onnxruntime_message_in_qgis(qgis_app: Any, bundle: dict, t33uuu_vrt: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from qgis.core import QgsProcessingException
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails
+    with pytest.raises(QgsProcessingException, match=r"onnxruntime is missing.*pip install onnxruntime"):
+        _run("embed", {"INPUT": _layer(t33uuu_vrt), "MODEL": str(bundle["embedder"]),
+                       "OUTPUT": str(tmp_path / "e.tif")})
