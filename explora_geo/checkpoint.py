@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from explora_geo.adapter import ExploraConfig, _few, merged_state_dict
+from explora_geo.atomic import atomic_paths
 from explora_geo.errors import ExploraGeoError
 from explora_geo.normalization import Normalization
 
@@ -217,24 +217,11 @@ def save_backbone(
         raise ExploraGeoError(f"the sidecar for {json_path} does not rebuild this model ({problem}); pass the "
                               "timm.create_model kwargs that built it as sidecar['model_kwargs'].")
     text = json.dumps(data, indent=2)
-    weights_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_paths: list[str] = []
-    try:
-        for suffix in (".safetensors", ".json"):
-            fd, tmp = tempfile.mkstemp(prefix=f".{weights_path.stem}.", suffix=f".partial{suffix}",
-                                       dir=weights_path.parent)
-            os.close(fd)
-            tmp_paths.append(tmp)
-        from safetensors.torch import save_file
+    from safetensors.torch import save_file
 
-        save_file(tensors, tmp_paths[0], metadata={"format": "pt", "explora_geo_sidecar": json.dumps(data)})
-        Path(tmp_paths[1]).write_text(text, encoding="utf-8")
-        os.replace(tmp_paths[0], weights_path)
-        os.replace(tmp_paths[1], json_path)
-    finally:
-        for tmp in tmp_paths:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    with atomic_paths(weights_path, json_path) as (tmp_weights, tmp_json):
+        save_file(tensors, tmp_weights, metadata={"format": "pt", "explora_geo_sidecar": json.dumps(data)})
+        tmp_json.write_text(text, encoding="utf-8")
     return weights_path, json_path
 
 

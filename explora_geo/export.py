@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from explora_geo.atomic import atomic_paths
 from explora_geo.errors import ExploraGeoError
 from explora_geo.sensors import get_sensor
 
@@ -285,21 +285,11 @@ def export_onnx(
     meta = bundle_metadata(sidecar, spec, embedding_dim)
     outputs = meta["outputs"]
     json_path = out.with_suffix(".json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".partial.onnx", dir=out.parent)
-    os.close(fd)
-    try:
-        _write_onnx(module, example, tmp, outputs, meta)
+    with atomic_paths(out, json_path) as (tmp, tmp_json):
+        _write_onnx(module, example, str(tmp), outputs, meta)
         if check:
-            _check_onnx(module, tmp, example.shape[1:], outputs)
-        tmp_json = f"{tmp}.json"
-        Path(tmp_json).write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, out)
-        os.replace(tmp_json, json_path)
-    finally:
-        for leftover in (tmp, f"{tmp}.json"):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
+            _check_onnx(module, str(tmp), example.shape[1:], outputs)
+        tmp_json.write_text(json.dumps(meta, indent=2))
     return out, json_path
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from explora_geo.atomic import write_text_atomic
 from explora_geo.data.catalog import DataSpec, build_catalog
 from explora_geo.data.sampling import PatchDataset, load_roi
 from explora_geo.errors import ExploraGeoError
@@ -113,18 +113,7 @@ def compute_stats(
 
 def save_stats(stats: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``stats`` as JSON atomically (temporary file in the same folder, then ``os.replace``)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(stats, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return target
+    return write_text_atomic(path, json.dumps(stats, indent=2) + "\n")
 
 
 def load_stats(path: str | os.PathLike[str]) -> dict[str, Any]:

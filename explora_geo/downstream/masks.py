@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from explora_geo.atomic import write_text_atomic
 from explora_geo.downstream.labeled import read_chip, resolve_file_bands
 from explora_geo.downstream.mosaic import (
     class_folder_name,
@@ -207,9 +208,7 @@ def vector_labels_to_masks(
     if not images:
         raise ExploraGeoError(f"no {chip_size}-px chip of {raster} has {min_labelled:.0%} labelled pixels; lower "
                               "min_labelled or the chip size.")
-    meta = out / "classes.json"
-    tmp = out / ".classes.json.tmp"
-    tmp.write_text(json.dumps({"classes": classes, "unlabelled": UNLABELLED, "class_column": class_column,
-                               "source": str(vector)}, indent=2))
-    os.replace(tmp, meta)
+    write_text_atomic(out / "classes.json", json.dumps({"classes": classes, "unlabelled": UNLABELLED,
+                                                         "class_column": class_column, "source": str(vector)},
+                                                        indent=2))
     return MaskIndex(tuple(images), tuple(masks), tuple(classes))

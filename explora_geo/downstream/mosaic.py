@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from explora_geo.atomic import atomic_paths
 from explora_geo.downstream.labeled import ChipIndex, resolve_file_bands
 from explora_geo.errors import ExploraGeoError
 from explora_geo.sensors import canonical_band_name, select_bands
@@ -119,15 +120,12 @@ def write_geotiff(path: Path, data: np.ndarray, crs: Any, x0: float, y1: float, 
     import rasterio
     from rasterio.transform import from_origin
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     profile = dict(driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
                    dtype=data.dtype, crs=crs, transform=from_origin(x0, y1, res, res))
-    with rasterio.open(tmp, "w", **profile) as dst:
+    with atomic_paths(path) as (tmp,), rasterio.open(tmp, "w", **profile) as dst:
         dst.write(data)
         if names is not None:
             dst.descriptions = tuple(names)
-    os.replace(tmp, path)
     return path
 
 

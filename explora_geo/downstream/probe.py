@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from explora_geo.atomic import atomic_paths, write_text_atomic
 from explora_geo.errors import ExploraGeoError
 
 __all__ = [
@@ -281,10 +282,9 @@ def save_confusion_png(cm: np.ndarray, classes: Sequence[str], path: str | os.Pa
                         color="white" if cm[i, j] > peak / 2 else "black")
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
+    with atomic_paths(path) as (tmp,):
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -310,12 +310,10 @@ def save_head(head: nn.Linear, path: str | os.PathLike[str], meta: dict[str, Any
     weights, sidecar = base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
     doc = {"format": HEAD_FORMAT, "format_version": 1, "n_last_blocks": n_last, "avgpool": avgpool,
            "in_features": head.in_features, "num_classes": head.out_features, **meta}
-    tmp_w, tmp_j = weights.with_name(f".{weights.name}.tmp"), sidecar.with_name(f".{sidecar.name}.tmp")
-    save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()}, tmp_w,
-              metadata={"format": HEAD_FORMAT})
-    tmp_j.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp_w, weights)
-    os.replace(tmp_j, sidecar)
+    with atomic_paths(weights, sidecar) as (tmp_w, tmp_j):
+        save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()}, tmp_w,
+                  metadata={"format": HEAD_FORMAT})
+        tmp_j.write_text(json.dumps(doc, indent=2))
     return weights, sidecar
 
 
@@ -488,7 +486,5 @@ def probe_backbone(
         "val_top1": result.head["val_top1"], "test_top1": result.top1, "bands": list(sidecar["bands"]),
         "architecture": sidecar.get("architecture"), "split": list(split), "seed": seed,
     })
-    tmp = out / ".probe.json.tmp"
-    tmp.write_text(json.dumps(asdict(result), indent=2))
-    os.replace(tmp, out / "probe.json")
+    write_text_atomic(out / "probe.json", json.dumps(asdict(result), indent=2))
     return result
