@@ -30,6 +30,7 @@ from timm.models._manipulate import checkpoint_seq, named_apply
 from timm.models.vision_transformer import Block, global_pool_nlc, init_weights_vit_timm
 
 from explora_geo.errors import ExploraGeoError
+from explora_geo.models.pos_embed import sincos_1d, sincos_2d
 from explora_geo.sensors import get_sensor, select_bands
 
 __all__ = [
@@ -44,44 +45,8 @@ GlobalPool = Literal["", "token", "avg"]
 
 
 # --------------------------------------------------------------------------------------------------------
-# Pure functions: sin-cos encodings, band groups
+# Pure functions: band groups (sin-cos encodings: explora_geo.models.pos_embed, re-exported)
 # --------------------------------------------------------------------------------------------------------
-
-def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
-    """1-D sine-cosine encoding (Transformer / MAE convention).
-
-    Args:
-        dim: encoding width, even.
-        positions: ``[N]`` positions (any real values).
-
-    Returns:
-        ``[N, dim]`` float32: ``sin(p * w_k)`` for the first half, ``cos(p * w_k)`` for the second, with
-        ``w_k = 10000 ** (-k / (dim / 2))``.
-    """
-    if dim % 2:
-        raise ValueError(f"sin-cos encoding width must be even, got {dim}")
-    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
-    omega = 1.0 / 10000**omega
-    angles = positions.to(torch.float64).reshape(-1, 1) * omega.reshape(1, -1)
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1).float()
-
-
-def sincos_2d(dim: int, grid_size: tuple[int, int]) -> torch.Tensor:
-    """2-D sine-cosine encoding of a ``H x W`` patch grid, row-major.
-
-    Args:
-        dim: encoding width, a multiple of 4 (half encodes the column, half the row).
-        grid_size: ``(H, W)`` in patches.
-
-    Returns:
-        ``[H * W, dim]`` float32; token ``l = i * W + j`` gets ``concat(sincos_1d(j), sincos_1d(i))``.
-    """
-    if dim % 4:
-        raise ValueError(f"2-D sin-cos encoding width must be a multiple of 4, got {dim}")
-    h, w = grid_size
-    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    return torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
-
 
 def group_embed_dim_for(embed_dim: int) -> int:
     """Width ``Dg`` of the group encoding: 256 for ``D >= 768`` (SatMAE), else ``D // 4``."""

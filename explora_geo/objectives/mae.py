@@ -22,14 +22,13 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from explora_geo.models.pos_embed import sincos_1d, sincos_2d
 from explora_geo.objectives.base import Objective, group_channel_indices
 from explora_geo.objectives.masking import (
     dropped_tokens,
     keep_indices,
     patch_size_of,
     random_token_mask,
-    sincos_1d,
-    sincos_2d,
     token_grid,
 )
 
@@ -167,7 +166,7 @@ class MAEDecoder(nn.Module):
     def codes(self, h: int, w: int) -> Tensor:
         """Fixed position (+ group) codes ``[G*h*w, Dd]`` of the patch tokens, group-major."""
         dim = self.embed.out_features
-        pos = sincos_2d(dim - self.group_dim, h, w)
+        pos = sincos_2d(dim - self.group_dim, (h, w))
         if self.num_groups == 1:
             return pos
         grp = sincos_1d(self.group_dim, torch.arange(self.num_groups))

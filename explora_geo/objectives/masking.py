@@ -28,8 +28,6 @@ __all__ = [
     "keep_indices",
     "replaced_tokens",
     "dropped_tokens",
-    "sincos_2d",
-    "sincos_1d",
 ]
 
 
@@ -136,18 +134,3 @@ def dropped_tokens(model: nn.Module, keep: Tensor) -> Iterator[None]:
     finally:
         handle.remove()
 
-
-def sincos_2d(dim: int, h: int, w: int) -> Tensor:
-    """Fixed 2-D sin-cos position code ``[h * w, dim]`` (MAE convention: half the width per axis)."""
-    if dim % 4:
-        raise ValueError(f"2-D sin-cos width must be a multiple of 4, got {dim}")
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
-                            indexing="ij")
-    return torch.cat([sincos_1d(dim // 2, xs.flatten()), sincos_1d(dim // 2, ys.flatten())], dim=1).float()
-
-
-def sincos_1d(dim: int, positions: Tensor) -> Tensor:
-    """1-D sin-cos code ``[N, dim]`` for ``positions`` ``[N]`` (dim even)."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
-    angles = positions.double()[:, None] * omega[None, :]
-    return torch.cat([angles.sin(), angles.cos()], dim=1).float()

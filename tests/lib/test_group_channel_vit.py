@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from explora_geo.errors import ExploraGeoError
 from explora_geo.models import GroupChannelViT, create_backbone, is_group_channel
-from explora_geo.models.group_channel_vit import group_embed_dim_for, sincos_1d, sincos_2d
+from explora_geo.models.group_channel_vit import group_embed_dim_for
+from explora_geo.models.pos_embed import sincos_1d, sincos_2d
 from explora_geo.sensors import get_sensor
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
