@@ -54,6 +54,11 @@ class MultiCropConfig:
         """JSON-ready dict."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MultiCropConfig:
+        """Inverse of :meth:`to_dict` (JSON lists become tuples again); absent keys keep their defaults."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
 
 def band_jitter(images: Tensor, *, p: float, gain: float, offset: float, brightness: float) -> Tensor:
     """Random per-image, per-band affine jitter ``x * brightness * gain_c + offset_c`` (any number of bands).

@@ -91,8 +91,7 @@ class DINOv2Config:
         if self.centering not in ("softmax", "sinkhorn"):
             raise ExploraGeoError(f"DINOv2 centering {self.centering!r} is unknown; use softmax or sinkhorn.")
         if isinstance(self.crops, dict):
-            self.crops = MultiCropConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                            for k, v in self.crops.items()})
+            self.crops = MultiCropConfig.from_dict(self.crops)
         self.mask_ratio = tuple(self.mask_ratio)  # type: ignore[assignment]
 
     def to_dict(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -139,6 +140,12 @@ def test_multicrop_any_band_count_and_band_jitter_keeps_bands_apart() -> None:
     assert torch.equal(y[:, [0, 1, 3, 4]], x[:, [0, 1, 3, 4]])  # zero bands stay zero: no band mixing
     assert not torch.equal(y[:, 2], x[:, 2])
 
+
+def test_config_json_round_trip_restores_crop_tuples() -> None:
+    cfg = DINOv2Config(mask_ratio=(0.2, 0.4), crops=MultiCropConfig(global_size=16, local_scale=(0.1, 0.3)))
+    again = DINOv2Config(**json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and isinstance(again.crops, MultiCropConfig) and again.crops.local_scale == (0.1, 0.3)
+    assert MultiCropConfig.from_dict({"n_local": 4}) == MultiCropConfig(n_local=4)
 
 def test_no_masked_patch_is_harmless() -> None:
     """A batch where iBOT masked nothing: zero iBOT loss, finite total, centres and Sinkhorn unharmed."""
