@@ -45,7 +45,24 @@ def _catalog(
     return build_catalog(data, **kwargs)
 
 
-class MosaicDataset(RasterDataset):
+class _CatalogDataset(RasterDataset):
+    """What both datasets share: they are built from a :class:`Catalog` of one ``kind``."""
+
+    _kind = ""
+    _wrong_kind = ""  # the error for a catalog of the other kind
+
+    def _use_catalog(self, cat: Catalog) -> None:
+        """Check ``cat``'s kind and take its bands and (user-given) nodata; call before ``RasterDataset``'s
+        ``__init__``."""
+        if cat.kind != self._kind:
+            raise ExploraGeoError(self._wrong_kind)
+        self.catalog = cat
+        self.all_bands = cat.file_bands
+        if cat.nodata_origin == "user":
+            self.nodata = cat.nodata
+
+
+class MosaicDataset(_CatalogDataset):
     """Multi-band raster mosaics as a torchgeo :class:`~torchgeo.datasets.RasterDataset`.
 
     Args:
@@ -63,6 +80,8 @@ class MosaicDataset(RasterDataset):
     """
 
     filename_glob = "*"
+    _kind = "mosaic"
+    _wrong_kind = "these are per-band files; use BandFilesDataset or open_dataset."
 
     def __init__(
         self,
@@ -80,15 +99,10 @@ class MosaicDataset(RasterDataset):
     ) -> None:
         cat = _catalog(paths, catalog, dict(bands=bands, sensor=sensor, band_names=band_names, nodata=nodata,
                                             res=res, crs=crs))
-        if cat.kind != "mosaic":
-            raise ExploraGeoError("these are per-band files; use BandFilesDataset or open_dataset.")
-        self.catalog = cat
-        self.all_bands = cat.file_bands
+        self._use_catalog(cat)
         idx = select_bands(cat.file_bands, cat.bands, sensor=cat.sensor, source="the mosaic")
         # 1-based band indexes of the requested bands in each file (files may order their bands differently)
         self._indexes = {s.channels[0][0]: tuple(b for _, b in s.channels) for s in cat.sources}
-        if cat.nodata_origin == "user":
-            self.nodata = cat.nodata
         super().__init__(paths=cat.files, crs=_pyproj(cat.crs), res=cat.res,
                          bands=[cat.file_bands[i] for i in idx], transforms=transforms, cache=cache)
 
@@ -115,7 +129,7 @@ class MosaicDataset(RasterDataset):
         return merged
 
 
-class BandFilesDataset(RasterDataset):
+class BandFilesDataset(_CatalogDataset):
     """Scenes stored one file per band, as a torchgeo :class:`~torchgeo.datasets.RasterDataset`.
 
     Files named ``<stem>_<band>[_<res>m].<ext>`` with the same ``<stem>`` form a scene. The index holds each
@@ -124,6 +138,8 @@ class BandFilesDataset(RasterDataset):
     """
 
     separate_files = True
+    _kind = "band_files"
+    _wrong_kind = "these are multi-band files; use MosaicDataset or open_dataset."
 
     def __init__(
         self,
@@ -139,14 +155,9 @@ class BandFilesDataset(RasterDataset):
         catalog: Catalog | None = None,
     ) -> None:
         cat = _catalog(paths, catalog, dict(bands=bands, sensor=sensor, nodata=nodata, res=res, crs=crs))
-        if cat.kind != "band_files":
-            raise ExploraGeoError("these are multi-band files; use MosaicDataset or open_dataset.")
-        self.catalog = cat
-        self.all_bands = cat.file_bands
+        self._use_catalog(cat)
         # Each scene is indexed through the file of its first requested band; _update_filepath finds the rest.
         self._scene_of = {s.channels[0][0]: s for s in cat.sources}
-        if cat.nodata_origin == "user":
-            self.nodata = cat.nodata
         super().__init__(paths=list(self._scene_of), crs=_pyproj(cat.crs), res=cat.res, bands=list(cat.bands),
                          transforms=transforms, cache=cache)
 

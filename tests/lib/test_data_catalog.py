@@ -10,7 +10,7 @@ from test_data_nodata import smooth, write_tif
 
 from explora_geo.cli import main
 from explora_geo.data.catalog import build_catalog, dn_offset_from, find_rasters
-from explora_geo.data.datasets import MosaicDataset, open_dataset
+from explora_geo.data.datasets import BandFilesDataset, MosaicDataset, open_dataset
 from explora_geo.errors import ExploraGeoError
 
 RGBN = ["B02", "B03", "B04", "B08"]
@@ -95,6 +95,18 @@ def test_per_band_files_form_scenes(tmp_path: Path) -> None:
     assert cat.kind == "band_files" and len(cat.sources) == 1
     assert (cat.sources[0].width, cat.res) == (64, (10.0, 10.0))
     assert [Path(p).name[-11:] for p, _ in cat.sources[0].channels] == ["B05_20m.tif", "B02_10m.tif"]
+
+
+def test_dataset_of_the_wrong_kind_names_the_right_one(tmp_path: Path, mosaic: Path) -> None:
+    write_tif(tmp_path / "scene" / "T33UUU_20230101T100309_B02_10m.tif", smooth((1, 64, 64)))
+    with pytest.raises(ExploraGeoError, match="per-band files; use BandFilesDataset or open_dataset"):
+        MosaicDataset(tmp_path / "scene", bands=["B02"])
+    with pytest.raises(ExploraGeoError, match="multi-band files; use MosaicDataset or open_dataset"):
+        BandFilesDataset(mosaic, bands=RGBN)
+    bands = BandFilesDataset(tmp_path / "scene", bands=["B02"], nodata=7)
+    assert isinstance(open_dataset(tmp_path / "scene", bands=["B02"]), BandFilesDataset)
+    assert bands.nodata == 7 and bands.all_bands == bands.catalog.file_bands
+    assert MosaicDataset(mosaic, bands=RGBN, nodata=5).nodata == 5
 
 
 # ------------------------------------------------------------------------------------------ bad input
