@@ -42,6 +42,16 @@ def test_flags_override_the_config_file() -> None:
     assert isinstance(args, argparse.Namespace)
 
 
+def test_every_flag_reaches_the_settings() -> None:
+    """Each pretrain flag is listed once in _FIELDS or _SHORTCUTS, so merge_settings never drops one."""
+    from explora_geo.cli.pretrain import _FIELDS, _SHORTCUTS
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["pretrain"]
+    dests = {a.dest for a in sub._actions} - {"help", "config"}
+    assert dests == set(_FIELDS) | set(_SHORTCUTS) and not set(_FIELDS) & set(_SHORTCUTS)
+
+
 def test_bad_config_key_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("max_stepz: 3\n")
