@@ -733,7 +733,8 @@ def _load_strict(model: nn.Module, target: StateDict, allowed_new: frozenset[str
                 report.notes.append("source final norm ignored: the model pools with fc_norm (global_pool='avg')")
             elif _STRICT.match(key) and key not in report.ignored_keys:
                 raise ExploraGeoError(
-                    f"checkpoint key {key} {tuple(value.shape)} has no place in the model; checkpoint of another "
+                    f"checkpoint {report.source}: key {key} {tuple(value.shape)} has no place in the model; "
+                    "checkpoint of another "
                     f"architecture (deeper / with registers)? Build the matching model or {_WEIGHTS_HINT}."
                 )
             if key not in report.ignored_keys:
@@ -744,7 +745,7 @@ def _load_strict(model: nn.Module, target: StateDict, allowed_new: frozenset[str
                 report.ignored_keys.append(key)  # e.g. a 1000-class head for a 10-class model
                 continue
             raise ExploraGeoError(
-                f"checkpoint key {key} has shape {tuple(value.shape)} but the model needs "
+                f"checkpoint {report.source}: key {key} has shape {tuple(value.shape)} but the model needs "
                 f"{tuple(own[key].shape)}; checkpoint of another architecture? Build the matching model or "
                 f"{_WEIGHTS_HINT}."
             )
@@ -754,7 +755,7 @@ def _load_strict(model: nn.Module, target: StateDict, allowed_new: frozenset[str
             continue
         if key not in allowed_new:
             raise ExploraGeoError(
-                f"checkpoint lacks {key} (model shape {tuple(own[key].shape)}, checkpoint: missing); "
+                f"checkpoint {report.source} lacks {key} (model shape {tuple(own[key].shape)}); "
                 f"checkpoint of another architecture? Build the matching model or {_WEIGHTS_HINT}."
             )
         report.new_keys.append(key)
