@@ -19,6 +19,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ __all__ = [
     "resolve_file_bands",
     "read_band_names",
     "stratified_split",
+    "check_split_fractions",
+    "split_sizes",
+    "BandChipDataset",
     "read_chip",
 ]
 
@@ -145,6 +149,21 @@ def resolve_file_bands(spec: str | Sequence[str] | None, path: str | os.PathLike
     return names
 
 
+def check_split_fractions(fractions: Sequence[float]) -> None:
+    """Raise unless ``fractions`` are three non-negative numbers (train, val, test) summing to 1."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ExploraGeoError(f"split fractions {tuple(fractions)} must be three non-negative numbers "
+                              "(train, val, test) summing to 1.")
+
+
+def split_sizes(n: int, fractions: Sequence[float]) -> tuple[int, int, int]:
+    """``(n_train, n_val, n_test)`` of ``n`` items cut by ``fractions``: val and test get at least one item
+    when their fraction is positive, train the rest (which may be < 1: the caller says what is too few)."""
+    n_val = max(1, round(n * fractions[1])) if fractions[1] > 0 else 0
+    n_test = max(1, round(n * fractions[2])) if fractions[2] > 0 else 0
+    return n - n_val - n_test, n_val, n_test
+
+
 def stratified_split(
     labels: Sequence[int],
     fractions: Sequence[float] = (0.6, 0.2, 0.2),
@@ -162,9 +181,7 @@ def stratified_split(
     Raises:
         ExploraGeoError: for bad fractions, a single class, or a class too small to appear in every split.
     """
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ExploraGeoError(f"split fractions {tuple(fractions)} must be three non-negative numbers "
-                              "(train, val, test) summing to 1.")
+    check_split_fractions(fractions)
     if fractions[0] <= 0:
         raise ExploraGeoError("the train fraction of the split must be positive.")
     y = np.asarray(labels, dtype=np.int64)
@@ -177,24 +194,22 @@ def stratified_split(
     for c in classes:
         idx = rng.permutation(np.flatnonzero(y == c))
         n = len(idx)
-        n_val = max(1, round(n * fractions[1])) if fractions[1] > 0 else 0
-        n_test = max(1, round(n * fractions[2])) if fractions[2] > 0 else 0
-        if n - n_val - n_test < 1:
+        n_train, n_val, _ = split_sizes(n, fractions)
+        if n_train < 1:
             raise ExploraGeoError(f"class {int(c)} has only {n} samples, too few for a train/val/test split "
                                   f"{tuple(fractions)}; add samples of that class or drop it.")
-        parts[0].append(idx[: n - n_val - n_test])
-        parts[1].append(idx[n - n_val - n_test: n - n_test])
-        parts[2].append(idx[n - n_test:])
+        parts[0].append(idx[:n_train])
+        parts[1].append(idx[n_train: n_train + n_val])
+        parts[2].append(idx[n_train + n_val:])
     train, val, test = (np.sort(np.concatenate(p)) for p in parts)
     return train, val, test
 
 
-class ChipDataset(Dataset):
-    """Chips of a :class:`ChipIndex` as model inputs.
+class BandChipDataset(Dataset):
+    """Chips read with the bands a model needs, picked by name: what :class:`ChipDataset` and
+    :class:`explora_geo.downstream.masks.MaskDataset` share.
 
-    A sample is ``{"image": float32 [C, H, W], "label": int64 []}`` with C = ``len(bands)`` in the order of
-    ``bands`` (the model's band names), scaled by ``normalization`` and resized to ``img_size`` (bilinear)
-    when given. Files are opened lazily per item (safe with DataLoader workers).
+    Subclasses say where item ``k``'s image lies (:meth:`_image_path`) and what a sample holds.
 
     Args:
         index: the chips.
@@ -207,7 +222,7 @@ class ChipDataset(Dataset):
 
     def __init__(
         self,
-        index: ChipIndex,
+        index: Any,
         indices: Sequence[int] | np.ndarray | None = None,
         *,
         bands: Sequence[str],
@@ -222,20 +237,41 @@ class ChipDataset(Dataset):
         self.normalization = normalization.select(self.bands) if normalization is not None else None
         self.img_size = img_size
         if len(self.indices):
-            self._band_idx(index.paths[int(self.indices[0])])  # fail early on a band mismatch
+            self._band_idx(self._image_path(int(self.indices[0])))  # fail early on a band mismatch
+
+    def _image_path(self, k: int) -> Path:
+        raise NotImplementedError
 
     def _band_idx(self, path: Path) -> list[int]:
         names = resolve_file_bands(self.file_bands, path)
         return select_bands(names, self.bands, source=str(path))
 
+    def _image(self, k: int) -> torch.Tensor:
+        """Image of chip ``k`` of the index: float32 ``[C, H, W]``, bands picked, scaled and resized."""
+        path = self._image_path(k)
+        return read_chip(path, self._band_idx(path), self.normalization, self.img_size)
+
     def __len__(self) -> int:
         return len(self.indices)
 
+
+class ChipDataset(BandChipDataset):
+    """Chips of a :class:`ChipIndex` as model inputs.
+
+    A sample is ``{"image": float32 [C, H, W], "label": int64 []}`` with C = ``len(bands)`` in the order of
+    ``bands`` (the model's band names), scaled by ``normalization`` and resized to ``img_size`` (bilinear)
+    when given. Files are opened lazily per item (safe with DataLoader workers). Arguments: see
+    :class:`BandChipDataset`.
+    """
+
+    index: ChipIndex
+
+    def _image_path(self, k: int) -> Path:
+        return self.index.paths[k]
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         k = int(self.indices[i])
-        path = self.index.paths[k]
-        image = read_chip(path, self._band_idx(path), self.normalization, self.img_size)
-        return {"image": image, "label": torch.tensor(self.index.labels[k], dtype=torch.long)}
+        return {"image": self._image(k), "label": torch.tensor(self.index.labels[k], dtype=torch.long)}
 
 
 def read_chip(path: str | os.PathLike[str], band_idx: Sequence[int], normalization: Normalization | None = None,

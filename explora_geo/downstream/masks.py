@@ -15,21 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from explora_geo.atomic import write_text_atomic
-from explora_geo.downstream.labeled import read_chip, resolve_file_bands
+from explora_geo.downstream.labeled import BandChipDataset, check_split_fractions, split_sizes
 from explora_geo.downstream.mosaic import (
     class_folder_name,
-    mosaic_bands,
-    mosaic_grid,
-    read_vector_labels,
+    labelled_mosaic,
+    open_bands,
     read_window,
     write_geotiff,
 )
 from explora_geo.errors import ExploraGeoError
-from explora_geo.normalization import Normalization
-from explora_geo.sensors import select_bands
 
 __all__ = ["MaskIndex", "MaskDataset", "scan_mask_folder", "vector_labels_to_masks", "random_split"]
 
@@ -79,50 +75,33 @@ def random_split(n: int, fractions: Sequence[float] = (0.6, 0.2, 0.2), *, seed: 
     Raises:
         ExploraGeoError: bad fractions or too few items.
     """
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ExploraGeoError(f"split fractions {tuple(fractions)} must be three non-negative numbers "
-                              "summing to 1.")
-    n_val = max(1, round(n * fractions[1])) if fractions[1] > 0 else 0
-    n_test = max(1, round(n * fractions[2])) if fractions[2] > 0 else 0
-    if n - n_val - n_test < 1:
+    check_split_fractions(fractions)
+    n_train, n_val, _ = split_sizes(n, fractions)
+    if n_train < 1:
         raise ExploraGeoError(f"{n} chips are too few for a train/val/test split {tuple(fractions)}; make more "
                               "chips (smaller --chip-size or stride) or change the split.")
     order = np.random.default_rng(seed).permutation(n)
-    n_train = n - n_val - n_test
     return np.sort(order[:n_train]), np.sort(order[n_train:n_train + n_val]), np.sort(order[n_train + n_val:])
 
 
-class MaskDataset(Dataset):
+class MaskDataset(BandChipDataset):
     """Image/mask pairs as ``{"image": float32 [C, H, W], "mask": int64 [H, W]}``.
 
     Bands are picked by name in ``bands`` order, scaled by ``normalization``; image and mask are resized to
-    ``img_size`` (bilinear / nearest) when given.
+    ``img_size`` (bilinear / nearest) when given. Arguments: see
+    :class:`explora_geo.downstream.labeled.BandChipDataset`.
     """
 
-    def __init__(self, index: MaskIndex, indices: Sequence[int] | np.ndarray | None = None, *,
-                 bands: Sequence[str], file_bands: str | Sequence[str] | None = None,
-                 normalization: Normalization | None = None, img_size: int | None = None) -> None:
-        self.index = index
-        self.indices = np.arange(len(index)) if indices is None else np.asarray(indices, dtype=np.int64)
-        self.bands = list(bands)
-        self.file_bands = file_bands
-        self.normalization = normalization.select(self.bands) if normalization is not None else None
-        self.img_size = img_size
-        if len(self.indices):
-            self._band_idx(index.images[int(self.indices[0])])
+    index: MaskIndex
 
-    def _band_idx(self, path: Path) -> list[int]:
-        return select_bands(resolve_file_bands(self.file_bands, path), self.bands, source=str(path))
-
-    def __len__(self) -> int:
-        return len(self.indices)
+    def _image_path(self, k: int) -> Path:
+        return self.index.images[k]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         import rasterio
 
         k = int(self.indices[i])
-        path = self.index.images[k]
-        image = read_chip(path, self._band_idx(path), self.normalization, self.img_size)
+        image = self._image(k)
         with rasterio.open(self.index.masks[k]) as src:
             mask = torch.from_numpy(src.read(1).astype(np.int64))
         if tuple(mask.shape) != tuple(image.shape[-2:]):
@@ -155,19 +134,14 @@ def vector_labels_to_masks(
     Raises:
         ExploraGeoError: missing class column, no labels over the raster, fewer than two classes.
     """
-    import rasterio
     from rasterio.features import rasterize
     from rasterio.transform import from_origin
     from shapely.geometry import box
 
     if chip_size < 1 or (stride is not None and stride < 1):
         raise ExploraGeoError(f"chip size {chip_size} and stride {stride} must be positive numbers of pixels.")
-    gdf = read_vector_labels(vector, class_column, layer)
-    layout = mosaic_bands(raster, file_bands)
-    names = list(layout) if bands is None else [list(layout)[i] for i in select_bands(list(layout), bands,
-                                                                                       source=str(raster))]
-    crs, res, (left, bottom, right, top) = mosaic_grid(layout, names, res)
-    gdf = gdf.to_crs(crs)
+    gdf, layout, names, (crs, res, (left, bottom, right, top)) = labelled_mosaic(
+        vector, raster, class_column, res=res, bands=bands, file_bands=file_bands, layer=layer)
     gdf = gdf[gdf.intersects(box(left, bottom, right, top))]
     if len(gdf) == 0:
         raise ExploraGeoError(f"no label of {vector} overlaps the raster {raster}; check that they overlap.")
@@ -182,8 +156,7 @@ def vector_labels_to_masks(
     out = Path(out_dir)
     images: list[Path] = []
     masks: list[Path] = []
-    handles = {name: rasterio.open(layout[name][0]) for name in names}
-    try:
+    with open_bands(layout, names) as handles:
         y1 = top
         while y1 - span >= bottom - 1e-6:
             x0 = left
@@ -202,9 +175,6 @@ def vector_labels_to_masks(
                     masks.append(write_geotiff(out / "masks" / name, mask[None], crs, x0, y1, res, ["class"]))
                 x0 += step
             y1 -= step
-    finally:
-        for h in handles.values():
-            h.close()
     if not images:
         raise ExploraGeoError(f"no {chip_size}-px chip of {raster} has {min_labelled:.0%} labelled pixels; lower "
                               "min_labelled or the chip size.")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,6 +30,8 @@ __all__ = [
     "write_geotiff",
     "read_vector_labels",
     "class_folder_name",
+    "labelled_mosaic",
+    "open_bands",
     "vector_labels_to_chips",
 ]
 
@@ -161,6 +164,39 @@ def class_folder_name(value: Any) -> str:
     return name or "class"
 
 
+def labelled_mosaic(
+    vector: str | os.PathLike[str],
+    raster: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]],
+    class_column: str,
+    *,
+    res: float | None = None,
+    bands: Sequence[str] | None = None,
+    file_bands: str | Sequence[str] | None = None,
+    layer: str | None = None,
+) -> tuple[Any, dict[str, tuple[Path, int]], list[str], MosaicGrid]:
+    """Vector labels over a mosaic: ``(labels, layout, names, grid)``.
+
+    ``labels``: the usable features (:func:`read_vector_labels`), reprojected to the mosaic's CRS;
+    ``layout``: where each band lives (:func:`mosaic_bands`); ``names``: the bands to read, ``bands`` picked
+    by name (default: all, in the mosaic's order); ``grid``: their :func:`mosaic_grid` at resolution ``res``.
+    """
+    gdf = read_vector_labels(vector, class_column, layer)
+    layout = mosaic_bands(raster, file_bands)
+    names = list(layout) if bands is None else [list(layout)[i] for i in select_bands(list(layout), bands,
+                                                                                       source=str(raster))]
+    grid = mosaic_grid(layout, names, res)
+    return gdf.to_crs(grid.crs), layout, names, grid
+
+
+@contextmanager
+def open_bands(layout: Mapping[str, tuple[Path, int]], names: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """Open datasets of bands ``names`` (for :func:`read_window`), closed when the ``with`` block ends."""
+    import rasterio
+
+    with ExitStack() as stack:
+        yield {name: stack.enter_context(rasterio.open(layout[name][0])) for name in names}
+
+
 def vector_labels_to_chips(
     vector: str | os.PathLike[str],
     raster: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]],
@@ -202,16 +238,10 @@ def vector_labels_to_chips(
         ExploraGeoError: missing class column; labels outside the raster (naming the feature indices);
             fewer than two classes; a requested band missing from the mosaic.
     """
-    import rasterio
-
     if chip_size < 1:
         raise ExploraGeoError(f"chip size {chip_size} must be a positive number of pixels.")
-    gdf = read_vector_labels(vector, class_column, layer)
-    layout = mosaic_bands(raster, file_bands)
-    names = list(layout) if bands is None else [list(layout)[i] for i in select_bands(list(layout), bands,
-                                                                                       source=str(raster))]
-    crs, res, (left, bottom, right, top) = mosaic_grid(layout, names, res)
-    gdf = gdf.to_crs(crs)
+    gdf, layout, names, (crs, res, (left, bottom, right, top)) = labelled_mosaic(
+        vector, raster, class_column, res=res, bands=bands, file_bands=file_bands, layer=layer)
     half = chip_size * res / 2.0
     centres = [g if g.geom_type == "Point" else g.representative_point() for g in gdf.geometry]
     windows, outside = [], []
@@ -236,16 +266,12 @@ def vector_labels_to_chips(
                               f"{class_column!r}; classification needs at least two.")
 
     out = Path(out_dir)
-    handles = {name: rasterio.open(layout[name][0]) for name in names}
     paths: list[Path] = []
     labels: list[int] = []
-    try:
+    with open_bands(layout, names) as handles:
         for pos, x0, y1 in windows:
             cls = class_folder_name(gdf[class_column].iloc[pos])
             chip = read_window(handles, layout, names, x0, y1, chip_size, res)
             paths.append(write_geotiff(out / cls / f"{cls}_{gdf.index[pos]}.tif", chip, crs, x0, y1, res, names))
             labels.append(classes.index(cls))
-    finally:
-        for h in handles.values():
-            h.close()
     return ChipIndex(tuple(paths), tuple(labels), tuple(classes))
