@@ -33,6 +33,7 @@ __all__ = [
     "backbone_model",
     "check_in_chans",
     "sidecar_normalization",
+    "sidecar_img_size",
     "read_backbone_meta",
     "register_backbone",
     "backbone_weights",
@@ -70,6 +71,14 @@ def sidecar_normalization(sidecar: Mapping[str, Any]) -> Normalization | None:
     """The sidecar's :class:`Normalization` (``None`` when it has none)."""
     data = sidecar.get("normalization")
     return Normalization.from_dict(dict(data)) if data else None
+
+
+def sidecar_img_size(sidecar: Mapping[str, Any]) -> int | None:
+    """The backbone's input side in pixels (the first of an ``[h, w]`` size); ``None`` when it has none."""
+    size = sidecar.get("img_size")
+    if not size:
+        return None
+    return int(size if isinstance(size, int) else size[0])
 
 
 # --------------------------------------------------------------------------------------------------------

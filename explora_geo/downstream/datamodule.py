@@ -50,13 +50,12 @@ class _SplitDataModule(BaseDataModule):
         self.aug = _unchanged
         if backbone is not None:
             from explora_geo.checkpoint import read_sidecar
-            from explora_geo.downstream.backbones import sidecar_normalization
+            from explora_geo.downstream.backbones import sidecar_img_size, sidecar_normalization
 
             sidecar = read_sidecar(backbone)
             self.bands = list(sidecar["bands"])
             self.normalization = sidecar_normalization(sidecar)
-            size = sidecar["img_size"]
-            img_size = img_size or (size if isinstance(size, int) else int(size[0]))
+            img_size = img_size or sidecar_img_size(sidecar)
         elif bands is not None:
             self.bands = get_sensor(bands).model_bands if isinstance(bands, str) else list(bands)
             self.normalization = Normalization.from_dict(normalization) if normalization else None
@@ -65,9 +64,50 @@ class _SplitDataModule(BaseDataModule):
                                   "pass the backbone you fine-tune.")
         self.img_size = img_size
         self.splits: dict[str, Dataset] = {}
+        self.index: Any = None
+
+    # What a subclass says about its folder: what it is made of, whether it is there, how to make it from
+    # vector labels, how to index it, how to split the index.
+    made_of: str
+
+    def _folder_exists(self, root: Path) -> bool:
+        raise NotImplementedError
+
+    def _make_folder(self, hp: Any) -> None:
+        raise NotImplementedError
+
+    def _scan(self, root: str) -> Any:
+        raise NotImplementedError
+
+    def _split(self, index: Any) -> Sequence[Any]:
+        raise NotImplementedError
+
+    def prepare_data(self) -> None:
+        """Make the folder from ``vector`` + ``raster`` when it does not exist yet."""
+        hp = self.hparams
+        if self._folder_exists(Path(hp["root"])) or not (hp["vector"] and hp["raster"]):
+            return
+        if not hp["class_column"]:
+            raise ExploraGeoError(f"making {self.made_of} from vector labels needs class_column=<attribute name>.")
+        self._make_folder(hp)
+
+    def _load_index(self) -> Any:
+        if self.index is None:
+            self.prepare_data()
+            self.index = self._scan(self.hparams["root"])
+        return self.index
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names, sorted: the class folder names of a chip folder; for a mask folder, mask value ``k + 1``
+        is ``classes[k]`` and 0 is unlabelled."""
+        return list(self._load_index().classes)
 
     def _make_splits(self) -> dict[str, Dataset]:
-        raise NotImplementedError
+        index = self._load_index()
+        return {name: self.dataset_class(index, idx, bands=self.bands, file_bands=self.hparams["file_bands"],
+                                         normalization=self.normalization, img_size=self.img_size)
+                for name, idx in zip(("train", "val", "test"), self._split(index), strict=True)}
 
     def setup(self, stage: str | None = None) -> None:
         """Index the folder and split it (idempotent)."""
@@ -115,6 +155,8 @@ class ChipFolderDataModule(_SplitDataModule):
         batch_size, num_workers: DataLoader settings.
     """
 
+    made_of = "chips"
+
     def __init__(
         self,
         root: str,
@@ -136,35 +178,19 @@ class ChipFolderDataModule(_SplitDataModule):
         super().__init__(ChipDataset, backbone=backbone, bands=bands, normalization=normalization,
                          img_size=img_size, batch_size=batch_size, num_workers=num_workers)
         self.save_hyperparameters()
-        self.index: ChipIndex | None = None
 
-    def prepare_data(self) -> None:
-        """Make the chip folder from ``vector`` + ``raster`` when it does not exist yet."""
-        hp = self.hparams
-        if Path(hp["root"]).exists() or not (hp["vector"] and hp["raster"]):
-            return
-        if not hp["class_column"]:
-            raise ExploraGeoError("making chips from vector labels needs class_column=<attribute name>.")
+    def _folder_exists(self, root: Path) -> bool:
+        return root.exists()
+
+    def _make_folder(self, hp: Any) -> None:
         vector_labels_to_chips(hp["vector"], hp["raster"], hp["root"], class_column=hp["class_column"],
                                chip_size=hp["chip_size"], skip_outside=hp["skip_outside"])
 
-    def _load_index(self) -> ChipIndex:
-        if self.index is None:
-            self.prepare_data()
-            self.index = scan_chip_folder(self.hparams["root"])
-        return self.index
+    def _scan(self, root: str) -> ChipIndex:
+        return scan_chip_folder(root)
 
-    @property
-    def classes(self) -> list[str]:
-        """Class names (folder names, sorted)."""
-        return list(self._load_index().classes)
-
-    def _make_splits(self) -> dict[str, Dataset]:
-        index = self._load_index()
-        parts = stratified_split(index.labels, self.hparams["split"], seed=self.hparams["seed"])
-        return {name: ChipDataset(index, idx, bands=self.bands, file_bands=self.hparams["file_bands"],
-                                  normalization=self.normalization, img_size=self.img_size)
-                for name, idx in zip(("train", "val", "test"), parts, strict=True)}
+    def _split(self, index: ChipIndex) -> Sequence[Any]:
+        return stratified_split(index.labels, self.hparams["split"], seed=self.hparams["seed"])
 
 
 class MaskFolderDataModule(_SplitDataModule):
@@ -180,6 +206,8 @@ class MaskFolderDataModule(_SplitDataModule):
         backbone, bands, normalization, file_bands, img_size, split, seed, batch_size, num_workers: as in
             :class:`ChipFolderDataModule`.
     """
+
+    made_of = "masks"
 
     def __init__(
         self,
@@ -202,32 +230,16 @@ class MaskFolderDataModule(_SplitDataModule):
         super().__init__(MaskDataset, backbone=backbone, bands=bands, normalization=normalization,
                          img_size=img_size, batch_size=batch_size, num_workers=num_workers)
         self.save_hyperparameters()
-        self.index: MaskIndex | None = None
 
-    def prepare_data(self) -> None:
-        """Make the mask folder from ``vector`` + ``raster`` when it does not exist yet."""
-        hp = self.hparams
-        if (Path(hp["root"]) / "classes.json").is_file() or not (hp["vector"] and hp["raster"]):
-            return
-        if not hp["class_column"]:
-            raise ExploraGeoError("making masks from vector labels needs class_column=<attribute name>.")
+    def _folder_exists(self, root: Path) -> bool:
+        return (root / "classes.json").is_file()
+
+    def _make_folder(self, hp: Any) -> None:
         vector_labels_to_masks(hp["vector"], hp["raster"], hp["root"], class_column=hp["class_column"],
                                chip_size=hp["chip_size"], min_labelled=hp["min_labelled"])
 
-    def _load_index(self) -> MaskIndex:
-        if self.index is None:
-            self.prepare_data()
-            self.index = scan_mask_folder(self.hparams["root"])
-        return self.index
+    def _scan(self, root: str) -> MaskIndex:
+        return scan_mask_folder(root)
 
-    @property
-    def classes(self) -> list[str]:
-        """Class names; mask value ``k + 1`` is ``classes[k]``, 0 is unlabelled."""
-        return list(self._load_index().classes)
-
-    def _make_splits(self) -> dict[str, Dataset]:
-        index = self._load_index()
-        parts = random_split(len(index), self.hparams["split"], seed=self.hparams["seed"])
-        return {name: MaskDataset(index, idx, bands=self.bands, file_bands=self.hparams["file_bands"],
-                                  normalization=self.normalization, img_size=self.img_size)
-                for name, idx in zip(("train", "val", "test"), parts, strict=True)}
+    def _split(self, index: MaskIndex) -> Sequence[Any]:
+        return random_split(len(index), self.hparams["split"], seed=self.hparams["seed"])

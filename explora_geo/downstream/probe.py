@@ -458,7 +458,7 @@ def probe_backbone(
     """
     from torch.utils.data import DataLoader
 
-    from explora_geo.downstream.backbones import sidecar_normalization
+    from explora_geo.downstream.backbones import sidecar_img_size, sidecar_normalization
     from explora_geo.downstream.labeled import ChipDataset, scan_chip_folder, stratified_split
 
     if len(split) != 3 or split[1] <= 0 or split[2] <= 0:
@@ -466,10 +466,8 @@ def probe_backbone(
                               f"reported on test); got fractions {tuple(split)}, e.g. use 0.6,0.2,0.2.")
     index = scan_chip_folder(data)
     train_idx, val_idx, test_idx = stratified_split(index.labels, split, seed=seed)
-    size = sidecar.get("img_size")
     dataset = ChipDataset(index, bands=sidecar["bands"], file_bands=file_bands,
-                          normalization=sidecar_normalization(sidecar),
-                          img_size=int(size if isinstance(size, int) else size[0]) if size else None)
+                          normalization=sidecar_normalization(sidecar), img_size=sidecar_img_size(sidecar))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     depth = len(getattr(model, "blocks", ())) or 4
     feats = extract_features(model, loader, n_last=min(4, depth), device=device, progress=progress,
