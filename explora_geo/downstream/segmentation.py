@@ -18,15 +18,7 @@ from torch import Tensor, nn
 from torchgeo.tasks import SemanticSegmentation
 
 import explora_geo.models  # noqa: F401  (registers our timm models)
-from explora_geo.downstream.tasks import (
-    MODES,
-    ExploraTaskMixin,
-    Mode,
-    build_backbone,
-    configure_finetuning,
-    resolve_backbone_meta,
-)
-from explora_geo.errors import ExploraGeoError
+from explora_geo.downstream.tasks import ExploraTaskMixin, Mode, configure_finetuning
 
 __all__ = ["ViTSegmenter", "ExploraSegmentationTask"]
 
@@ -102,37 +94,22 @@ class ExploraSegmentationTask(ExploraTaskMixin, SemanticSegmentation):
         patience: int = 10,
         backbone_meta: dict[str, Any] | None = None,
     ) -> None:
-        if mode not in MODES:
-            raise ExploraGeoError(f"unknown fine-tuning mode {mode!r}; choose one of {', '.join(MODES)}.")
-        if task == "multiclass" and (not num_classes or num_classes < 2):
-            raise ExploraGeoError(f"num_classes must be at least 2, got {num_classes!r}.")
-        meta = resolve_backbone_meta(weights, backbone_meta)
-        if meta is not None:
-            from explora_geo.downstream.backbones import check_in_chans
-
-            check_in_chans(meta, in_channels)
-            in_channels, model = len(meta["bands"]), meta["architecture"]
-        self._backbone_meta = meta
-        super().__init__(model="fcn", backbone=model, weights=weights, in_channels=in_channels or 3, task=task,
+        model, in_channels = self._resolve_backbone(model, weights, in_channels, num_classes, mode=mode, task=task,
+                                                    backbone_meta=backbone_meta)
+        super().__init__(model="fcn", backbone=model, weights=weights, in_channels=in_channels, task=task,
                          num_classes=num_classes, num_labels=num_labels, labels=labels, pos_weight=pos_weight,
                          loss=loss, class_weights=class_weights, ignore_index=ignore_index, lr=lr,
                          patience=patience)
-        self.hparams.update(model=model, backbone=model, in_channels=in_channels or 3,
-                            backbone_meta=self._backbone_meta)
+        self.hparams.update(model=model, backbone=model, in_channels=in_channels, backbone_meta=self._backbone_meta)
 
     def configure_models(self) -> None:
         """Backbone (checked loading of backbone files) + decoder; trainable parameters per ``mode``."""
         import timm
 
-        meta = self._backbone_meta
-        if meta is not None:
-            backbone = build_backbone(meta, self.weights, 0)
-        else:
-            backbone = timm.create_model(self.hparams["backbone"], num_classes=0,
-                                         in_chans=self.hparams["in_channels"], pretrained=self.weights is True)
-            self._backbone_meta = getattr(backbone, "explora_sidecar", None)  # a name from register_backbone
-        outputs = self.hparams["num_classes"] or self.hparams["num_labels"] or 1
-        self.model = ViTSegmenter(backbone, outputs, n_blocks=self.hparams["n_blocks"],
+        backbone = self._build_backbone(0, lambda: timm.create_model(
+            self.hparams["backbone"], num_classes=0, in_chans=self.hparams["in_channels"],
+            pretrained=self.weights is True))
+        self.model = ViTSegmenter(backbone, self._num_outputs(), n_blocks=self.hparams["n_blocks"],
                                   decoder_dim=self.hparams["decoder_dim"])
         configure_finetuning(backbone, self.hparams["mode"], head=self.model.decoder,
                              lora_rank=self.hparams["lora_rank"], lora_alpha=self.hparams["lora_alpha"])

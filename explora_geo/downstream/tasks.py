@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +29,7 @@ from explora_geo.errors import ExploraGeoError
 
 __all__ = [
     "MODES",
+    "check_mode",
     "ExploraTaskMixin",
     "ExploraClassificationTask",
     "configure_finetuning",
@@ -47,6 +49,12 @@ def _is_backbone_path(weights: Any) -> bool:
     return path.suffix in (".safetensors", ".json") or path.with_name(path.name + ".json").is_file()
 
 
+def check_mode(mode: str) -> None:
+    """Raise unless ``mode`` is a fine-tuning mode (:data:`MODES`)."""
+    if mode not in MODES:
+        raise ExploraGeoError(f"unknown fine-tuning mode {mode!r}; choose one of {', '.join(MODES)}.")
+
+
 def configure_finetuning(model: nn.Module, mode: str, *, head: nn.Module | None = None, lora_rank: int = 8,
                          lora_alpha: float = 1.0) -> None:
     """Set which parameters of a backbone ``model`` (and its task ``head``) train, in place.
@@ -59,8 +67,7 @@ def configure_finetuning(model: nn.Module, mode: str, *, head: nn.Module | None 
     Raises:
         ExploraGeoError: unknown mode.
     """
-    if mode not in MODES:
-        raise ExploraGeoError(f"unknown fine-tuning mode {mode!r}; choose one of {', '.join(MODES)}.")
+    check_mode(mode)
     head = model.get_classifier() if head is None else head
     if mode == "full":
         model.requires_grad_(True)
@@ -107,8 +114,45 @@ def build_backbone(meta: dict[str, Any], weights: Any, num_classes: int) -> nn.M
 
 
 class ExploraTaskMixin:
-    """What our torchgeo tasks share: an optimiser over the trainable parameters only, and class names
-    taken from the datamodule."""
+    """What our torchgeo tasks share: backbone files as ``weights`` (sidecar kept for the checkpoint), an
+    optimiser over the trainable parameters only, and class names taken from the datamodule."""
+
+    _backbone_meta: dict[str, Any] | None
+
+    def _resolve_backbone(self, model: str, weights: Any, in_channels: int | None, num_classes: int | None, *,
+                          mode: str, task: str, backbone_meta: dict[str, Any] | None) -> tuple[str, int]:
+        """Check the arguments our tasks share; when ``weights`` is an explora-geo backbone (or a checkpoint
+        stored its sidecar), take the architecture and the input channels from the sidecar, which is kept
+        as ``_backbone_meta``. Returns ``(model, in_channels)``; called before the task's ``__init__``.
+
+        Raises:
+            ExploraGeoError: unknown mode, fewer than two classes, ``in_channels`` unlike the backbone's.
+        """
+        check_mode(mode)
+        if task == "multiclass" and (not num_classes or num_classes < 2):
+            raise ExploraGeoError(f"num_classes must be at least 2, got {num_classes!r}.")
+        meta = resolve_backbone_meta(weights, backbone_meta)
+        if meta is not None:
+            from explora_geo.downstream.backbones import check_in_chans
+
+            check_in_chans(meta, in_channels)
+            in_channels, model = len(meta["bands"]), meta["architecture"]
+        self._backbone_meta = meta
+        return model, in_channels or 3
+
+    def _num_outputs(self) -> int:
+        """Width of the task's output layer (torchgeo's rule)."""
+        return self.hparams["num_classes"] or self.hparams["num_labels"] or 1
+
+    def _build_backbone(self, num_classes: int, timm_model: Callable[[], nn.Module]) -> nn.Module:
+        """The backbone with a ``num_classes`` head: rebuilt from the sidecar (checked loading) when there is
+        one, else ``timm_model()``, whose sidecar (a name from :func:`register_backbone`) is then kept so the
+        checkpoint can be rebuilt anywhere."""
+        if self._backbone_meta is not None:
+            return build_backbone(self._backbone_meta, self.weights, num_classes)
+        model = timm_model()
+        self._backbone_meta = getattr(model, "explora_sidecar", None)
+        return model
 
     def configure_optimizers(self) -> Any:
         """AdamW over the trainable parameters only, with torchgeo's plateau schedule."""
@@ -171,35 +215,22 @@ class ExploraClassificationTask(ExploraTaskMixin, Classification):
         freeze_backbone: bool = False,
         backbone_meta: dict[str, Any] | None = None,
     ) -> None:
-        if mode not in MODES:
-            raise ExploraGeoError(f"unknown fine-tuning mode {mode!r}; choose one of {', '.join(MODES)}.")
-        if task == "multiclass" and (not num_classes or num_classes < 2):
-            raise ExploraGeoError(f"num_classes must be at least 2, got {num_classes!r}.")
-        meta = resolve_backbone_meta(weights, backbone_meta)
-        if meta is not None:
-            from explora_geo.downstream.backbones import check_in_chans
-
-            check_in_chans(meta, in_channels)
-            in_channels = len(meta["bands"])
-            model = meta["architecture"]
-        self._backbone_meta = meta
-        super().__init__(model=model, weights=weights, in_channels=in_channels or 3, task=task,
+        model, in_channels = self._resolve_backbone(model, weights, in_channels, num_classes, mode=mode, task=task,
+                                                    backbone_meta=backbone_meta)
+        super().__init__(model=model, weights=weights, in_channels=in_channels, task=task,
                          num_classes=num_classes, num_labels=num_labels, labels=labels, pos_weight=pos_weight,
                          loss=loss, class_weights=class_weights, ignore_index=ignore_index, lr=lr,
                          patience=patience, freeze_backbone=freeze_backbone)
         # The CLI passes its own view of the init args to save_hyperparameters: record what was resolved.
-        self.hparams.update(model=model, in_channels=in_channels or 3, backbone_meta=self._backbone_meta)
+        self.hparams.update(model=model, in_channels=in_channels, backbone_meta=self._backbone_meta)
 
     def configure_models(self) -> None:
         """Build the model (checked loading of backbone files) and set the trainable parameters."""
-        meta = self._backbone_meta
-        if meta is None:
-            super().configure_models()
-            # a name from register_backbone: keep its sidecar so the checkpoint can be rebuilt anywhere
-            self._backbone_meta = getattr(self.model, "explora_sidecar", None)
-        else:
-            k = self.hparams["num_classes"] or self.hparams["num_labels"] or 1
-            self.model = build_backbone(meta, self.weights, k)
+        def timm_model() -> nn.Module:
+            super(ExploraClassificationTask, self).configure_models()
+            return self.model
+
+        self.model = self._build_backbone(self._num_outputs(), timm_model)
         mode = "linear_probe" if self.hparams["freeze_backbone"] else self.hparams["mode"]
         configure_finetuning(self.model, mode, lora_rank=self.hparams["lora_rank"],
                              lora_alpha=self.hparams["lora_alpha"])
