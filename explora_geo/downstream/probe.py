@@ -321,10 +321,9 @@ def load_head(path: str | os.PathLike[str]) -> tuple[nn.Linear, dict[str, Any]]:
     """Inverse of :func:`save_head`; ``path`` may name the ``.safetensors``, the ``.json`` or their stem."""
     from safetensors.torch import load_file
 
-    base = Path(path)
-    if base.suffix in (".safetensors", ".json"):
-        base = base.with_suffix("")
-    weights, sidecar = base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
+    from explora_geo.checkpoint import backbone_paths
+
+    weights, sidecar = backbone_paths(path)  # the same file-pair naming as backbone files
     for f in (weights, sidecar):
         if not f.is_file():
             raise ExploraGeoError(f"probe head file {f} does not exist; run `explora-geo probe` to create it.")

@@ -45,8 +45,9 @@ MODES: tuple[str, ...] = ("full", "lora", "linear_probe")
 def _is_backbone_path(weights: Any) -> bool:
     if not isinstance(weights, (str, os.PathLike)):
         return False
-    path = Path(weights)
-    return path.suffix in (".safetensors", ".json") or path.with_name(path.name + ".json").is_file()
+    from explora_geo.checkpoint import backbone_paths
+
+    return Path(weights).suffix in (".safetensors", ".json") or backbone_paths(weights)[1].is_file()
 
 
 def check_mode(mode: str) -> None:
