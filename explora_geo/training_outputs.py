@@ -100,6 +100,7 @@ def write_outputs(out: Path, *, config: Any, run: Any, module: Any, trainer: L.T
         "architecture": run.architecture,
         "source_weights": run.source_weights,
         "random_weights": run.random_weights,
+        "source_weights_report": run.weights_report,
         "data": run.data_description,
         "lr": run.lr,
         "resumed_from": resumed_from,

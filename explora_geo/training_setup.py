@@ -43,6 +43,8 @@ class Run:
         architecture, model_kwargs: how to rebuild the backbone (for the sidecar).
         sensor: preset naming the bands (or ``None``). normalization: the data scaling (or ``None``).
         source_weights: the weights spec. random_weights: no source weights were loaded.
+        weights_report: what loading the source weights did (``LoadReport.to_dict()``: loaded, newly
+            initialised, resampled and ignored tensors).
         lr, warmup_steps: resolved schedule.
         data_description: where the data came from (one line).
     """
@@ -56,6 +58,7 @@ class Run:
     normalization: Normalization | None
     source_weights: str
     random_weights: bool
+    weights_report: dict[str, Any]
     lr: float
     warmup_steps: int
     data_description: str
@@ -120,7 +123,7 @@ def prepare_run(config: Any, *, datamodule: L.LightningDataModule | None = None,
         echo("WARNING: training from RANDOM weights (--weights random): a smoke run, not ExPLoRA. "
              f"Pass --weights PATH or a hub name (default {DEFAULT_WEIGHTS[config.objective]}) for real use.")
     else:
-        echo(f"source weights: {report.source}")
+        echo(f"source weights: {report.summary()}")
     explora = ExploraConfig(unfreeze=config.unfreeze, rank=int(config.rank), alpha=float(config.alpha))
     apply_explora(backbone, explora)
     objective = build_objective(config.objective, backbone, dict(config.mae if config.objective == "mae"
@@ -155,7 +158,8 @@ def prepare_run(config: Any, *, datamodule: L.LightningDataModule | None = None,
     warmup = int(config.warmup_steps) if config.warmup_steps is not None else max(1, config.max_steps // 20)
     return Run(backbone=backbone, objective=objective, datamodule=datamodule, architecture=arch,
                model_kwargs=model_kwargs, sensor=sensor,
-               normalization=normalization, source_weights=str(weights), random_weights=report.random, lr=lr,
+               normalization=normalization, source_weights=str(weights), random_weights=report.random,
+               weights_report=report.to_dict(), lr=lr,
                warmup_steps=warmup, data_description=description)
 
 

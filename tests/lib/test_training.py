@@ -216,6 +216,9 @@ def test_official_mae_file_gives_its_decoder_to_the_objective(t33uuu_dir: Path, 
                          mae=dict(decoder_dim=32, decoder_depth=1, decoder_heads=2, decoder_lora_rank=2))
     summary = run_pretraining(config, callbacks=[capture], echo=quiet)
     assert summary is not None and not summary["random_weights"]
+    loaded = summary["source_weights_report"]  # what loading did, also in summary.json
+    assert "blocks.0.attn.qkv.weight" in loaded["loaded_keys"] and loaded["new_keys"] == []
+    assert sorted(loaded["extra"]) == sorted(official)
     objective = capture.module.objective
     assert "pred.0.weight" in objective.decoder_loaded and "blocks.0.attn.qkv.weight" in objective.decoder_loaded
     fc1 = objective.decoder.blocks[0].mlp.fc1.weight
