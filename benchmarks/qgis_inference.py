@@ -9,8 +9,10 @@ tiling the real T33UUU scene from ../shared/data when present (random values oth
 
 - ``end_to_end``: the whole ``explora_geo:classify`` algorithm through ``processing.run`` (model loading,
   reading through the data provider, scaling, batching, inference, GeoPackage grid and rasters written);
-- ``forward``: ``InferenceSession.run`` alone (the plugin's session options) on the same number of tiles of
-  the same raster and the same batch size, with the (scaled) batch already in memory.
+- ``forward``: ``InferenceSession.run`` alone (the plugin's session options) on the same tiles in the same
+  order and the same batch size: every batch is scaled into a fresh contiguous float32 array, as in the
+  plugin, before its timer starts (earlier versions re-ran the first batch over and over: one hot, unchanging
+  buffer instead of the plugin's stream of new ones).
 
 Both are measured ``--repeats`` times, alternately, and the fastest of each is kept.
 
@@ -82,41 +84,45 @@ def export_tiny_model(out_dir: Path) -> Path:
     return model
 
 
-def first_tiles(raster: Path, info: object, batch: int) -> np.ndarray:
-    """The raster's first ``batch`` tiles (top rows, model bands by description), scaled: ``[batch, C, T, T]``."""
+def all_tiles(raster: Path, info: object) -> np.ndarray:
+    """Every tile of the raster, in the plugin's order (row by row), as digital numbers ``[N, C, T, T]``
+    (model bands by description; the benchmark raster is a whole number of tiles wide and high)."""
     from osgeo import gdal
 
     ds = gdal.Open(str(raster))
     names = [ds.GetRasterBand(i).GetDescription() for i in range(1, ds.RasterCount + 1)]
-    t, per_row = info.tile_size, ds.RasterXSize // info.tile_size
-    rows = -(-batch // per_row)
-    data = np.stack([ds.GetRasterBand(names.index(b) + 1).ReadAsArray(0, 0, per_row * t, rows * t)
-                     for b in info.bands])  # [C, rows * T, per_row * T]
+    t, c = info.tile_size, len(info.bands)
+    rows, cols = ds.RasterYSize // t, ds.RasterXSize // t
+    tiles = np.empty((rows, cols, c, t, t), dtype=np.uint16)
+    for k, b in enumerate(info.bands):
+        band = ds.GetRasterBand(names.index(b) + 1).ReadAsArray(0, 0, cols * t, rows * t)
+        tiles[:, :, k] = band.reshape(rows, t, cols, t).transpose(0, 2, 1, 3)
     ds = None
-    c = len(info.bands)
-    tiles = data.reshape(c, rows, t, per_row, t).transpose(1, 3, 0, 2, 4).reshape(-1, c, t, t)
-    return info.scaler(tiles[:batch])
+    return tiles.reshape(-1, c, t, t)
 
 
-def time_forward(model_path: Path, raster: Path, n_tiles: int, batch: int) -> float:
-    """Seconds of bare ``session.run`` over ``n_tiles`` real tiles in batches of ``batch`` (data in memory)."""
+def time_forward(model_path: Path, tiles: np.ndarray, n_tiles: int, batch: int) -> tuple[float, float]:
+    """Seconds of bare ``session.run`` (wall, and process CPU) over the first ``n_tiles`` of ``tiles``, the tiles
+    the plugin ran, in batches of ``batch``. Each batch is scaled into a fresh contiguous float32 array (as the
+    plugin's are) before its timer starts: only ``session.run`` is timed."""
     sys.path.insert(0, str(REPO / "qgis_plugin"))
     from explora_geo_qgis.core.model import OnnxModel
 
     model = OnnxModel(model_path)
-    x = first_tiles(raster, model.info, batch)
-    model.run(x[:2])  # warm-up, as the plugin's first batch also pays it
-    start = time.perf_counter()
-    done = 0
-    while done < n_tiles:
-        n = min(batch, n_tiles - done)
-        model.session.run(["probabilities"], {model.input_name: x[:n]})
-        done += n
-    return time.perf_counter() - start
+    scaler = model.info.scaler
+    model.run(scaler(tiles[:2]))  # warm-up, as the plugin's first batch also pays it
+    wall = cpu = 0.0
+    for done in range(0, n_tiles, batch):
+        x = scaler(tiles[done:min(done + batch, n_tiles)])
+        start, start_cpu = time.perf_counter(), time.process_time()
+        model.session.run(["probabilities"], {model.input_name: x})
+        wall += time.perf_counter() - start
+        cpu += time.process_time() - start_cpu
+    return wall, cpu
 
 
-def time_classify(raster: Path, model_path: Path, out_dir: Path, batch: int) -> tuple[float, dict]:
-    """Seconds of the whole ``explora_geo:classify`` algorithm, and its results."""
+def time_classify(raster: Path, model_path: Path, out_dir: Path, batch: int) -> tuple[float, float, dict]:
+    """Seconds of the whole ``explora_geo:classify`` algorithm (wall, and process CPU), and its results."""
     import processing
     from qgis.core import QgsProcessingContext, QgsProcessingFeedback, QgsRasterLayer
 
@@ -124,12 +130,12 @@ def time_classify(raster: Path, model_path: Path, out_dir: Path, batch: int) -> 
     params = {"INPUT": layer, "MODEL": str(model_path), "BATCH_SIZE": batch,
               "OUTPUT_GRID": str(out_dir / "grid.gpkg"), "OUTPUT_CLASSES": str(out_dir / "classes.tif"),
               "OUTPUT_PROBABILITY": str(out_dir / "probability.tif")}
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     result = processing.run("explora_geo:classify", params, context=QgsProcessingContext(),
                             feedback=QgsProcessingFeedback())
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     del layer
-    return seconds, result
+    return seconds, cpu, result
 
 
 def main() -> int:
@@ -163,15 +169,24 @@ def main() -> int:
         raster = make_raster(work / "scene.tif", size)
         model = args.model or export_tiny_model(work)
         print(f"prepared {size} x {size} px x 13 bands and the model in {time.perf_counter() - t0:.1f} s")
-        end_to_end, forward, inside = float("inf"), float("inf"), float("inf")
+        sys.path.insert(0, str(REPO / "qgis_plugin"))
+        from explora_geo_qgis.core.model import OnnxModel
+
+        tiles = all_tiles(raster, OnnxModel(model).info)
+        end_to_end = forward = inside = cpu_e2e = cpu_fwd = float("inf")
         for _ in range(max(1, args.repeats)):
-            seconds, result = time_classify(raster, model, work, args.batch_size)
-            end_to_end = min(end_to_end, seconds)
+            seconds, cpu, result = time_classify(raster, model, work, args.batch_size)
+            end_to_end, cpu_e2e = min(end_to_end, seconds), min(cpu_e2e, cpu)
             inside = min(inside, float(result["FORWARD_SECONDS"]))
             n_tiles = int(result["TILES_RUN"])
-            forward = min(forward, time_forward(model, raster, n_tiles, args.batch_size))
+            if n_tiles != len(tiles):
+                raise SystemExit(f"the plugin ran {n_tiles} tiles, the raster has {len(tiles)}")
+            seconds, cpu = time_forward(model, tiles, n_tiles, args.batch_size)
+            forward, cpu_fwd = min(forward, seconds), min(cpu_fwd, cpu)
         print(f"tiles={n_tiles} batch={args.batch_size} provider={result['EXECUTION_PROVIDER']}")
         print(f"forward_s_inside_plugin={inside:.2f} (ONNX Runtime time during the algorithm runs)")
+        print(f"cpu_s: end_to_end={cpu_e2e:.2f} forward={cpu_fwd:.2f} (process CPU time, both threads; "
+              f"steadier than wall time on a loaded machine)")
         print(f"end_to_end_s={end_to_end:.2f} forward_s={forward:.2f} "
               f"tiles_per_s={n_tiles / end_to_end:.1f} forward_tiles_per_s={n_tiles / forward:.1f}")
     plugin.unload()

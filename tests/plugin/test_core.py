@@ -79,6 +79,25 @@ def test_scaler_formulas() -> None:
         Scaler.from_dict({"scheme": "zscore", "bands": ["a"]})
 
 
+
+def test_satmae_scaling_interior_values_and_strided_input() -> None:
+    """Inside the clip range satmae maps linearly; strided uint16 tile views come out C-contiguous float32."""
+    sat = Scaler.from_dict({"scheme": "satmae", "bands": ["a", "b"], "mean": [1000, 5000], "std": [250, 1000],
+                            "offset": [100, 0]})
+    strip = np.zeros((2, 4, 12), dtype=np.uint16)  # [C, T, W]: 3 tiles of 4 px
+    strip[0] = np.arange(48).reshape(4, 12) * 40 + 300  # a: 300..2180 minus offset 100 -> 200..2080
+    strip[1] = np.arange(48).reshape(4, 12) * 200 + 2000  # b: 2000..11400
+    views = tile_views(strip, 4, 4, 3)  # [3, 2, 4, 4], not contiguous
+    y = sat(views)
+    assert y.dtype == np.float32 and y.flags.c_contiguous and y.shape == (3, 2, 4, 4)
+    x = np.ascontiguousarray(views).astype(np.float64)
+    low, high = np.array([500.0, 3000.0])[:, None, None], np.array([1500.0, 7000.0])[:, None, None]
+    offset = np.array([100.0, 0.0])[:, None, None]
+    expected = (np.clip(x - offset, low, high) - low) / (high - low)
+    np.testing.assert_allclose(y, expected, rtol=0, atol=1e-6)
+    assert (y == 0).any() and (y == 1).any()  # both clip ends reached
+    assert ((y > 0) & (y < 1)).sum() > 10  # interior values were checked, not only the clipped ends
+
 # ---- tiling -----------------------------------------------------------------------------------------
 def test_grid_cells_cover_raster() -> None:
     grid = TileGrid.from_overlap(100, 70, 32, 0.5)

@@ -80,8 +80,10 @@ class Scaler:
         col = (slice(None), None, None)
         y = np.subtract(x, self.sub.astype(np.float32)[col], out=out, dtype=np.float32, order="C")
         if self.low is not None and self.high is not None:
-            # clip(x - offset, low, high) - low  ==  clip(x - offset - low, 0, high - low)
-            np.clip(y, 0.0, (self.high - self.low).astype(np.float32)[col], out=y)
+            # clip(x - offset, low, high) - low  ==  clip(x - offset - low, 0, high - low); two ufuncs instead of
+            # np.clip, whose array-bounds path (numpy 1.24) made this whole call ~4x slower (same results)
+            np.maximum(y, np.float32(0.0), out=y)
+            np.minimum(y, (self.high - self.low).astype(np.float32)[col], out=y)
         np.multiply(y, self.mul.astype(np.float32)[col], out=y)
         return y
 
