@@ -116,7 +116,8 @@ class Sensor:
         if self.mean is None or self.std is None:
             raise ExploraGeoError(
                 f"sensor {self.name} has no built-in band statistics; compute them with "
-                "`explora-geo stats --data PATH` and pass the JSON it writes."
+                "`explora-geo stats --data PATH --out stats.json` and pass it (`pretrain --stats stats.json`), "
+                "or use --normalization reflectance."
             )
         order = self.band_names
         idx = [order.index(self.band(b).name) for b in bands]

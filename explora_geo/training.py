@@ -67,6 +67,8 @@ class PretrainConfig:
         grad_clip: gradient-norm clip (``None``/0 = off).
         img_size, patch_size: input size and patch size in px (default: the model's).
         normalization: ``satmae`` / ``meanstd`` / ``reflectance`` / ``none`` for the data.
+        stats: a statistics JSON of ``explora-geo stats`` whose per-band mean/std replace the sensor's
+            built-in ones for ``satmae`` / ``meanstd`` (needed for sensors without built-in statistics).
         accelerator, devices, num_nodes, strategy, precision: Lightning settings (precision default:
             ``bf16-mixed`` on GPU, ``32-true`` on CPU; strategy default: ``ddp`` when several devices/nodes).
         seed, workers, checkpoint_every, log_every: RNG seed, data workers, steps between checkpoints / logs.
@@ -99,6 +101,7 @@ class PretrainConfig:
     img_size: int | None = None
     patch_size: int | None = None
     normalization: str = "satmae"
+    stats: str | None = None
     accelerator: str = "auto"
     devices: Any = 1
     num_nodes: int = 1

@@ -135,7 +135,14 @@ def prepare_run(config: Any, *, datamodule: L.LightningDataModule | None = None,
     band_names = list(backbone.band_names)
     sensor = config.sensor or preset or "sentinel2"
     normalization = None
-    if config.normalization != "none":
+    if config.stats is not None:
+        if config.normalization not in ("satmae", "meanstd"):
+            raise ExploraGeoError(f"--stats gives per-band mean/std for --normalization satmae or meanstd, not "
+                                  f"{config.normalization!r}; drop --stats or choose one of those.")
+        from explora_geo.data import normalization_from_stats
+
+        normalization = normalization_from_stats(config.stats, config.normalization, bands=band_names)
+    elif config.normalization != "none":
         normalization = Normalization.for_sensor(sensor, band_names, scheme=config.normalization)
     world = _world(config)
     if datamodule is None:

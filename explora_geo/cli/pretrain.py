@@ -18,7 +18,7 @@ from explora_geo.errors import ExploraGeoError
 #: flag destination -> PretrainConfig field (the same name unless listed in _SHORTCUTS).
 _FIELDS = ("data", "bands", "sensor", "model", "weights", "objective", "unfreeze", "rank", "alpha", "max_steps",
            "batch_size", "accumulate", "lr", "warmup_steps", "min_lr", "grad_clip", "img_size", "patch_size",
-           "normalization", "accelerator", "devices", "num_nodes", "strategy", "precision", "seed", "workers",
+           "normalization", "stats", "accelerator", "devices", "num_nodes", "strategy", "precision", "seed", "workers",
            "checkpoint_every", "log_every", "out", "resume", "overwrite", "max_nodata_fraction")
 #: flag destination -> (objective section, key)
 _SHORTCUTS = {"mask_ratio": ("mae", "mask_ratio"), "norm_pix_loss": ("mae", "norm_pix_loss"),
@@ -63,6 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a("--patch-size", type=int, help="patch size in px (default: the model's)")
     a("--normalization", choices=["satmae", "meanstd", "reflectance", "none"],
       help="data scaling (default satmae)")
+    a("--stats", metavar="JSON", help="band statistics from `explora-geo stats` for satmae/meanstd scaling "
+                                      "(default: the sensor's built-in statistics)")
     a("--accelerator", help="cpu, gpu, auto (default auto)")
     a("--devices", type=_devices, help="devices per node: a number or 'auto' (default 1)")
     a("--num-nodes", type=int, help="nodes for multi-node DDP (default 1)")

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from explora_geo.cli import build_parser, main
 from explora_geo.cli.pretrain import merge_settings
+from explora_geo.normalization import Normalization
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -112,3 +113,23 @@ def test_ddp_two_cpu_processes_train_the_same_parameter_set(t33uuu_dir: Path, tm
     assert sorted(a) == sorted(b) and all(a[k].shape == b[k].shape for k in a)
     assert json.loads((ddp / "summary.json").read_text())["trainable_params"] == json.loads(
         (single / "summary.json").read_text())["trainable_params"]
+
+
+def test_stats_json_sets_the_normalisation(t33uuu_dir: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    stats = tmp_path / "stats.json"
+    assert main(["stats", "--data", str(t33uuu_dir), "--bands", "sentinel2", "--out", str(stats)]) == 0
+    measured = json.loads(stats.read_text())
+    base = ["pretrain", "--bands", "sentinel2", "--config", str(REPO / "configs" / "pretrain_s2_tiny_cpu.yaml"),
+            "--data", str(t33uuu_dir), "--max-steps", "1", "--batch-size", "2", "--stats", str(stats)]
+    assert main([*base, "--normalization", "reflectance", "--out", str(tmp_path / "bad")]) == 2
+    assert "--stats gives per-band mean/std" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert main([*base, "--normalization", "meanstd", "--out", str(out)]) == 0
+    norm = json.loads((out / "backbone.json").read_text())["normalization"]
+    assert norm["scheme"] == "meanstd"
+    # The backbone's bands (group order) take their statistics by name from the measured file.
+    for band, mean in zip(norm["bands"], norm["mean"], strict=True):
+        assert mean == pytest.approx(measured["mean"][measured["bands"].index(band)])
+    builtin = Normalization.for_sensor("sentinel2", norm["bands"], scheme="meanstd")
+    assert norm["mean"] != list(builtin.mean)  # the measured statistics, not the built-in fMoW-Sentinel ones
