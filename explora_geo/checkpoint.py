@@ -34,7 +34,7 @@ from explora_geo.errors import ExploraGeoError
 from explora_geo.normalization import Normalization
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_backbone", "load_backbone", "read_sidecar", "validate_sidecar",
-           "build_from_sidecar", "backbone_paths"]
+           "build_from_sidecar", "backbone_paths", "read_backbone_files"]
 
 FORMAT = "explora-geo-backbone"
 FORMAT_VERSION = 1
@@ -53,6 +53,16 @@ def backbone_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     if path.suffix in (".safetensors", ".json"):
         path = path.with_suffix("")
     return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
+
+
+def read_backbone_files(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
+    """The backbone's weights path (checked to exist) and its validated sidecar."""
+    weights_path, _ = backbone_paths(path)
+    sidecar = read_sidecar(path)
+    if not weights_path.is_file():
+        raise ExploraGeoError(f"backbone weights {weights_path} do not exist; the .safetensors must lie beside "
+                              "its .json sidecar.")
+    return weights_path, sidecar
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -275,11 +285,7 @@ def load_backbone(path: str | os.PathLike[str], *, num_classes: int = 0) -> tupl
         ExploraGeoError: missing/corrupt file, invalid sidecar, or weights that do not match the architecture
             (names the file and the offending keys).
     """
-    weights_path, _ = backbone_paths(path)
-    sidecar = read_sidecar(path)
-    if not weights_path.is_file():
-        raise ExploraGeoError(f"backbone weights {weights_path} do not exist; the .safetensors must lie beside "
-                              "its .json sidecar.")
+    weights_path, sidecar = read_backbone_files(path)
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 

@@ -92,13 +92,9 @@ def _model_name(path: Path) -> str:
 
 def read_backbone_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The validated sidecar plus ``weights_file`` (absolute path of the ``.safetensors``)."""
-    from explora_geo.checkpoint import backbone_paths, read_sidecar
+    from explora_geo.checkpoint import read_backbone_files
 
-    meta = read_sidecar(path)
-    weights, _ = backbone_paths(path)
-    if not weights.is_file():
-        raise ExploraGeoError(f"backbone weights {weights} do not exist; the .safetensors must lie beside "
-                              "its .json sidecar.")
+    weights, meta = read_backbone_files(path)
     meta["weights_file"] = str(weights.resolve())
     return meta
 
