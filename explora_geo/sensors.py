@@ -138,7 +138,7 @@ def canonical_band_name(name: str) -> str:
     if match is None:
         return name.strip()
     number, suffix = match.groups()
-    return f"B{int(number):02d}{suffix.upper()}" if not suffix else f"B{int(number)}{suffix.upper()}"
+    return f"B{int(number)}{suffix.upper()}" if suffix else f"B{int(number):02d}"
 
 
 def select_bands(

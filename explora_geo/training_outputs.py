@@ -13,22 +13,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 
-from explora_geo.atomic import atomic_paths
+from explora_geo.atomic import atomic_paths, write_text_atomic
 
-__all__ = ["write_outputs", "atomic_write", "plot_loss_curve"]
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` for a temporary file beside ``path``, then move it onto ``path``."""
-    with atomic_paths(path) as (tmp,):
-        write(str(tmp))
-    return path
+__all__ = ["write_outputs", "plot_loss_curve"]
 
 
 def plot_loss_curve(history: list[tuple[int, float]], path: Path, title: str) -> Path:
@@ -48,7 +40,9 @@ def plot_loss_curve(history: list[tuple[int, float]], path: Path, title: str) ->
     ax.grid(alpha=0.3)
     fig.tight_layout()
     try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+        with atomic_paths(path) as (tmp,):
+            fig.savefig(tmp, format="png")
+        return path
     finally:
         plt.close(fig)
 
@@ -73,11 +67,12 @@ def write_outputs(out: Path, *, config: Any, run: Any, module: Any, trainer: L.T
     save_backbone(backbone, out / "backbone", sidecar)
 
     adapter = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(backbone).items()}
-    atomic_write(out / "adapter.safetensors", lambda tmp: save_file(adapter, tmp))
     adapter_meta = {"architecture": run.architecture, "model_kwargs": run.model_kwargs, "bands": bands,
                     "source_weights": run.source_weights, "explora": backbone.explora_config.to_dict(),
                     "objective": config.objective}
-    atomic_write(out / "adapter.json", lambda tmp: Path(tmp).write_text(json.dumps(adapter_meta, indent=2)))
+    with atomic_paths(out / "adapter.safetensors", out / "adapter.json") as (tmp_weights, tmp_json):
+        save_file(adapter, tmp_weights)
+        tmp_json.write_text(json.dumps(adapter_meta, indent=2))
 
     history = list(module.loss_history)
     plot_loss_curve(history, out / "loss_curve.png", f"ExPLoRA {config.objective} - {run.architecture}")
@@ -108,5 +103,5 @@ def write_outputs(out: Path, *, config: Any, run: Any, module: Any, trainer: L.T
         "config": config.to_dict(),
     }
     text = json.dumps(summary, indent=2, default=str)
-    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(text))
+    write_text_atomic(out / "summary.json", text)
     return summary
