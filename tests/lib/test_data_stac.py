@@ -328,3 +328,59 @@ def test_search_that_returns_nothing_says_what_was_searched(stac_api):
     with pytest.raises(ExploraGeoError, match=rf"the STAC search of {url} \(collection nothing-here, "
                                               r"bbox 1,2,3,4, datetime 2020-01-01/2020-02-01\) returned no item"):
         search_items(url, collections=["nothing-here"], bbox=[1, 2, 3, 4], datetime="2020-01-01/2020-02-01")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the command-line flags (explora_geo.cli._stac)
+# ----------------------------------------------------------------------------------------------------------
+
+def parse(*argv: str):
+    import argparse
+
+    from explora_geo.cli._stac import add_stac_arguments
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", nargs="+", default=None)
+    add_stac_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def from_args(*argv: str, bands=("B02", "B8A")):
+    from explora_geo.cli._stac import stac_input_from_args
+
+    return stac_input_from_args(parse(*argv), bands=list(bands), sensor="sentinel2")
+
+
+def test_flags_static_catalog_and_plain_rasters(tmp_path, cogs, t33uuu_dir):
+    root = save_catalog(tmp_path / "cat", [make_item("a", cogs, "key", cloud=50.0)], relative=True)
+    got = from_args("--data", str(root))
+    assert got.items == ["a"] and got.provenance["stac"]["catalog"] == str(root)
+    with pytest.raises(ExploraGeoError, match="all 1 STAC item"):
+        from_args("--data", str(root), "--max-cloud", "20")
+    assert from_args("--data", str(t33uuu_dir)) is None
+    with pytest.raises(ExploraGeoError, match=r"--data mixes STAC documents \(.*catalog.json\) and rasters"):
+        from_args("--data", str(root), str(t33uuu_dir))
+    with pytest.raises(ExploraGeoError, match="--max-cloud only applies to STAC input"):
+        from_args("--data", str(t33uuu_dir), "--max-cloud", "20")
+    with pytest.raises(ExploraGeoError, match="--bbox, --datetime only apply to a STAC search"):
+        from_args("--data", str(root), "--bbox", "1,2,3,4", "--datetime", "2020")
+    with pytest.raises(ExploraGeoError, match="either --data or --stac-search"):
+        from_args("--data", str(root), "--stac-search", "http://127.0.0.1:9/")
+
+
+@pytest.mark.parametrize("bbox", ["1,2,3", "a,b,c,d", "1,60,3,50", "200,1,210,2"])
+def test_flags_bad_bbox(bbox):
+    with pytest.raises(ExploraGeoError, match=rf"--bbox '{bbox}' is not"):
+        from_args("--stac-search", "http://127.0.0.1:9/", "--bbox", bbox)
+
+
+def test_flags_search(stac_api):
+    url, requests = stac_api
+    got = from_args("--stac-search", url, "--collection", "s2", "--bbox", "12,52,13,53", "--datetime",
+                    "2017-02-01/2017-02-28", "--max-cloud", "50", "--max-items", "5")
+    assert got.items == ["clear"] and requests[-1]["query"] == {"eo:cloud_cover": {"lte": 50.0}}
+    assert got.provenance["stac"]["search"] == {
+        "url": url, "collections": ["s2"], "bbox": [12.0, 52.0, 13.0, 53.0], "datetime": "2017-02-01/2017-02-28",
+        "max_cloud": 50.0, "max_items": 5}
+    with pytest.raises(ExploraGeoError, match=r"^the STAC search of http://127.0.0.1:9/ .*Connection refused"):
+        from_args("--stac-search", "http://127.0.0.1:9/", "--collection", "s2")
