@@ -163,7 +163,10 @@ def prepare_run(config: PretrainConfig, *, datamodule: L.LightningDataModule | N
 
     band_names = list(backbone.band_names)
     sensor = config.sensor or preset or "sentinel2"
+    from explora_geo.data import looks_like_store
+
     normalization = None
+    store = config.data if config.data is not None and looks_like_store(config.data) else None
     if config.stats is not None:
         if config.normalization not in ("satmae", "meanstd"):
             raise ExploraGeoError(f"--stats gives per-band mean/std for --normalization satmae or meanstd, not "
@@ -171,10 +174,23 @@ def prepare_run(config: PretrainConfig, *, datamodule: L.LightningDataModule | N
         from explora_geo.data import normalization_from_stats
 
         normalization = normalization_from_stats(config.stats, config.normalization, bands=band_names)
+    elif store is not None and config.normalization in ("satmae", "meanstd"):  # the store's own statistics
+        from explora_geo.data import normalization_from_stats, read_store_metadata
+
+        normalization = normalization_from_stats(read_store_metadata(store)["stats"], config.normalization,
+                                                 bands=band_names)
     elif config.normalization != "none":
         normalization = Normalization.for_sensor(sensor, band_names, scheme=config.normalization)
     world = world_size(config)
-    if datamodule is None:
+    if datamodule is None and store is not None:  # a prepared patch store (folder or URL)
+        from explora_geo.data.streaming import StoreDataModule
+
+        datamodule = StoreDataModule(store, bands=band_names, batch_size=config.batch_size,
+                                     num_workers=config.workers, normalization=normalization,
+                                     patch_size=_img_size(backbone), seed=config.seed)
+        description = str(store)
+        echo(datamodule.describe())
+    elif datamodule is None:
         from explora_geo.data import PretrainDataModule, embedded_sample_dir
 
         data = config.data
