@@ -75,9 +75,49 @@ def _join(store: str, name: str) -> str:
 
 
 def _provider(url: str, storage_options: dict[str, Any] | None) -> Any:
+    """An object-store client with ``exists`` / ``download_file`` / ``upload_file``.
+
+    ``s3://`` uses boto3 with few retries and short timeouts, so an unreachable store fails in seconds (LitData's
+    own S3 client retries up to 1000 times); ``gs://`` and ``r2://`` use LitData's providers.
+    """
+    if url.startswith("s3://"):
+        return _S3(storage_options or {})
     from litdata.streaming.fs_provider import _get_fs_provider
 
     return _get_fs_provider(url, storage_options or {})
+
+
+class _S3:
+    """The three S3 calls a store needs, through boto3 (``storage_options`` are ``boto3.client`` arguments)."""
+
+    def __init__(self, storage_options: dict[str, Any]) -> None:
+        import boto3
+        from botocore.config import Config
+
+        config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+        self.client = boto3.client("s3", config=config, **storage_options)
+
+    @staticmethod
+    def _split(url: str) -> tuple[str, str]:
+        bucket, _, key = url[len("s3://"):].partition("/")
+        return bucket, key
+
+    def exists(self, url: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self._split(url)[0], Key=self._split(url)[1])
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
+
+    def download_file(self, url: str, local: str) -> None:
+        self.client.download_file(*self._split(url), local)
+
+    def upload_file(self, local: str, url: str) -> None:
+        self.client.upload_file(local, *self._split(url))
 
 
 def _unreachable(url: str, err: BaseException) -> ExploraGeoError:

@@ -142,9 +142,12 @@ def prepare_run(config: PretrainConfig, *, datamodule: L.LightningDataModule | N
             ``--weights PATH`` or ``--weights random``), data without the model's bands.
     """
     from explora_geo.adapter import ExploraConfig, apply_explora, count_parameters
+    from explora_geo.data import looks_like_store, read_store_metadata
     from explora_geo.models import load_source_weights
 
     preset, names = _band_spec(config.bands)
+    store = config.data if datamodule is None and config.data is not None and looks_like_store(config.data) else None
+    store_meta = read_store_metadata(store) if store is not None else None  # fails fast: unreachable, incomplete
     backbone, arch, model_kwargs = _build_backbone(config, preset, names)
     weights = config.weights or DEFAULT_WEIGHTS[config.objective]
     report = load_source_weights(backbone, weights)
@@ -163,10 +166,7 @@ def prepare_run(config: PretrainConfig, *, datamodule: L.LightningDataModule | N
 
     band_names = list(backbone.band_names)
     sensor = config.sensor or preset or "sentinel2"
-    from explora_geo.data import looks_like_store
-
     normalization = None
-    store = config.data if config.data is not None and looks_like_store(config.data) else None
     if config.stats is not None:
         if config.normalization not in ("satmae", "meanstd"):
             raise ExploraGeoError(f"--stats gives per-band mean/std for --normalization satmae or meanstd, not "
@@ -174,11 +174,10 @@ def prepare_run(config: PretrainConfig, *, datamodule: L.LightningDataModule | N
         from explora_geo.data import normalization_from_stats
 
         normalization = normalization_from_stats(config.stats, config.normalization, bands=band_names)
-    elif store is not None and config.normalization in ("satmae", "meanstd"):  # the store's own statistics
-        from explora_geo.data import normalization_from_stats, read_store_metadata
+    elif store_meta is not None and config.normalization in ("satmae", "meanstd"):  # the store's statistics
+        from explora_geo.data import normalization_from_stats
 
-        normalization = normalization_from_stats(read_store_metadata(store)["stats"], config.normalization,
-                                                 bands=band_names)
+        normalization = normalization_from_stats(store_meta["stats"], config.normalization, bands=band_names)
     elif config.normalization != "none":
         normalization = Normalization.for_sensor(sensor, band_names, scheme=config.normalization)
     world = world_size(config)
