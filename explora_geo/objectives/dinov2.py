@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from explora_geo.augment import MultiCrop, MultiCropConfig
 from explora_geo.errors import ExploraGeoError
 from explora_geo.objectives.base import Objective, cosine
-from explora_geo.objectives.masking import patch_size_of, replaced_tokens, token_grid
+from explora_geo.objectives.masking import img_size_of, patch_size_of, replaced_tokens, token_grid
 
 __all__ = ["DINOv2Config", "DINOv2Objective", "projection_head", "build_teacher", "ema_pairs", "ema_update",
            "sinkhorn_knopp", "update_center", "is_rgb_input",
@@ -329,6 +329,13 @@ class DINOv2Objective(Objective):
         k = self.config.freeze_last_layer_steps
         return min(3000, max_steps // 10) if k is None else k
 
+    def report(self) -> dict[str, Any]:
+        """Mask token origin, crop sizes (px) and counts, solarisation (RGB only), iBOT head layout."""
+        crops = self.crop.config
+        return {"mask_token": self.mask_token_source, "global_crop_px": crops.global_size,
+                "local_crop_px": crops.local_size, "n_global": crops.n_global, "n_local": crops.n_local,
+                "solarize": self.crop.rgb, "separate_ibot_head": self.ibot_head is not None}
+
     def default_lr(self, batch_size: int) -> float:
         """DINOv2 recipe: 1e-3 at 1024 images, square-root scaling."""
         return 1.0e-3 * math.sqrt(batch_size / 1024)
@@ -437,10 +444,7 @@ def is_rgb_input(backbone: nn.Module) -> bool:
 def _crop_config(crops: MultiCropConfig | None, backbone: nn.Module) -> MultiCropConfig:
     cfg = copy.copy(crops) if crops is not None else MultiCropConfig()
     patch = patch_size_of(backbone)
-    img = getattr(backbone, "img_size", None)
-    if img is None:
-        img = backbone.patch_embed.img_size  # type: ignore[union-attr]
-    img = int(img[0] if isinstance(img, (tuple, list)) else img)
+    img = img_size_of(backbone)
     if not cfg.global_size:
         cfg.global_size = img
     if not cfg.local_size:

@@ -355,6 +355,10 @@ class MAEObjective(Objective):
         loss = reconstruction_loss(preds, targets, mask, valid, self.config.norm_pix_loss)
         return {"loss": loss, "mask_ratio": mask.float().mean().detach()}
 
+    def report(self) -> dict[str, Any]:
+        """``{"decoder": DecoderReport.to_dict(), "norm_pix_loss": bool}``."""
+        return {"decoder": self.decoder_report.to_dict(), "norm_pix_loss": self.config.norm_pix_loss}
+
     def default_lr(self, batch_size: int) -> float:
         """MAE recipe: base lr 4.5e-4 per 256 images (ExPLoRA-MAE)."""
         return 4.5e-4 * batch_size / 256
