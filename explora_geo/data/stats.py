@@ -64,7 +64,7 @@ def compute_stats(
                             dn_offset=dn_offset)
     dataset = PatchDataset(catalog, patch_size=patch_size, length=num_patches, seed=seed,
                            max_nodata_fraction=max_nodata_fraction, roi=load_roi(roi) if roi else None,
-                           fast=True, cache_bytes=0)
+                           fast=True)
     channels = len(catalog.bands)
     total = np.zeros(channels)
     total_sq = np.zeros(channels)
