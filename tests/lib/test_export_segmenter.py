@@ -174,3 +174,22 @@ def test_segmenter_cli_errors(files: dict[str, Path], tmp_path: Path, capsys: py
     assert main(["export", "--checkpoint", str(files["segmenter"]), "--out", out, "--no-check"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["model_type"] == "segmenter" and line["classes"] == tiny.SEG_CLASSES
+
+
+def test_plugin_metadata_rewrite_is_a_valid_onnx_model(files: dict[str, Path], tmp_path: Path) -> None:
+    """The plugin rewrites bundle metadata without the onnx package (few-shot bundles); the result passes the
+    onnx checker with exactly the new metadata and the same graph."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "qgis_plugin"))
+    try:
+        from explora_geo_qgis.core.onnx_metadata import replace_metadata
+    finally:
+        sys.path.remove(str(REPO / "qgis_plugin"))
+    src, _ = export_onnx(files["segmenter"], tmp_path / "seg.onnx", check=False)
+    out = tmp_path / "rewritten.onnx"
+    out.write_bytes(replace_metadata(src.read_bytes(), {"model_type": '"classifier"', "x": "[1, 2]"}))
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    assert {p.key: p.value for p in model.metadata_props} == {"model_type": '"classifier"', "x": "[1, 2]"}
+    assert model.graph == onnx.load(str(src)).graph
