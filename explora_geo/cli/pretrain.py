@@ -1,6 +1,6 @@
 """``explora-geo pretrain``: ExPLoRA extended pre-training (MAE or DINOv2) on unlabelled imagery.
 
-Settings come from ``--config FILE.yaml`` (keys = :class:`explora_geo.training.PretrainConfig` fields) and the
+Settings come from ``--config FILE.yaml`` (keys = :class:`explora_geo.training.config.PretrainConfig` fields) and the
 flags; a flag given on the command line overrides the file. See docs/pretraining.md.
 """
 

@@ -1,4 +1,4 @@
-"""Turn a :class:`~explora_geo.training.PretrainConfig` into the pieces of a run: the adapted backbone with
+"""Turn a :class:`~explora_geo.training.config.PretrainConfig` into the pieces of a run: the adapted backbone with
 its source weights, the objective, the data module, the learning rate.
 
 Defaults (when the config leaves them out):
@@ -18,14 +18,15 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from explora_geo.errors import ExploraGeoError
 from explora_geo.normalization import Normalization
 from explora_geo.objectives.base import Objective
 from explora_geo.sensors import SENSORS, get_sensor
+from explora_geo.training.config import PretrainConfig, world_size
 
-__all__ = ["Run", "prepare_run", "DEFAULT_WEIGHTS", "DEFAULT_MODELS", "GROUP_CHANNEL_DEFAULT"]
+__all__ = ["DEFAULT_MODELS", "DEFAULT_WEIGHTS", "GROUP_CHANNEL_DEFAULT", "Run", "build_objective", "prepare_run"]
 
 DEFAULT_WEIGHTS = {"dinov2": "vit_large_patch14_dinov2.lvd142m", "mae": "vit_large_patch16_224.mae"}
 DEFAULT_MODELS = {"dinov2": "vit_large_patch14_dinov2", "mae": "vit_large_patch16_224"}
@@ -34,7 +35,7 @@ GROUP_CHANNEL_DEFAULT = "group_channel_vit_large_patch8_96"
 
 @dataclass
 class Run:
-    """Everything :func:`~explora_geo.training.run_pretraining` needs besides the config.
+    """Everything :func:`~explora_geo.training.trainer.run_pretraining` needs besides the config.
 
     Attributes:
         backbone: the ExPLoRA-adapted backbone (also ``objective.backbone``).
@@ -104,7 +105,36 @@ def _img_size(backbone: nn.Module) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-def prepare_run(config: Any, *, datamodule: L.LightningDataModule | None = None, echo: Any = print) -> Run:
+def build_objective(name: str, backbone: nn.Module, settings: dict[str, Any],
+                    extra: dict[str, Tensor] | None = None) -> Objective:
+    """The objective ``name`` (``mae`` / ``dinov2``) on an adapted ``backbone``.
+
+    Args:
+        settings: the objective's config fields (YAML ``mae:`` / ``dinov2:`` section).
+        extra: non-encoder tensors of the source checkpoint (``LoadReport.extra``): an MAE decoder, or a
+            DINOv2 ``mask_token``.
+    """
+    in_chans = len(getattr(backbone, "band_names", None) or []) or int(getattr(backbone, "in_chans", 3))
+    try:
+        if name == "mae":
+            from explora_geo.objectives.mae import MAEConfig, MAEObjective
+
+            decoder = {k: v for k, v in (extra or {}).items() if k.startswith("decoder_") or k == "mask_token"}
+            has_decoder = any(k.startswith("decoder_") for k in decoder)
+            return MAEObjective(backbone, in_chans, MAEConfig(**settings), decoder if has_decoder else None)
+        from explora_geo.objectives.dinov2 import DINOv2Config, DINOv2Objective
+
+        objective = DINOv2Objective(backbone, DINOv2Config(**settings))
+    except TypeError as err:
+        raise ExploraGeoError(f"bad {name} settings {sorted(settings)}: {err}; see docs/pretraining.md.") from None
+    token = (extra or {}).get("mask_token")
+    if token is not None and token.numel() == objective.mask_token.numel():
+        with torch.no_grad():
+            objective.mask_token.copy_(token.reshape_as(objective.mask_token))
+    return objective
+
+
+def prepare_run(config: PretrainConfig, *, datamodule: L.LightningDataModule | None = None, echo: Any = print) -> Run:
     """Build backbone (+ source weights + ExPLoRA), objective and data for ``config``.
 
     Raises:
@@ -113,7 +143,6 @@ def prepare_run(config: Any, *, datamodule: L.LightningDataModule | None = None,
     """
     from explora_geo.adapter import ExploraConfig, apply_explora, count_parameters
     from explora_geo.models import load_source_weights
-    from explora_geo.training import _world, build_objective
 
     preset, names = _band_spec(config.bands)
     backbone, arch, model_kwargs = _build_backbone(config, preset, names)
@@ -144,7 +173,7 @@ def prepare_run(config: Any, *, datamodule: L.LightningDataModule | None = None,
         normalization = normalization_from_stats(config.stats, config.normalization, bands=band_names)
     elif config.normalization != "none":
         normalization = Normalization.for_sensor(sensor, band_names, scheme=config.normalization)
-    world = _world(config)
+    world = world_size(config)
     if datamodule is None:
         from explora_geo.data import PretrainDataModule, embedded_sample_dir
 
@@ -168,20 +197,3 @@ def prepare_run(config: Any, *, datamodule: L.LightningDataModule | None = None,
                normalization=normalization, source_weights=str(weights), random_weights=report.random,
                weights_report=report.to_dict(), lr=lr,
                warmup_steps=warmup, data_description=description)
-
-
-def gsd_of(sensor: str | None, bands: list[str]) -> float | None:
-    """Finest native ground sample distance (m) of ``bands`` in ``sensor`` (the data are read on that grid)."""
-    if sensor is None:
-        return None
-    preset = get_sensor(sensor)
-    values = [preset.band(b).gsd_m for b in bands]
-    known = [v for v in values if v is not None]
-    return min(known) if known else None
-
-
-def device_name(trainer: L.Trainer) -> str:
-    """``"cpu x2"``, ``"NVIDIA H200 x8"``: the accelerator and how many processes trained."""
-    root = trainer.strategy.root_device
-    name = torch.cuda.get_device_name(root) if root.type == "cuda" else root.type
-    return f"{name} x{trainer.world_size}"
