@@ -14,7 +14,7 @@ pystac = pytest.importorskip("pystac")
 rasterio = pytest.importorskip("rasterio")
 
 from explora_geo.data.catalog import build_catalog
-from explora_geo.data.fast import read_window
+from explora_geo.data.fast import HandlePool, read_window
 from explora_geo.data.stac import (
     catalog_from_items,
     gdal_path,
@@ -111,7 +111,7 @@ def test_static_catalog_reads_the_same_pixels_as_the_files(tmp_path, cogs, t33uu
     stac = catalog_from_items(items, bands=BANDS, provenance={"catalog": str(root)})
     files = build_catalog(t33uuu_dir, bands=BANDS)
     got, ref = stac.catalog, files
-    assert got.bands == ref.bands and got.crs == ref.crs and got.res == ref.res == (10.0, 10.0)
+    assert got.bands == ref.bands and got.crs == ref.crs and got.res == ref.res == got.gsd == (10.0, 10.0)
     assert got.nodata == ref.nodata and got.offset == ref.offset == 0.0
     (s,), (r,) = got.sources, ref.sources
     assert (s.width, s.height, s.crs) == (r.width, r.height, r.crs) and s.transform.almost_equals(r.transform)
@@ -120,8 +120,8 @@ def test_static_catalog_reads_the_same_pixels_as_the_files(tmp_path, cogs, t33uu
     rng = np.random.default_rng(0)
     for _ in range(4):  # random windows, 10 m and resampled 20/60 m bands alike
         row, col = int(rng.integers(0, r.height - 96)), int(rng.integers(0, r.width - 96))
-        a = read_window(s, {}, row, col, 96, 96)
-        b = read_window(r, {}, row, col, 96, 96)
+        a = read_window(s, HandlePool(), row, col, 96, 96)
+        b = read_window(r, HandlePool(), row, col, 96, 96)
         assert a.shape == (len(BANDS), 96, 96) and np.array_equal(a, b)
     assert stac.provenance["stac"] == {"catalog": str(root), "items": ["S2_T33UUU"], "skipped_cloudy": [],
                                        "max_cloud": None}
