@@ -64,7 +64,7 @@ def compute_stats(
                             dn_offset=dn_offset)
     dataset = PatchDataset(catalog, patch_size=patch_size, length=num_patches, seed=seed,
                            max_nodata_fraction=max_nodata_fraction, roi=load_roi(roi) if roi else None,
-                           fast=True, cache_bytes=0)
+                           fast=True)
     acc = BandAccumulator(len(catalog.bands), keep=max(1, max_pixels // num_patches))
     rejected = 0
     first = dataset.draw(0, 0)  # fails clearly (all nodata, ...) before the progress bar starts
