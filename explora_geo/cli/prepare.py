@@ -41,7 +41,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Prepare the store; print the summary lines and one JSON line (the summary)."""
-    from explora_geo.data.prepare import catalog_skipping_unreadable, prepare_store
+    from explora_geo.data.prepare import catalog_skipping_unreadable, check_store_target, prepare_store
     from explora_geo.errors import ExploraGeoError
     from explora_geo.sensors import SENSORS, get_sensor
 
@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         raise ExploraGeoError(f"--dn-offset {args.dn_offset!r} is not 'auto' or a number.") from err
     if args.patches < 1:
         raise ExploraGeoError(f"--patches {args.patches}: a store needs at least 1 patch; pass e.g. --patches 10000.")
+    check_store_target(args.out, args.overwrite)  # before scanning the data
     band_names = [b.strip() for b in args.band_names.split(",")] if args.band_names else None
     data = args.data[0] if len(args.data) == 1 else args.data
     catalog, skipped = catalog_skipping_unreadable(

@@ -10,7 +10,8 @@ plus two JSON files beside the index:
   interrupted prepare) and is refused.
 
 Each sample is a dict: ``image`` ``[C, H, W]`` in the file's dtype (raw digital numbers, bands in the store's
-order), ``valid_mask`` bool ``[H, W]``, ``source`` (the file's path), ``source_index`` (its position in the
+order), ``valid_mask`` bool ``[H, W]``, ``source`` (the file's path as UTF-8 bytes, read back as a ``memoryview``:
+``bytes(x).decode()``; LitData would read a ``str`` ending in ``.tif`` as an image file), ``source_index`` (its position in the
 metadata's ``files``), ``crs`` (e.g. ``"EPSG:32633"``), ``bounds`` float64 ``[4]`` (left, bottom, right, top
 in ``crs``) and ``patch_id`` (unique in the store).
 """

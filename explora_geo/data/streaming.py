@@ -155,7 +155,7 @@ class StoreDataModule(L.LightningDataModule):
         counts = m.get("counts", {})
         crs = ", ".join(g["crs"] for g in m.get("groups", []))
         return (f"store: {self.store} ({counts.get('written', '?')} patches of {m['patch_size']} px, "
-                f"{len(m.get('files', []))} files, crs {crs}, gsd {m.get('gsd')})\n"
+                f"{len(m.get('files', []))} files, crs {crs}, gsd {m.get('gsd_m')} m)\n"
                 f"bands: {', '.join(self.bands)} of {', '.join(m['bands'])}; nodata {m.get('nodata')}; "
                 f"dn offset {m.get('dn_offset')}\n"
                 f"prepared: {counts.get('requested', '?')} requested, {counts.get('rejected', '?')} rejected, "

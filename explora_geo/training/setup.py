@@ -191,7 +191,7 @@ def prepare_run(config: PretrainConfig, *, datamodule: L.LightningDataModule | N
 
         datamodule = StoreDataModule(store, bands=band_names, batch_size=config.batch_size,
                                      num_workers=config.workers, normalization=normalization,
-                                     patch_size=_img_size(backbone), seed=config.seed)
+                                     patch_size=img_size_of(backbone), seed=config.seed)
         description = str(store)
         echo(datamodule.describe())
     elif datamodule is None:
