@@ -172,6 +172,10 @@ def prepare_run(config: PretrainConfig, *, datamodule: L.LightningDataModule | N
     band_names = list(backbone.band_names)
     sensor = config.sensor or preset or "sentinel2"
     normalization = None
+    if store_meta is not None:
+        from explora_geo.data.store import store_band_indexes
+
+        store_band_indexes(store_meta, band_names, str(store))  # a missing band names both sets
     if config.stats is not None:
         if config.normalization not in ("satmae", "meanstd"):
             raise ExploraGeoError(f"--stats gives per-band mean/std for --normalization satmae or meanstd, not "
