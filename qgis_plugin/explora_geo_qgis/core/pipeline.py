@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -28,6 +29,23 @@ Reader = Callable[[int, int, int, int], tuple[np.ndarray, np.ndarray]]
 
 class Cancelled(Exception):
     """The user cancelled the run."""
+
+
+class TileConsumer(Protocol):
+    """Takes a tiled run's outputs as they come instead of storing them per tile (e.g. per-pixel logits,
+    blended into a map by :class:`~.blending.SegmentationConsumer`)."""
+
+    def start(self, grid: TileGrid) -> None:
+        """Called once, before the first strip is read."""
+
+    def strip(self, row: int, valid: np.ndarray) -> None:
+        """Tile row ``row``'s ``[T, strip_width]`` valid mask; called in the reader thread, in row order."""
+
+    def batch(self, rows: np.ndarray, cols: np.ndarray, values: dict[str, np.ndarray]) -> None:
+        """The outputs ``[n, ...]`` of tiles ``(rows[i], cols[i])``, in row-major order."""
+
+    def finish(self) -> None:
+        """Called once after the last batch (not when the run failed or was cancelled)."""
 
 
 @dataclass
@@ -106,6 +124,7 @@ def run_tiles(
     progress: Callable[[float], None] | None = None,
     is_cancelled: Callable[[], bool] | None = None,
     prefetch: int = 3,
+    consumer: TileConsumer | None = None,
 ) -> TileResults:
     """Run ``model`` on every tile of ``grid`` whose valid fraction is at least ``min_valid``.
 
@@ -119,6 +138,8 @@ def run_tiles(
         progress: called with percent done (0..100).
         is_cancelled: polled between batches; when it returns True the run stops with :class:`Cancelled`.
         prefetch: strips read ahead by the reader thread.
+        consumer: receives the strips' valid masks and the batches' outputs as they come (see
+            :class:`TileConsumer`); its outputs are then not stored per tile in ``TileResults.outputs``.
 
     Raises:
         Cancelled: when ``is_cancelled()`` became true.
@@ -140,6 +161,8 @@ def run_tiles(
                 if stop.is_set():
                     return
                 data, valid = read_strip(reader, grid, row, n_bands)
+                if consumer is not None:
+                    consumer.strip(row, valid)
                 item = prepare_strip(data, valid, grid, model.info.scaler, min_valid, row)
                 while not stop.is_set():
                     try:
@@ -150,6 +173,8 @@ def run_tiles(
         except BaseException as err:  # handed to the consumer, which re-raises it
             strips.put(err)
 
+    if consumer is not None:
+        consumer.start(grid)
     thread = threading.Thread(target=produce, name="explora-geo-reader", daemon=True)
     thread.start()
     pending: list[tuple[int, np.ndarray, np.ndarray]] = []
@@ -165,7 +190,7 @@ def run_tiles(
                 n_pending += item.cols.size
             last = done == grid.n_rows - 1
             while n_pending >= batch_size or (last and n_pending):
-                n_pending -= _run_batch(model, pending, batch_size, outputs, result)
+                n_pending -= _run_batch(model, pending, batch_size, outputs, result, consumer)
                 if is_cancelled is not None and is_cancelled():
                     raise Cancelled()
             if is_cancelled is not None and is_cancelled():
@@ -175,12 +200,14 @@ def run_tiles(
     finally:
         stop.set()
         thread.join(timeout=10)
+    if consumer is not None:
+        consumer.finish()
     result.seconds = time.perf_counter() - start
     return result
 
 
 def _run_batch(model: OnnxModel, pending: list[tuple[int, np.ndarray, np.ndarray]], batch_size: int,
-               outputs: Sequence[str], result: TileResults) -> int:
+               outputs: Sequence[str], result: TileResults, consumer: TileConsumer | None = None) -> int:
     """Take up to ``batch_size`` tiles from the front of ``pending``, run them, store the outputs."""
     rows, cols, chunks, taken = [], [], [], 0
     while pending and taken < batch_size:
@@ -199,6 +226,9 @@ def _run_batch(model: OnnxModel, pending: list[tuple[int, np.ndarray, np.ndarray
     values = model.run(batch, outputs)
     result.forward_seconds += time.perf_counter() - t0
     r, c = np.concatenate(rows), np.concatenate(cols)
+    if consumer is not None:
+        consumer.batch(r, c, values)
+        values = {}
     for name, value in values.items():
         if name not in result.outputs:
             result.outputs[name] = np.full((*result.ran.shape, *value.shape[1:]), np.nan, np.float32)
