@@ -30,7 +30,7 @@ def _direct_blend(vrt: Path, model_path: Path, width: int, height: int, overlap:
     names = [ds.GetRasterBand(i).GetDescription() for i in range(1, ds.RasterCount + 1)]
     order = [names.index(b) + 1 for b in info.bands]
     gt = ds.GetGeoTransform()
-    col0, row0 = int(round((X0 - gt[0]) / gt[1])), int(round((Y0 - gt[3]) / gt[5]))
+    col0, row0 = round((X0 - gt[0]) / gt[1]), round((Y0 - gt[3]) / gt[5])
     area = np.stack([ds.GetRasterBand(b).ReadAsArray(col0, row0, width, height) for b in order])
     ds = None
     t, s, m = grid.tile, grid.stride, grid.margin
