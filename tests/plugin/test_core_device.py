@@ -33,6 +33,7 @@ def test_cuda_missing_from_onnxruntime_refuses_with_one_line(bundle: dict) -> No
     assert OnnxModel(bundle["embedder"], device="auto").execution_provider == CPU  # auto: CPU, nothing to say
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider")
 def test_cuda_offered_but_not_starting(bundle: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     # an onnxruntime that lists CUDA whose libraries are missing: the session comes up on the CPU only
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CUDA, CPU])
