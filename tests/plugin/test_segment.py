@@ -23,7 +23,7 @@ def _direct_blend(vrt: Path, model_path: Path, width: int, height: int, overlap:
     from explora_geo_qgis.core.model import OnnxModel
     from explora_geo_qgis.core.tiling import TileGrid, fill_invalid
 
-    model = OnnxModel(model_path, prefer_gpu=False)
+    model = OnnxModel(model_path, device="cpu")
     info = model.info
     grid = TileGrid.from_overlap(width, height, info.tile_size, overlap)
     ds = gdal.Open(str(vrt))

@@ -16,7 +16,8 @@ from ..core.model import ModelInfo
 from ..core.products import attribute_columns, classify
 from ..core.writers import FLOAT_NODATA, write_geotiff, write_tile_grid
 from .base import Run, TiledModelAlgorithm
-from .styling import ClassStylePostProcessor, save_grid_style
+from .loading import OutputLayer
+from .styling import class_style, save_grid_style
 
 
 class ClassifyAlgorithm(TiledModelAlgorithm):
@@ -57,16 +58,17 @@ class ClassifyAlgorithm(TiledModelAlgorithm):
         prob_path = self.parameterAsOutputLayer(parameters, self.OUTPUT_PROBABILITY, context)
         run = self.run_model(parameters, context, feedback, ("probabilities",), need_classifier=True)
         self.check_cancel(feedback)
-        return write_classifier_outputs(run, run.model.info, context, feedback, grid_path=grid_path,
-                                        class_path=class_path, prob_path=prob_path)
+        return write_classifier_outputs(self, run, run.model.info, parameters, context, feedback,
+                                        grid_path=grid_path, class_path=class_path, prob_path=prob_path)
 
 
-def write_classifier_outputs(run: Run, info: ModelInfo, context: QgsProcessingContext,
-                             feedback: QgsProcessingFeedback, *, grid_path: str, class_path: str,
-                             prob_path: str) -> dict:
+def write_classifier_outputs(alg: TiledModelAlgorithm, run: Run, info: ModelInfo, parameters: dict,
+                             context: QgsProcessingContext, feedback: QgsProcessingFeedback, *, grid_path: str,
+                             class_path: str, prob_path: str) -> dict:
     """Write what ``classify`` writes from ``run.results.outputs["probabilities"]`` with ``info``'s classes
-    (the tile grid with its stored style, the class and probability rasters), style the layers Processing
-    loads, log the tiles per class; returns the algorithm's result dict. Shared with classify_from_examples."""
+    (the tile grid with its stored style, the class and probability rasters), name, style and stack the layers
+    Processing loads, log the tiles per class; returns the algorithm's result dict. Shared with
+    classify_from_examples."""
     result = classify(run.results.outputs["probabilities"], run.results.ran, run.results.valid_fraction)
     gt, wkt = run.cell_geotransform, run.crs_wkt
     write_tile_grid(grid_path, gt, wkt, attribute_columns(result, info.class_names, run.results.valid_fraction))
@@ -75,10 +77,11 @@ def write_classifier_outputs(run: Run, info: ModelInfo, context: QgsProcessingCo
     write_geotiff(prob_path, result.probability[None].astype(np.float32), gt, wkt, nodata=FLOAT_NODATA,
                   descriptions=["probability"])
     save_grid_style(grid_path, info.class_names, info.class_colors, feedback)
-    for path, kind in ((grid_path, "grid"), (class_path, "raster")):
-        if context.willLoadLayerOnCompletion(path):
-            processor = ClassStylePostProcessor.create(kind, info.class_names, info.class_colors)
-            context.layerToLoadOnCompletionDetails(path).setPostProcessor(processor)
+    style = class_style(info.class_names, info.class_colors)
+    # the class map on top, the grey probability raster at the bottom
+    alg.present_outputs(parameters, context, [OutputLayer(class_path, "classes", style),
+                                              OutputLayer(grid_path, "tile grid", style),
+                                              OutputLayer(prob_path, "probability")])
     counts = np.bincount(result.class_id[run.results.ran].astype(np.int64), minlength=len(info.class_names))
     feedback.pushInfo("Tiles per class: " + ", ".join(f"{n}={c}" for n, c in zip(info.class_names, counts)))
     return {ClassifyAlgorithm.OUTPUT_GRID: grid_path, ClassifyAlgorithm.OUTPUT_CLASSES: class_path,

@@ -212,8 +212,8 @@ class ClassifyFromExamplesAlgorithm(TiledModelAlgorithm):
         results.outputs["probabilities"] = probabilities
         info = dataclasses.replace(run.model.info, model_type="classifier", class_names=tuple(names),
                                    class_colors=tuple(colors))
-        out = write_classifier_outputs(run, info, context, feedback, grid_path=grid_path, class_path=class_path,
-                                       prob_path=prob_path)
+        out = write_classifier_outputs(self, run, info, parameters, context, feedback, grid_path=grid_path,
+                                       class_path=class_path, prob_path=prob_path)
         if model_out:
             model_path = self.parameterAsFile(parameters, self.MODEL, context)
             provenance = {"source": "classify_from_examples", "model": os.path.basename(model_path),

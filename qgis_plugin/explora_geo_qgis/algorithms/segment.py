@@ -16,7 +16,8 @@ from ..core.errors import PluginError
 from ..core.model import OnnxModel
 from ..core.writers import FLOAT_NODATA, write_geotiff
 from .base import TiledModelAlgorithm
-from .styling import ClassStylePostProcessor
+from .loading import OutputLayer
+from .styling import class_style
 
 DEFAULT_OVERLAP = 50.0
 
@@ -79,9 +80,10 @@ class SegmentAlgorithm(TiledModelAlgorithm):
         if prob_path:
             write_geotiff(prob_path, blender.probability[None], gt, wkt, nodata=FLOAT_NODATA,
                           descriptions=["probability"])
-        if context.willLoadLayerOnCompletion(class_path):
-            processor = ClassStylePostProcessor.create("raster", info.class_names, info.class_colors)
-            context.layerToLoadOnCompletionDetails(class_path).setPostProcessor(processor)
+        layers = [OutputLayer(class_path, "segments", class_style(info.class_names, info.class_colors))]
+        if prob_path:
+            layers.append(OutputLayer(prob_path, "segment probability"))
+        self.present_outputs(parameters, context, layers)  # the class map on top
         labelled = blender.class_id != blender.nodata_id
         counts = np.bincount(blender.class_id[labelled].astype(np.int64), minlength=len(info.class_names))
         feedback.pushInfo(f"Class raster {blender.class_id.shape[1]} x {blender.class_id.shape[0]} px at "
