@@ -544,3 +544,32 @@ def test_prepare_from_http_hrefs(tmp_path, cogs, cog_server, files_store):
     for a, b in zip(got, want, strict=True):
         assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
     assert "/B8A.tif" in seen
+
+
+def test_items_in_geographic_and_other_crs_keep_their_own_grids(tmp_path, cogs):
+    """An EPSG:4326 item is cut in its UTM zone at the catalog's GSD; a UTM item keeps its native grid."""
+    from rasterio.warp import Resampling, calculate_default_transform, reproject
+
+    geo = {}
+    for band in ("B02", "B8A"):
+        with rasterio.open(cogs[band]) as src:
+            transform, width, height = calculate_default_transform(src.crs, "EPSG:4326", src.width, src.height,
+                                                                   *src.bounds)
+            data = np.zeros((1, height, width), dtype=src.dtypes[0])
+            reproject(src.read(), data, src_transform=src.transform, src_crs=src.crs, dst_transform=transform,
+                      dst_crs="EPSG:4326", resampling=Resampling.nearest)
+        geo[band] = tmp_path / f"{band}.tif"
+        with rasterio.open(geo[band], "w", driver="COG", width=width, height=height, count=1,
+                           dtype=data.dtype, crs="EPSG:4326", transform=transform) as dst:
+            dst.write(data)
+    utm = make_item("utm", {b: cogs[b] for b in ("B02", "B8A")}, "key")
+    wgs = make_item("wgs84", geo, "key")
+    stac = catalog_from_items([utm, wgs], bands=["B02", "B8A"])
+    cat = stac.catalog
+    assert cat.crs.to_epsg() == 32633 and cat.gsd == (10.0, 10.0)
+    by_name = {s.name: s for s in cat.sources}
+    assert by_name["utm"].crs.to_epsg() == 32633 and by_name["utm"].transform.a == 10.0
+    assert by_name["wgs84"].crs.to_epsg() == 32633 and by_name["wgs84"].transform.a == pytest.approx(10.0)
+    assert any("geographic CRS read through their UTM zone" in n and "wgs84" in n for n in cat.notes)
+    patch = read_window(by_name["wgs84"], HandlePool(), 200, 200, 32, 32)
+    assert patch.shape == (2, 32, 32) and patch.std(axis=(1, 2)).min() > 0
