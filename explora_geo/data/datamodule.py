@@ -12,7 +12,6 @@ not read).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -70,12 +69,13 @@ class PretrainDataModule(L.LightningDataModule):
         res, crs: resolution / CRS of the torchgeo path (defaults chosen and reported by :meth:`describe`);
             the fast path cuts patches on each file's own grid at ``res``.
         seed: base seed.
-        fast: use the cached fast reader (True) or torchgeo's reader (False).
-        cache_dir: folder of the decoded-block cache (default ``~/.cache/explora-geo/blocks``).
+        fast: read with direct windowed reads (True) or through torchgeo datasets (False); both cut the same
+            windows of each file's grid.
         band_names: names of the bands of multi-band files, in file order (when neither descriptions nor the
             sensor preset name them, e.g. EuroSAT's B8A-last order).
         dn_offset: ``"auto"`` (detect the Sentinel-2 L2A +1000 DN offset) or DN to subtract.
-        cache_bytes: cache size bound in bytes (default: half the free disk, at most 64 GiB; 0: off).
+        max_open_files: files kept open per worker by the fast reader (default: a quarter of ``ulimit -n``,
+            at most 256; least recently used closed first).
     """
 
     def __init__(
@@ -96,10 +96,9 @@ class PretrainDataModule(L.LightningDataModule):
         crs: Any = None,
         seed: int = 0,
         fast: bool = True,
-        cache_dir: str | os.PathLike[str] | None = None,
         band_names: Sequence[str] | None = None,
         dn_offset: float | str = "auto",
-        cache_bytes: int | None = None,
+        max_open_files: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
@@ -119,10 +118,9 @@ class PretrainDataModule(L.LightningDataModule):
         self.crs = crs
         self.seed = int(seed)
         self.fast = fast
-        self.cache_dir = cache_dir
         self.band_names = band_names
         self.dn_offset = dn_offset
-        self.cache_bytes = cache_bytes
+        self.max_open_files = max_open_files
         self.catalog: Catalog | None = None
         self.dataset: PatchDataset | None = None
         self.rejected_count = 0
@@ -144,7 +142,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.dataset = PatchDataset(
             self.catalog, patch_size=self.patch_size, length=self.samples_per_epoch, seed=self.seed,
             normalization=self.normalization, max_nodata_fraction=self.max_nodata_fraction, roi=roi,
-            fast=self.fast, cache_dir=self.cache_dir, cache_bytes=self.cache_bytes,
+            fast=self.fast, max_open_files=self.max_open_files,
         )
         try:
             self.dataset.draw(0, 0)  # raises a clear error for all-nodata data before workers start
@@ -195,11 +193,10 @@ class PretrainDataModule(L.LightningDataModule):
         """Files, CRS, resolution, bands, nodata, offset, reader and rejections so far (for logs)."""
         self.setup()
         assert self.catalog is not None and self.dataset is not None
-        reader = "fast (cached, own grid)" if self.fast else "torchgeo"
         if self.fast:
-            r = self.dataset.reader
-            reader += (f", cache {r.cache_dir} ({sum(r.cached)}/{len(r.cached)} units, "
-                       f"{r.cached_bytes / 2**30:.2f} GiB)")
+            reader = f"fast (windowed reads on each unit's grid, at most {self.dataset.reader.pool.max_open} files open)"
+        else:
+            reader = "torchgeo (one dataset per CRS, same windows)"
         roi = f"; roi: {Path(self.roi).name}" if self.roi else ""
         return (f"{self.catalog.describe()}\nreader: {reader}; patch {self.patch_size} px; "
                 f"{self.samples_per_epoch} samples/epoch{roi}\n"

@@ -203,7 +203,7 @@ def _backbone_sidecar(path: Path) -> tuple[dict[str, Any], list[str] | None]:
         return {}, None  # not ours: a stray JSON file beside the weights
     if not isinstance(data, dict) or data.get("format") != "explora-geo-backbone":
         return {}, None
-    from explora_geo.checkpoint import read_sidecar
+    from explora_geo.sidecar import read_sidecar
 
     data = read_sidecar(path)
     meta = {"sidecar": data, "bands": data["bands"], "normalization": data.get("normalization")}

@@ -14,7 +14,8 @@ from qgis.core import (
 
 from ..core.outputs import write_classification
 from .base import TiledModelAlgorithm
-from .styling import ClassStylePostProcessor, save_grid_style
+from .loading import OutputLayer
+from .styling import class_style, save_grid_style
 
 
 class ClassifyAlgorithm(TiledModelAlgorithm):
@@ -62,10 +63,11 @@ class ClassifyAlgorithm(TiledModelAlgorithm):
         result = write_classification(run.results, info, grid_path=grid_path, class_path=class_path,
                                       prob_path=prob_path)
         save_grid_style(grid_path, info.class_names, info.class_colors, feedback)
-        for path, kind in ((grid_path, "grid"), (class_path, "raster")):
-            if context.willLoadLayerOnCompletion(path):
-                processor = ClassStylePostProcessor.create(kind, info.class_names, info.class_colors)
-                context.layerToLoadOnCompletionDetails(path).setPostProcessor(processor)
+        style = class_style(info.class_names, info.class_colors)
+        # the class map on top, the grey probability raster at the bottom
+        self.present_outputs(parameters, context, [OutputLayer(class_path, "classes", style),
+                                                   OutputLayer(grid_path, "tile grid", style),
+                                                   OutputLayer(prob_path, "probability")])
         counts = np.bincount(result.class_id[run.results.ran].astype(np.int64), minlength=len(info.class_names))
         feedback.pushInfo("Tiles per class: " + ", ".join(f"{n}={c}" for n, c in zip(info.class_names, counts)))
         return {self.OUTPUT_GRID: grid_path, self.OUTPUT_CLASSES: class_path, self.OUTPUT_PROBABILITY: prob_path,

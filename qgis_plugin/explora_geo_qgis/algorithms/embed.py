@@ -7,6 +7,7 @@ from qgis.core import QgsProcessingContext, QgsProcessingFeedback, QgsProcessing
 from ..core.outputs import write_embedding
 from ..core.writers import FLOAT_NODATA
 from .base import TiledModelAlgorithm
+from .loading import OutputLayer
 
 
 class EmbedAlgorithm(TiledModelAlgorithm):
@@ -38,4 +39,5 @@ class EmbedAlgorithm(TiledModelAlgorithm):
         run = self.run_model(parameters, context, feedback, ("embedding",))
         self.check_cancel(feedback)
         write_embedding(run.results, out)
+        self.present_outputs(parameters, context, [OutputLayer(out, "embeddings")])
         return {self.OUTPUT: out, **run.stats()}

