@@ -456,3 +456,91 @@ def test_http_hrefs_read_through_vsicurl(cogs, cog_server, t33uuu_dir):
     got = read_window(source, HandlePool(), 100, 200, 64, 64)
     assert np.array_equal(got, read_window(ref, HandlePool(), 100, 200, 64, 64))
     assert "/B8A.tif" in seen  # the pixels came over HTTP
+
+
+# ----------------------------------------------------------------------------------------------------------
+# explora-geo prepare from STAC
+# ----------------------------------------------------------------------------------------------------------
+
+def _prepare(tmp_path: Path, name: str, *args: str) -> tuple[int, dict, list[dict]]:
+    """Run ``explora-geo prepare`` in-process; return (status, store metadata, samples in store order)."""
+    from litdata import StreamingDataset
+
+    from explora_geo.cli import main
+
+    out = tmp_path / name
+    status = main(["prepare", *args, "--out", str(out), "--patches", "6", "--patch-size", "48", "--workers", "1",
+                   "--seed", "7"])
+    meta = json.loads((out / "explora-store.json").read_text())
+    return status, meta, [StreamingDataset(str(out))[i] for i in range(meta["counts"]["written"])]
+
+
+PREPARE_BANDS = "B02,B8A,B01,B11"
+
+
+@pytest.fixture(scope="module")
+def files_store(tmp_path_factory, t33uuu_dir):
+    """``prepare`` from the T33UUU JP2 files: (metadata, samples)."""
+    _, meta, samples = _prepare(tmp_path_factory.mktemp("files"), "files", "--data", str(t33uuu_dir), "--bands",
+                                PREPARE_BANDS)
+    return meta, samples
+
+
+@pytest.mark.slow
+def test_prepare_from_stac_gives_the_files_patches(tmp_path, cogs, files_store, capsys):
+    bands = PREPARE_BANDS
+    meta_files, want = files_store
+    key = save_catalog(tmp_path / "cat_key", [make_item("S2_key", cogs, "key", cloud=1.0)], relative=True)
+    es = tmp_path / "earth_search.json"
+    es.write_text(json.dumps(pystac.ItemCollection([
+        make_item("S2_es", cogs, "earth_search", cloud=2.0), make_item("S2_cloudy", cogs, "key", cloud=95.0),
+    ]).to_dict()))
+    for name, data in (("stac_key", key), ("stac_es", es)):
+        status, meta, got = _prepare(tmp_path, name, "--data", str(data), "--bands", bands, "--max-cloud", "50")
+        assert status == 0 and meta["counts"] == meta_files["counts"] and meta["bands"] == ["B02", "B8A", "B01", "B11"]
+        assert len(got) == len(want) == 6
+        for a, b in zip(got, want, strict=True):  # the same windows, the same raw pixels (10/20/60 m bands)
+            assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+            assert np.allclose(np.asarray(a["bounds"], dtype=float), np.asarray(b["bounds"], dtype=float))
+        assert meta["stats"]["mean"] == pytest.approx(meta_files["stats"]["mean"])
+        stac = meta["provenance"]["stac"]
+        assert stac["catalog"] == str(data) and stac["max_cloud"] == 50.0
+        assert stac["items"] == ["S2_key"] if name == "stac_key" else (stac["items"] == ["S2_es"]
+                                                                        and stac["skipped_cloudy"] == ["S2_cloudy"])
+    assert "skipped 1 item(s) with eo:cloud_cover above 50" in capsys.readouterr().err
+
+
+def test_prepare_stac_errors_are_one_line(tmp_path, cogs, capsys):
+    from explora_geo.cli import main
+
+    common = ["--bands", "B02,B8A", "--out", str(tmp_path / "out"), "--patches", "2", "--patch-size", "32"]
+    bad = tmp_path / "not_stac.json"
+    bad.write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps(make_item("short", cogs, "key", drop=("B8A",)).to_dict()))
+    cases = [
+        (["--data", str(bad)], "not_stac.json is not a STAC document"),
+        (["--data", str(short)], "STAC item short has no asset for band B8A"),
+        (["--stac-search", "http://127.0.0.1:9/", "--collection", "sentinel-2-l2a"],
+         "the STAC search of http://127.0.0.1:9/ (collection sentinel-2-l2a) failed"),
+        ([], "no input given; pass --data PATH... or --stac-search URL."),
+    ]
+    for argv, message in cases:
+        assert main(["prepare", *argv, *common]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("explora-geo prepare: error: ") and message in err and "\n" not in err, err
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_prepare_from_http_hrefs(tmp_path, cogs, cog_server, files_store):
+    base, seen = cog_server
+    path = tmp_path / "remote.json"
+    path.write_text(json.dumps(remote_item("remote", cogs, base).to_dict()))
+    _, want = files_store
+    status, meta, got = _prepare(tmp_path, "remote", "--data", str(path), "--bands", PREPARE_BANDS)
+    assert status == 0 and meta["files"] == sorted(f"/vsicurl/{base}/{b}.tif" for b in PREPARE_BANDS.split(","))
+    assert len(got) == len(want) == 6
+    for a, b in zip(got, want, strict=True):
+        assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+    assert "/B8A.tif" in seen
