@@ -14,7 +14,7 @@ pystac = pytest.importorskip("pystac")
 rasterio = pytest.importorskip("rasterio")
 
 from explora_geo.data.catalog import build_catalog
-from explora_geo.data.fast import read_window
+from explora_geo.data.fast import HandlePool, read_window
 from explora_geo.data.stac import (
     catalog_from_items,
     gdal_path,
@@ -111,7 +111,7 @@ def test_static_catalog_reads_the_same_pixels_as_the_files(tmp_path, cogs, t33uu
     stac = catalog_from_items(items, bands=BANDS, provenance={"catalog": str(root)})
     files = build_catalog(t33uuu_dir, bands=BANDS)
     got, ref = stac.catalog, files
-    assert got.bands == ref.bands and got.crs == ref.crs and got.res == ref.res == (10.0, 10.0)
+    assert got.bands == ref.bands and got.crs == ref.crs and got.res == ref.res == got.gsd == (10.0, 10.0)
     assert got.nodata == ref.nodata and got.offset == ref.offset == 0.0
     (s,), (r,) = got.sources, ref.sources
     assert (s.width, s.height, s.crs) == (r.width, r.height, r.crs) and s.transform.almost_equals(r.transform)
@@ -120,8 +120,8 @@ def test_static_catalog_reads_the_same_pixels_as_the_files(tmp_path, cogs, t33uu
     rng = np.random.default_rng(0)
     for _ in range(4):  # random windows, 10 m and resampled 20/60 m bands alike
         row, col = int(rng.integers(0, r.height - 96)), int(rng.integers(0, r.width - 96))
-        a = read_window(s, {}, row, col, 96, 96)
-        b = read_window(r, {}, row, col, 96, 96)
+        a = read_window(s, HandlePool(), row, col, 96, 96)
+        b = read_window(r, HandlePool(), row, col, 96, 96)
         assert a.shape == (len(BANDS), 96, 96) and np.array_equal(a, b)
     assert stac.provenance["stac"] == {"catalog": str(root), "items": ["S2_T33UUU"], "skipped_cloudy": [],
                                        "max_cloud": None}
@@ -384,3 +384,75 @@ def test_flags_search(stac_api):
         "max_cloud": 50.0, "max_items": 5}
     with pytest.raises(ExploraGeoError, match=r"^the STAC search of http://127.0.0.1:9/ .*Connection refused"):
         from_args("--stac-search", "http://127.0.0.1:9/", "--collection", "s2")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# COGs over HTTP (GDAL /vsicurl/ with range requests, served on 127.0.0.1)
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def cog_server(cogs):
+    """An HTTP server of the COG folder that answers range requests, as object stores do."""
+    import re
+
+    root = cogs["B02"].parent
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def serve(self, head: bool) -> None:
+            path = root / self.path.split("?", 1)[0].lstrip("/")
+            if not path.is_file():
+                self.send_error(404)
+                return
+            seen.append(self.path)
+            data = path.read_bytes()
+            match = re.match(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+            if match:
+                start = int(match.group(1))
+                end = min(int(match.group(2)) if match.group(2) else len(data) - 1, len(data) - 1)
+                body = data[start:end + 1]
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+            else:
+                body = data
+                self.send_response(200)
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+
+        def do_GET(self):
+            self.serve(head=False)
+
+        def do_HEAD(self):
+            self.serve(head=True)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", seen
+    server.shutdown()
+    server.server_close()
+
+
+def remote_item(item_id: str, cogs: dict[str, Path], base: str) -> pystac.Item:
+    item = make_item(item_id, cogs, "earth_search")
+    for asset in item.assets.values():
+        asset.href = f"{base}/{Path(asset.href).name}"
+    return item
+
+
+def test_http_hrefs_read_through_vsicurl(cogs, cog_server, t33uuu_dir):
+    base, seen = cog_server
+    stac = catalog_from_items([remote_item("remote", cogs, base)], bands=["B04", "B8A"])
+    (source,) = stac.catalog.sources
+    assert [p for p, _ in source.channels] == [f"/vsicurl/{base}/B04.tif", f"/vsicurl/{base}/B8A.tif"]
+    (ref,) = build_catalog(t33uuu_dir, bands=["B04", "B8A"]).sources
+    assert source.transform.almost_equals(ref.transform) and (source.width, source.height) == (ref.width, ref.height)
+    got = read_window(source, HandlePool(), 100, 200, 64, 64)
+    assert np.array_equal(got, read_window(ref, HandlePool(), 100, 200, 64, 64))
+    assert "/B8A.tif" in seen  # the pixels came over HTTP

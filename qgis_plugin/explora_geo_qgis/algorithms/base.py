@@ -29,6 +29,7 @@ from ..core.errors import PluginError
 from ..core.model import OnnxModel
 from ..core.pipeline import Cancelled, TileResults, run_tiles
 from ..core.tiling import TileGrid
+from .loading import OutputLayer, present_outputs
 from .compat import FILE_BEHAVIOR, NUMBER_DOUBLE, NUMBER_INTEGER, SOURCE_POLYGON
 from .raster_source import LayerReader, WorkingGrid, make_grid, working_crs
 
@@ -203,3 +204,12 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
         """Stop before writing the next output when the user cancelled."""
         if feedback.isCanceled():
             raise QgsProcessingException("cancelled by the user; outputs not yet written were not created.")
+
+    def present_outputs(self, parameters: dict, context: QgsProcessingContext, outputs: list[OutputLayer],
+                        source: str | None = None) -> None:
+        """Name the outputs Processing loads ``"<input> — <product> (<model>)"``, style them and stack them
+        in the order of ``outputs`` (first on top); ``source`` defaults to the ``INPUT`` layer's name."""
+        if source is None:
+            source = self.parameterAsRasterLayer(parameters, self.INPUT, context).name()
+        present_outputs(context, outputs, source=source,
+                        model_path=self.parameterAsFile(parameters, self.MODEL, context))

@@ -15,7 +15,8 @@ from qgis.core import (
 from ..core.products import attribute_columns, classify
 from ..core.writers import FLOAT_NODATA, write_geotiff, write_tile_grid
 from .base import TiledModelAlgorithm
-from .styling import ClassStylePostProcessor, save_grid_style
+from .loading import OutputLayer
+from .styling import class_style, save_grid_style
 
 
 class ClassifyAlgorithm(TiledModelAlgorithm):
@@ -66,10 +67,11 @@ class ClassifyAlgorithm(TiledModelAlgorithm):
         write_geotiff(prob_path, result.probability[None].astype(np.float32), gt, wkt, nodata=FLOAT_NODATA,
                       descriptions=["probability"])
         save_grid_style(grid_path, info.class_names, info.class_colors, feedback)
-        for path, kind in ((grid_path, "grid"), (class_path, "raster")):
-            if context.willLoadLayerOnCompletion(path):
-                processor = ClassStylePostProcessor.create(kind, info.class_names, info.class_colors)
-                context.layerToLoadOnCompletionDetails(path).setPostProcessor(processor)
+        style = class_style(info.class_names, info.class_colors)
+        # the class map on top, the grey probability raster at the bottom
+        self.present_outputs(parameters, context, [OutputLayer(class_path, "classes", style),
+                                                   OutputLayer(grid_path, "tile grid", style),
+                                                   OutputLayer(prob_path, "probability")])
         counts = np.bincount(result.class_id[run.results.ran].astype(np.int64), minlength=len(info.class_names))
         feedback.pushInfo("Tiles per class: " + ", ".join(f"{n}={c}" for n, c in zip(info.class_names, counts)))
         return {self.OUTPUT_GRID: grid_path, self.OUTPUT_CLASSES: class_path, self.OUTPUT_PROBABILITY: prob_path,

@@ -7,6 +7,7 @@ from qgis.core import QgsProcessingContext, QgsProcessingFeedback, QgsProcessing
 
 from ..core.writers import FLOAT_NODATA, write_geotiff
 from .base import TiledModelAlgorithm
+from .loading import OutputLayer
 
 
 class EmbedAlgorithm(TiledModelAlgorithm):
@@ -41,4 +42,5 @@ class EmbedAlgorithm(TiledModelAlgorithm):
         self.check_cancel(feedback)
         write_geotiff(out, bands, run.cell_geotransform, run.crs_wkt, nodata=FLOAT_NODATA,
                       descriptions=[f"emb_{i:03d}" for i in range(bands.shape[0])])
+        self.present_outputs(parameters, context, [OutputLayer(out, "embeddings")])
         return {self.OUTPUT: out, **run.stats()}

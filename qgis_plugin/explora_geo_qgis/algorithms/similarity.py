@@ -16,6 +16,7 @@ from ..core.products import cosine_similarity, reference_embedding
 from ..core.writers import FLOAT_NODATA, write_geotiff
 from .compat import SOURCE_POINT, SOURCE_POLYGON
 from .base import TiledModelAlgorithm, geometries_as_wkt
+from .loading import OutputLayer
 from .raster_source import memory_layer, rasterize
 
 
@@ -67,4 +68,5 @@ class SimilarityAlgorithm(TiledModelAlgorithm):
         self.check_cancel(feedback)
         write_geotiff(out, similarity[None], run.cell_geotransform, run.crs_wkt, nodata=FLOAT_NODATA,
                       descriptions=["cosine_similarity"])
+        self.present_outputs(parameters, context, [OutputLayer(out, "similarity")])
         return {self.OUTPUT: out, "REFERENCE_TILES": int(cells.sum()), **run.stats()}
