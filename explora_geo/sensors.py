@@ -203,7 +203,7 @@ def _s2_bands(with_b10: bool) -> tuple[Band, ...]:
         ("B07", 782.8, 20.0, ("rededge3", "B7")),
         ("B08", 832.8, 10.0, ("nir", "B8")),
         ("B8A", 864.7, 20.0, ("nir08", "narrow_nir", "B08A")),
-        ("B09", 945.1, 60.0, ("water_vapour", "B9")),
+        ("B09", 945.1, 60.0, ("water_vapour", "nir09", "B9")),
         ("B10", 1373.5, 60.0, ("cirrus",)),
         ("B11", 1613.7, 20.0, ("swir16", "swir1")),
         ("B12", 2202.4, 20.0, ("swir22", "swir2")),
@@ -221,7 +221,7 @@ _S2_GROUPS = (("B02", "B03", "B04", "B08"), ("B05", "B06", "B07", "B8A"), ("B11"
 
 
 def _landsat_oli(name: str, wavelengths: Sequence[float]) -> Sensor:
-    labels = [("B1", ("coastal",)), ("B2", ("blue",)), ("B3", ("green",)), ("B4", ("red",)), ("B5", ("nir",)),
+    labels = [("B1", ("coastal",)), ("B2", ("blue",)), ("B3", ("green",)), ("B4", ("red",)), ("B5", ("nir", "nir08")),
               ("B6", ("swir1", "swir16")), ("B7", ("swir2", "swir22")), ("B8", ("pan",)), ("B9", ("cirrus",))]
     bands = tuple(
         Band(n, w, 15.0 if n == "B8" else 30.0, (*a, f"B{int(n[1:]):02d}", f"SR_{n}"))

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from explora_geo.data.crs import gsd_in_units, is_geographic, res_in_metres, utm_grid
 from explora_geo.errors import ExploraGeoError
 from explora_geo.sensors import Sensor, canonical_band_name, get_sensor, select_bands
 
@@ -96,8 +97,9 @@ class Source:
     Args:
         name: the file (or scene stem) for messages.
         channels: per requested band, ``(path, 1-based band index)``, in the requested band order.
-        crs: the unit's own CRS.
-        transform: affine of the unit's grid at the target resolution (pixels are cut on this grid).
+        crs: the CRS of the unit's grid: the file's own when projected, its local UTM zone when the file is
+            in a geographic CRS (see :mod:`explora_geo.data.crs`).
+        transform: affine of the unit's grid at the catalog's GSD (pixels are cut on this grid).
         width, height: grid size in pixels.
         block: internal block shape ``(rows, cols)`` of the first channel's file (tile-aligned reads).
         nodata: value marking missing pixels (``None``: none).
@@ -127,7 +129,8 @@ class Catalog:
         bands: requested band names (canonical), in output order.
         file_bands: band names of the files (mosaics: in file order; band files: bands found).
         sources: readable units, see :class:`Source`.
-        crs, res: target CRS (rasterio ``CRS``) and resolution ``(x, y)`` of the torchgeo view.
+        crs, res: target CRS (rasterio ``CRS``) and resolution ``(x, y)`` (in its units) of the torchgeo view.
+        gsd: the same resolution in metres on the ground: every unit's grid has pixels of this size.
         nodata: nodata value; ``nodata_origin`` says where it came from (``user``/``file``/``assumed``).
         offset: DN offset subtracted before normalising (Sentinel-2 L2A baseline >= 04.00: 1000);
             ``offset_origin`` says why.
@@ -146,6 +149,7 @@ class Catalog:
     offset_origin: str
     sensor: Sensor | None
     notes: list[str] = field(default_factory=list)
+    gsd: tuple[float, float] = (0.0, 0.0)
 
     @property
     def files(self) -> list[str]:
@@ -159,7 +163,7 @@ class Catalog:
         shown += f", ... ({len(files)} files)" if len(files) > 3 else ""
         lines = [
             f"data: {self.kind}, {len(self.sources)} unit(s): {shown}",
-            f"crs: {self.crs.to_string()}; res: {self.res[0]:g} x {self.res[1]:g}",
+            f"crs: {self.crs.to_string()}; res: {self.res[0]:g} x {self.res[1]:g} (GSD {self.gsd[0]:g} m)",
             f"bands: {', '.join(self.bands)}",
             f"nodata: {self.nodata} ({self.nodata_origin}); dn offset: {self.offset:g} ({self.offset_origin})",
         ]
@@ -304,15 +308,23 @@ def _default_crs(infos: Sequence[RasterInfo]) -> tuple[Any, str]:
     return by_wkt[key], note
 
 
-def _unit_grid(info: RasterInfo, res: tuple[float, float]) -> tuple[Any, int, int]:
-    """Grid of ``info`` in its own CRS at ``res``: the file's own when the resolution matches."""
+def _unit_grid(info: RasterInfo, gsd: tuple[float, float]) -> tuple[Any, Any, int, int]:
+    """Grid ``(crs, transform, width, height)`` on which patches of ``info`` are cut, at ``gsd`` metres.
+
+    A projected file keeps its CRS: its own grid when its pixel size is the GSD (within 0.1 %, so that a
+    degree/metre conversion's rounding never forces a resampling), else a grid over its bounds at the GSD in
+    its own units. A geographic file gets its local UTM zone at the GSD (reads warp it there, bilinear).
+    """
     from affine import Affine
 
-    if abs(info.res[0] - res[0]) < 1e-9 * res[0] and abs(info.res[1] - res[1]) < 1e-9 * res[1]:
-        return info.transform, info.width, info.height
+    if is_geographic(info.crs):
+        return utm_grid(info.crs, info.transform, info.width, info.height, gsd)
+    res = gsd_in_units(gsd, info.crs)
+    if all(abs(info.res[k] - res[k]) <= 1e-3 * res[k] for k in (0, 1)):
+        return info.crs, info.transform, info.width, info.height
     left, bottom, right, top = info.bounds
     width, height = int(round((right - left) / res[0])), int(round((top - bottom) / res[1]))
-    return Affine(res[0], 0.0, left, 0.0, -res[1], top), width, height
+    return info.crs, Affine(res[0], 0.0, left, 0.0, -res[1], top), width, height
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -346,7 +358,8 @@ def build_catalog(
         sensor: preset whose band list and aliases name the files' bands (``None``: no preset).
         band_names: names of the bands of every multi-band file, in file order (overrides the rest).
         nodata: nodata value (overrides the files' metadata).
-        res: target resolution in CRS units (default: the finest native resolution in the target CRS).
+        res: target resolution in CRS units (default: the finest native resolution in the target CRS); each
+            unit is cut at the same resolution in metres (:attr:`Catalog.gsd`) on its own grid.
         crs: target CRS of the torchgeo view (anything ``rasterio.crs.CRS.from_user_input`` takes;
             default: the CRS covering most pixels).
         dn_offset: ``"auto"`` (detect the L2A +1000 offset) or a number of DN to subtract.
@@ -371,10 +384,13 @@ def build_catalog(
     else:
         kind, (file_bands, units) = "mosaic", _mosaic_units(infos, wanted, preset, band_names)
     target_crs = _target_crs(crs, infos, notes)
-    target_res = _target_res(res, [ref for _, _, ref in units], target_crs, notes)
+    target_res, gsd = _target_res(res, [ref for _, _, ref in units], target_crs, notes)
     value, origin = _resolve_nodata(infos, nodata)
-    sources = [Source(name, channels, ref.crs, *_unit_grid(ref, target_res), ref.block, value)
-               for name, channels, ref in units]
+    sources = [Source(name, channels, *_unit_grid(ref, gsd), ref.block, value) for name, channels, ref in units]
+    warped = [s.name for s, (_, _, ref) in zip(sources, units, strict=True) if s.crs != ref.crs]
+    if warped:
+        shown = ", ".join(warped[:3]) + (f", ... ({len(warped)} units)" if len(warped) > 3 else "")
+        notes.append(f"geographic CRS read through their UTM zone at {gsd[0]:g} m (bilinear): {shown}")
     if isinstance(dn_offset, str):
         if dn_offset != "auto":
             raise ExploraGeoError(f"dn_offset {dn_offset!r} is not 'auto' or a number; pass e.g. 1000 or 'auto'.")
@@ -382,7 +398,7 @@ def build_catalog(
     else:
         offset, offset_origin = float(dn_offset), "user"
     return Catalog(kind, wanted, tuple(file_bands), sources, target_crs, target_res, value, origin, offset,
-                   offset_origin, preset, notes)
+                   offset_origin, preset, notes, gsd=gsd)
 
 
 # A unit before its grid is fixed: (name, channels as (path, 1-based band), reference file of its grid).
@@ -403,16 +419,27 @@ def _target_crs(crs: Any, infos: Sequence[RasterInfo], notes: list[str]) -> Any:
 
 
 def _target_res(res: float | tuple[float, float] | None, refs: Sequence[RasterInfo], crs: Any,
-                notes: list[str]) -> tuple[float, float]:
+                notes: list[str]) -> tuple[tuple[float, float], tuple[float, float]]:
+    """``(res, gsd)``: the pixel size in units of ``crs`` and the same in metres on the ground.
+
+    Default: the finest native pixel of the files in ``crs`` (exact, so those files need no resampling),
+    else the finest native GSD of all files expressed in ``crs``'s units.
+    """
     if res is None:
-        in_crs = [i for i in refs if i.crs == crs] or list(refs)
-        chosen = min(in_crs, key=lambda i: i.res[0] * i.res[1]).res
-        notes.append(f"res chosen: {chosen[0]:g} x {chosen[1]:g} (finest native resolution); pass res= to change")
-        return chosen
+        in_crs = [i for i in refs if i.crs == crs]
+        if in_crs:
+            pair = min(in_crs, key=lambda i: i.res[0] * i.res[1]).res
+            gsd = res_in_metres(pair, crs)
+        else:
+            gsd = min((res_in_metres(i.res, i.crs) for i in refs), key=lambda g: g[0] * g[1])
+            pair = gsd_in_units(gsd, crs)
+        notes.append(f"res chosen: {pair[0]:g} x {pair[1]:g} (finest native resolution, GSD {gsd[0]:g} m); "
+                     "pass res= to change")
+        return pair, gsd
     pair = (float(res), float(res)) if isinstance(res, int | float) else (float(res[0]), float(res[1]))
     if min(pair) <= 0:
         raise ExploraGeoError(f"resolution {res} is not positive; pass a pixel size in CRS units.")
-    return pair
+    return pair, res_in_metres(pair, crs)
 
 
 def _mosaic_units(

@@ -12,7 +12,6 @@ not read).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -70,12 +69,13 @@ class PretrainDataModule(L.LightningDataModule):
         res, crs: resolution / CRS of the torchgeo path (defaults chosen and reported by :meth:`describe`);
             the fast path cuts patches on each file's own grid at ``res``.
         seed: base seed.
-        fast: use the cached fast reader (True) or torchgeo's reader (False).
-        cache_dir: folder of the decoded-block cache (default ``~/.cache/explora-geo/blocks``).
+        fast: read with direct windowed reads (True) or through torchgeo datasets (False); both cut the same
+            windows of each file's grid.
         band_names: names of the bands of multi-band files, in file order (when neither descriptions nor the
             sensor preset name them, e.g. EuroSAT's B8A-last order).
         dn_offset: ``"auto"`` (detect the Sentinel-2 L2A +1000 DN offset) or DN to subtract.
-        cache_bytes: cache size bound in bytes (default: half the free disk, at most 64 GiB; 0: off).
+        max_open_files: files kept open per worker by the fast reader (default: a quarter of ``ulimit -n``,
+            at most 256; least recently used closed first).
         holdout: fraction of every input's rows (its bottom) kept out of training; ``val_samples`` patches of
             it, the same ones at every validation, form :meth:`val_dataloader` (no training patch overlaps one).
         val_samples: held-out patches per validation (0: no validation).
@@ -99,10 +99,9 @@ class PretrainDataModule(L.LightningDataModule):
         crs: Any = None,
         seed: int = 0,
         fast: bool = True,
-        cache_dir: str | os.PathLike[str] | None = None,
         band_names: Sequence[str] | None = None,
         dn_offset: float | str = "auto",
-        cache_bytes: int | None = None,
+        max_open_files: int | None = None,
         holdout: float = 0.0,
         val_samples: int = 0,
     ) -> None:
@@ -127,10 +126,9 @@ class PretrainDataModule(L.LightningDataModule):
         self.crs = crs
         self.seed = int(seed)
         self.fast = fast
-        self.cache_dir = cache_dir
         self.band_names = band_names
         self.dn_offset = dn_offset
-        self.cache_bytes = cache_bytes
+        self.max_open_files = max_open_files
         self.holdout = float(holdout)
         self.val_samples = int(val_samples)
         self.catalog: Catalog | None = None
@@ -153,8 +151,7 @@ class PretrainDataModule(L.LightningDataModule):
         )
         roi = load_roi(self.roi) if self.roi is not None else None
         common = dict(patch_size=self.patch_size, normalization=self.normalization, roi=roi, fast=self.fast,
-                      max_nodata_fraction=self.max_nodata_fraction, cache_dir=self.cache_dir,
-                      cache_bytes=self.cache_bytes)
+                      max_nodata_fraction=self.max_nodata_fraction, max_open_files=self.max_open_files)
         cut = 1.0 - self.holdout
         self.dataset = PatchDataset(self.catalog, length=self.samples_per_epoch, seed=self.seed,
                                     rows=(0.0, cut) if self.holdout else None, **common)
@@ -222,11 +219,10 @@ class PretrainDataModule(L.LightningDataModule):
         """Files, CRS, resolution, bands, nodata, offset, reader and rejections so far (for logs)."""
         self.setup()
         assert self.catalog is not None and self.dataset is not None
-        reader = "fast (cached, own grid)" if self.fast else "torchgeo"
         if self.fast:
-            r = self.dataset.reader
-            reader += (f", cache {r.cache_dir} ({sum(r.cached)}/{len(r.cached)} units, "
-                       f"{r.cached_bytes / 2**30:.2f} GiB)")
+            reader = f"fast (windowed reads on each unit's grid, at most {self.dataset.reader.pool.max_open} files open)"
+        else:
+            reader = "torchgeo (one dataset per CRS, same windows)"
         roi = f"; roi: {Path(self.roi).name}" if self.roi else ""
         if self.holdout:
             roi += f"; bottom {self.holdout:.0%} of rows held out ({self.val_samples} validation patches)"

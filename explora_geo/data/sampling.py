@@ -6,9 +6,12 @@ scene) with probability proportional to the area where a patch can be cut (insid
 one is given: the patch centre must lie in it), then a pixel-aligned window of that unit's grid. A patch
 with more than ``max_nodata_fraction`` missing pixels is rejected and redrawn (``attempt + 1``).
 
-Two readers: the fast path (:class:`~explora_geo.data.fast.PatchReader`, the unit's own grid, cached), and
-the torchgeo path (the :mod:`~explora_geo.data.datasets` dataset, reprojected to the catalog's CRS and
-resolution; the window's centre is mapped to that grid).
+Two readers cut the same window of the same unit grid: the fast path
+(:class:`~explora_geo.data.fast.PatchReader`: direct windowed reads) and the torchgeo path (one
+:mod:`~explora_geo.data.datasets` dataset per unit CRS, at the catalog's GSD in that CRS's units, queried with
+the window's bounds). Both return the same pixels for every file in a projected CRS; for a file in a geographic
+CRS both resample bilinearly into its UTM zone, torchgeo through its own intermediate warp grid, so those
+pixels agree closely but not exactly.
 """
 
 from __future__ import annotations
@@ -228,10 +231,11 @@ class PatchDataset(Dataset[dict[str, Any]]):
             (minus the catalog's DN offset when the normalisation does not carry one).
         max_nodata_fraction: reject patches with more missing pixels than this (0..1).
         roi: optional region of interest (one-row GeoSeries).
-        fast: read through :class:`~explora_geo.data.fast.PatchReader` (own grid, cached) instead of torchgeo.
-        cache_dir, cache_bytes: passed to the reader (``cache_bytes=0`` disables the cache).
-        rows: optional band of rows (fractions of each unit's height) the patches lie in (:class:`WindowSampler`).
+        fast: read through :class:`~explora_geo.data.fast.PatchReader` (direct windowed reads) instead of
+            torchgeo datasets.
+        max_open_files: files the fast reader keeps open per process (default: a quarter of ``ulimit -n``).
         max_draws: draws before giving up on a sample (then the data is declared nodata).
+        rows: optional band of rows (fractions of each unit's height) the patches lie in (:class:`WindowSampler`).
 
     Each item: ``image`` float32 ``[C, H, W]`` (filled, normalised), ``valid_mask`` bool ``[H, W]``,
     ``index`` int64 ``[2]`` = (epoch, i), ``rejected`` int64 (redraws needed), ``source`` int64 (unit).
@@ -239,8 +243,7 @@ class PatchDataset(Dataset[dict[str, Any]]):
 
     def __init__(self, catalog: Catalog, *, patch_size: int, length: int, seed: int = 0,
                  normalization: Normalization | None = None, max_nodata_fraction: float = 0.5, roi: Any = None,
-                 fast: bool = True, cache_dir: str | os.PathLike[str] | None = None,
-                 cache_bytes: int | None = None, max_draws: int = 100,
+                 fast: bool = True, max_open_files: int | None = None, max_draws: int = 100,
                  rows: tuple[float, float] | None = None) -> None:
         if not 0.0 <= max_nodata_fraction <= 1.0:
             raise ExploraGeoError(f"max_nodata_fraction {max_nodata_fraction} is not in [0, 1].")
@@ -256,12 +259,11 @@ class PatchDataset(Dataset[dict[str, Any]]):
         self.fast = fast
         self.windows = WindowSampler(catalog.sources, patch_size, roi, rows=rows)
         self._reader: Any = None
-        self._dataset: Any = None
-        self._transformers: dict[str, Any] = {}
+        self._datasets: dict[str, Any] = {}
         if fast:
             from explora_geo.data.fast import PatchReader
 
-            self._reader = PatchReader(catalog.sources, cache_dir=cache_dir, cache_bytes=cache_bytes)
+            self._reader = PatchReader(catalog.sources, max_open_files=max_open_files)
 
     def __len__(self) -> int:
         return self.length
@@ -277,27 +279,25 @@ class PatchDataset(Dataset[dict[str, Any]]):
             return self._reader.read(window.source, window.row, window.col, window.size, window.size)
         return self._read_torchgeo(window)
 
-    def _read_torchgeo(self, window: Window) -> np.ndarray:
-        """The torchgeo dataset's patch centred where ``window``'s centre lands in the catalog's grid."""
-        from pyproj import Transformer
-
-        if self._dataset is None:
+    def torchgeo_dataset(self, index: int) -> Any:
+        """The torchgeo dataset that reads unit ``index``: every unit sharing its grid's CRS, in that CRS at
+        that unit's pixel size (so files already on such a grid are read without resampling)."""
+        source = self.catalog.sources[index]
+        key = source.crs.to_wkt()
+        if key not in self._datasets:
             from explora_geo.data.datasets import open_dataset
 
-            self._dataset = open_dataset(catalog=self.catalog)
-            self._transformers = {}
-        ds, source = self._dataset, self.catalog.sources[window.source]
-        half = window.size / 2
-        x, y = source.transform @ (window.col + half, window.row + half)
-        if source.crs != self.catalog.crs:
-            key = source.crs.to_wkt()
-            if key not in self._transformers:
-                self._transformers[key] = Transformer.from_crs(source.crs, self.catalog.crs, always_xy=True)
-            x, y = self._transformers[key].transform(x, y)
-        xres, yres = self.catalog.res
-        xmin, ymax = ds.bounds[0].start, ds.bounds[1].stop
-        left = xmin + round((x - half * xres - xmin) / xres) * xres
-        top = ymax - round((ymax - (y + half * yres)) / yres) * yres
+            units = [s for s in self.catalog.sources if s.crs == source.crs]
+            res = (abs(source.transform.a), abs(source.transform.e))
+            view = dataclasses.replace(self.catalog, sources=units, crs=source.crs, res=res)
+            self._datasets[key] = open_dataset(catalog=view)
+        return self._datasets[key]
+
+    def _read_torchgeo(self, window: Window) -> np.ndarray:
+        """torchgeo's sample for the bounds of ``window`` on its unit's grid, ``[C, size, size]`` float32."""
+        ds, source = self.torchgeo_dataset(window.source), self.catalog.sources[window.source]
+        xres, yres = abs(source.transform.a), abs(source.transform.e)
+        left, top = source.transform @ (window.col, window.row)
         sample = ds[left:left + window.size * xres:xres, top - window.size * yres:top:yres]
         return sample["image"].numpy()
 
@@ -340,12 +340,12 @@ class PatchDataset(Dataset[dict[str, Any]]):
         """Release this process's file handles (before forking workers, for instance)."""
         if self._reader is not None:
             self._reader.close()
-        if self._dataset is not None:
+        for ds in self._datasets.values():
             # torchgeo caches open handles in a process-wide lru_cache; drop them so no fork inherits one
-            type(self._dataset)._cached_load_warp_file.cache_clear()
-        self._dataset = None
+            type(ds)._cached_load_warp_file.cache_clear()
+        self._datasets = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_dataset=None, _transformers={})
+        state.update(_datasets={})
         return state

@@ -27,7 +27,7 @@ import torch
 from explora_geo.atomic import atomic_paths, write_text_atomic
 from explora_geo.sensors import get_sensor
 
-__all__ = ["PretrainOutputs", "device_name", "gsd_of", "plot_loss_curve", "write_outputs"]
+__all__ = ["PretrainOutputs", "device_name", "gsd_of", "input_size", "plot_loss_curve", "write_outputs"]
 
 
 def plot_loss_curve(history: list[tuple[int, float]], path: Path, title: str, ylabel: str = "loss") -> Path:
@@ -116,6 +116,7 @@ def write_outputs(out: Path, *, task: Any, trainer: L.Trainer, wall_time_s: floa
         "source_weights": task.source_weights,
         "random_weights": task.random_weights,
         "source_weights_report": task.weights_report,
+        "input_size": input_size(backbone, task.weights_report.get("objective", {})),
         "data": data,
         "lr": task.resolved_lr(),
         "resumed_from": resumed_from,
@@ -169,6 +170,17 @@ class PretrainOutputs(L.Callback):
             out, task=pl_module, trainer=trainer, wall_time_s=wall, resumed_from=trainer.ckpt_path,
             batch_size=int(batch_size), data=describe() if callable(describe) else type(datamodule).__name__,
             config=config, extra=self.extra)
+
+
+def input_size(backbone: Any, objective_report: dict[str, Any]) -> dict[str, Any]:
+    """``{"img_size": px, "patch_size": px}`` of the trained backbone, plus the DINOv2 crop sizes (px)."""
+    from explora_geo.objectives.masking import img_size_of, patch_size_of
+
+    out: dict[str, Any] = {"img_size": img_size_of(backbone), "patch_size": patch_size_of(backbone)}
+    for key in ("global_crop_px", "local_crop_px"):
+        if key in objective_report:
+            out[key] = objective_report[key]
+    return out
 
 
 def gsd_of(sensor: str | None, bands: list[str]) -> float | None:

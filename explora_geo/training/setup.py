@@ -20,7 +20,6 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from explora_geo.errors import ExploraGeoError
@@ -28,11 +27,14 @@ from explora_geo.normalization import Normalization
 from explora_geo.objectives.base import Objective
 from explora_geo.sensors import SENSORS, get_sensor
 
-__all__ = ["DEFAULT_MODELS", "DEFAULT_WEIGHTS", "GROUP_CHANNEL_DEFAULT", "band_spec", "build_backbone",
-           "build_normalization", "build_objective", "echo", "echo_to", "input_size"]
+__all__ = ["DEFAULT_MODELS", "DEFAULT_WEIGHTS", "DINOV2_IMG_SIZE", "GROUP_CHANNEL_DEFAULT", "band_spec",
+           "build_backbone", "build_normalization", "build_objective", "echo", "echo_to"]
 
 DEFAULT_WEIGHTS = {"dinov2": "vit_large_patch14_dinov2.lvd142m", "mae": "vit_large_patch16_224.mae"}
 DEFAULT_MODELS = {"dinov2": "vit_large_patch14_dinov2", "mae": "vit_large_patch16_224"}
+#: Input size (px) of a plain timm ViT trained with DINOv2 when no --img-size is given: the paper's 224 px global
+#: crops (98 px local crops for patch 14), not timm's 518 px DINOv2 default (about 5x more tokens).
+DINOV2_IMG_SIZE = 224
 GROUP_CHANNEL_DEFAULT = "group_channel_vit_large_patch8_96"
 
 
@@ -95,23 +97,19 @@ def build_backbone(settings: Any, preset: str | None, names: list[str] | None) -
     kwargs["in_chans"] = len(bands)
     if settings.objective == "dinov2":
         kwargs["dynamic_img_size"] = True  # local crops are smaller than the global ones
+        kwargs.setdefault("img_size", DINOV2_IMG_SIZE)
     return create_backbone(arch, bands=bands, **kwargs), arch, kwargs
 
 
-def input_size(backbone: nn.Module) -> int:
-    """Input side of ``backbone`` in px (the size of the patches it trains on)."""
-    size = getattr(backbone, "img_size", None) or backbone.patch_embed.img_size  # type: ignore[union-attr]
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
-
-
 def build_objective(name: str, backbone: nn.Module, settings: dict[str, Any],
-                    extra: dict[str, Tensor] | None = None) -> Objective:
+                    extra: dict[str, Tensor] | None = None, source: str = "the source checkpoint") -> Objective:
     """The objective ``name`` (``mae`` / ``dinov2``) on an adapted ``backbone``.
 
     Args:
         settings: the objective's config fields (YAML ``mae:`` / ``dinov2:`` section).
         extra: non-encoder tensors of the source checkpoint (``LoadReport.extra``): an MAE decoder, or a
             DINOv2 ``mask_token``.
+        source: the source checkpoint's name, for the objective's report.
     """
     in_chans = len(getattr(backbone, "band_names", None) or []) or int(getattr(backbone, "in_chans", 3))
     try:
@@ -123,14 +121,11 @@ def build_objective(name: str, backbone: nn.Module, settings: dict[str, Any],
             return MAEObjective(backbone, in_chans, MAEConfig(**settings), decoder if has_decoder else None)
         from explora_geo.objectives.dinov2 import DINOv2Config, DINOv2Objective
 
-        objective = DINOv2Objective(backbone, DINOv2Config(**settings))
+        config = DINOv2Config(**settings)
     except TypeError as err:
         raise ExploraGeoError(f"bad {name} settings {sorted(settings)}: {err}; see docs/pretraining.md.") from None
     token = (extra or {}).get("mask_token")
-    if token is not None and token.numel() == objective.mask_token.numel():
-        with torch.no_grad():
-            objective.mask_token.copy_(token.reshape_as(objective.mask_token))
-    return objective
+    return DINOv2Objective(backbone, config, mask_token=token, mask_token_source=source)
 
 
 def build_normalization(settings: Any, sensor: str, band_names: list[str]) -> Normalization | None:

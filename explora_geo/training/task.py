@@ -23,6 +23,7 @@ from torch import Tensor
 from torchgeo.tasks import BaseTask
 
 from explora_geo.errors import ExploraGeoError
+from explora_geo.objectives.masking import img_size_of
 from explora_geo.training.setup import (
     DEFAULT_WEIGHTS,
     band_spec,
@@ -30,7 +31,6 @@ from explora_geo.training.setup import (
     build_normalization,
     build_objective,
     echo,
-    input_size,
 )
 
 __all__ = ["ExploraPretrainTask", "NonFiniteLossError", "rng_states", "set_rng_states", "warmup_cosine"]
@@ -160,6 +160,7 @@ class ExploraPretrainTask(BaseTask):
         self.random_weights = bool(report.random)
         self.weights_report = report.to_dict()
         self._source_extra = report.extra
+        self._source_name = report.source
         apply_explora(backbone, ExploraConfig(unfreeze=h.unfreeze, rank=int(h.rank), alpha=float(h.alpha)))
         self.model = backbone
         self.sensor = h.sensor or preset or "sentinel2"
@@ -171,8 +172,15 @@ class ExploraPretrainTask(BaseTask):
 
         h = self.hparams
         settings = dict((h.mae if h.objective == "mae" else h.dinov2) or {})
-        self.objective = build_objective(h.objective, self.model, settings, self._source_extra)
+        self.objective = build_objective(h.objective, self.model, settings, self._source_extra, self._source_name)
         self._source_extra = None  # only needed once
+        self.weights_report["objective"] = self.objective.report()  # MAE decoder / DINOv2 mask token, crops
+        if h.objective == "mae":
+            echo(self.objective.decoder_report.summary())  # type: ignore[attr-defined]
+        else:
+            echo(f"DINOv2 mask token: {self.objective.mask_token_source}; crops "  # type: ignore[attr-defined]
+                 f"{self.weights_report['objective']['global_crop_px']} px global, "
+                 f"{self.weights_report['objective']['local_crop_px']} px local")
         counts = count_parameters(self.model)
         echo(f"{self.architecture}: {counts['trainable']:,} of {counts['total']:,} backbone parameters train "
              f"(unfreeze {h.unfreeze!r}, LoRA rank {h.rank}); objective {h.objective}")
@@ -187,7 +195,7 @@ class ExploraPretrainTask(BaseTask):
         """What the batches must hold: ``bands`` (model input order), ``sensor`` naming the files' bands,
         ``patch_size`` in px, ``normalization`` (a :class:`~explora_geo.normalization.Normalization` or
         ``None``)."""
-        return {"bands": list(self.model.band_names), "sensor": self.sensor, "patch_size": input_size(self.model),
+        return {"bands": list(self.model.band_names), "sensor": self.sensor, "patch_size": img_size_of(self.model),
                 "normalization": self.normalization}
 
     def forward(self, x: Tensor) -> Tensor:

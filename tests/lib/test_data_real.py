@@ -76,7 +76,7 @@ def test_bigearthnet_l2a_twelve_bands_in_three_crs(bigearthnet_dir: Path) -> Non
 
     order = ["B12", "B04", "B09", "B02", "B8A"]
     cat2 = build_catalog(bigearthnet_dir, bands=order, sensor="sentinel2_l2a")
-    patch = PatchReader(cat2.sources, cache_bytes=0).read(2, 0, 0, 120, 120)
+    patch = PatchReader(cat2.sources).read(2, 0, 0, 120, 120)
     stem = cat2.sources[2].name
     for k, band in enumerate(order):
         path = next(Path(bigearthnet_dir).rglob(f"{stem}_{band}.tif"))
@@ -85,7 +85,7 @@ def test_bigearthnet_l2a_twelve_bands_in_three_crs(bigearthnet_dir: Path) -> Non
         np.testing.assert_array_equal(patch[k], direct)
     with pytest.raises(ExploraGeoError, match=r"scene S2.* lacks band\(s\) B10"):
         build_catalog(bigearthnet_dir, bands=S2)
-    # the torchgeo path reprojects every patch to the catalog's CRS
+    # the torchgeo path reads every scene in its own CRS (one torchgeo dataset per CRS)
     dm = PretrainDataModule(bigearthnet_dir, bands=["B04", "B8A", "B11"], patch_size=48, batch_size=4,
                             samples_per_epoch=4, normalization=None, fast=False)
     batch = next(iter(dm.train_dataloader()))
@@ -107,7 +107,7 @@ def test_eurosat_two_workers_and_normalisation_from_stats(eurosat_dir: Path, tmp
                           progress=False)
     norm = normalization_from_stats(stats, "meanstd")
     kwargs = dict(bands=bands, band_names=EUROSAT_ORDER, patch_size=32, batch_size=8, samples_per_epoch=16,
-                  normalization=norm, seed=7, cache_dir=tmp_path / "cache", crs="EPSG:32633")
+                  normalization=norm, seed=7, crs="EPSG:32633")
     two_workers = PretrainDataModule(eurosat_dir, num_workers=2, **kwargs)
     two = torch.cat([b["image"] for b in two_workers.train_dataloader()])
     one = torch.cat([b["image"] for b in PretrainDataModule(eurosat_dir, **kwargs).train_dataloader()])

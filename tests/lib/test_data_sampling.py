@@ -32,7 +32,7 @@ def plain(tmp_path: Path) -> Path:
 
 def _dm(data: Any, **kwargs: Any) -> PretrainDataModule:
     args: dict[str, Any] = dict(bands=BANDS, patch_size=32, batch_size=4, samples_per_epoch=12,
-                                normalization=None, cache_bytes=0)
+                                normalization=None)
     args.update(kwargs)
     return PretrainDataModule(data, **args)
 

@@ -89,5 +89,5 @@ def test_files_with_different_band_orders_are_read_by_name(tmp_path: Path) -> No
     np.testing.assert_array_equal(patch[:, :, :32], west)
     np.testing.assert_array_equal(patch[:, :, 32:], east)
     cat = build_catalog(folder, bands=["B04", "B08"])
-    reader = PatchReader(cat.sources, cache_bytes=0)
+    reader = PatchReader(cat.sources)
     np.testing.assert_array_equal(reader.read(1, 0, 0, 64, 32), east)

@@ -143,7 +143,14 @@ class OnnxModel:
         self.output_names = [o.name for o in self.session.get_outputs()]
         if "embedding" not in self.output_names:
             raise PluginError(f"model file {path.name} has no 'embedding' output; re-export it with explora-geo.")
-        if self.info.is_classifier and "probabilities" not in self.output_names:
+        #: a few-shot head stored in the metadata (``linear_head``): applied to ``embedding`` in numpy
+        self.head = None
+        if "linear_head" in self.info.raw:
+            from .linear_head import LinearHead
+
+            self.head = LinearHead.from_metadata(self.info.raw["linear_head"], self.info.embedding_dim,
+                                                 source=f"model file {path.name}")
+        if self.info.is_classifier and "probabilities" not in self.output_names and self.head is None:
             raise PluginError(f"model file {path.name} is a classifier without a 'probabilities' output; "
                               "re-export it with explora-geo.")
 
@@ -155,5 +162,11 @@ class OnnxModel:
     def run(self, batch: np.ndarray, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Forward ``batch`` ``[N, C, T, T]`` float32 (scaled); returns output name -> ``[N, ...]`` array."""
         names = list(outputs or self.output_names)
-        values = self.session.run(names, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
-        return dict(zip(names, values))
+        from_head = self.head is not None and "probabilities" in names
+        graph = [n for n in names if n != "probabilities"] + ["embedding"] if from_head else names
+        graph = list(dict.fromkeys(graph))
+        values = dict(zip(graph, self.session.run(graph, {self.input_name: np.ascontiguousarray(batch,
+                                                                                                dtype=np.float32)})))
+        if from_head:
+            values["probabilities"] = self.head.probabilities(values["embedding"])
+        return {name: values[name] for name in names}
