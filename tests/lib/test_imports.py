@@ -83,7 +83,7 @@ def test_no_import_cycles() -> None:
 
 def test_training_package_imports_run_one_way() -> None:
     graph = import_graph()
-    order = ["config", "module", "setup", "outputs", "trainer"]
+    order = ["config", "setup", "task", "datamodule", "outputs", "trainer"]
     for i, name in enumerate(order):
         inside = {d.rsplit(".", 1)[1] for d in graph[f"explora_geo.training.{name}"]
                   if d.startswith("explora_geo.training.")}

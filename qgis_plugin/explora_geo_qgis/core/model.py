@@ -65,6 +65,14 @@ class ModelInfo:
     def is_classifier(self) -> bool:
         return self.model_type == "classifier"
 
+    def output_shape(self, name: str) -> tuple[int, ...]:
+        """Per-tile shape of output ``name`` (``embedding``: ``(D,)``, ``probabilities``: ``(K,)``)."""
+        if name == "embedding":
+            return (self.embedding_dim,)
+        if name == "probabilities":
+            return (len(self.class_names),)
+        raise PluginError(f"the model metadata does not give the shape of output {name!r}; re-export the model.")
+
     @classmethod
     def from_metadata(cls, props: Mapping[str, str], source: str = "the model") -> ModelInfo:
         """Parse ONNX ``metadata_props`` (string -> JSON string)."""
@@ -85,10 +93,7 @@ class ModelInfo:
             if set(order) != set(bands):
                 raise PluginError(f"{source}: normalisation bands {list(scaler.bands)} differ from the input "
                                   f"bands {list(bands)}; re-export the model.")
-            idx = [order[b] for b in bands]
-            scaler = Scaler(scaler.scheme, bands, scaler.sub[idx], scaler.mul[idx],
-                            None if scaler.low is None else scaler.low[idx],
-                            None if scaler.high is None else scaler.high[idx])
+            scaler = scaler.select([order[b] for b in bands])
         names = tuple(str(c) for c in raw.get("class_names") or ())
         colors = tuple(str(c) for c in raw.get("class_colors") or ())
         if raw["model_type"] == "classifier" and not names:
@@ -175,6 +180,13 @@ class OnnxModel:
         if self.info.is_classifier and "probabilities" not in self.output_names and self.head is None:
             raise PluginError(f"model file {path.name} is a classifier without a 'probabilities' output; "
                               "re-export it with explora-geo.")
+
+    def output_shape(self, name: str) -> tuple[int, ...]:
+        """Per-tile shape of output ``name``: from the graph when it is static, else from the metadata."""
+        for output in self.session.get_outputs():
+            if output.name == name and output.shape[1:] and all(isinstance(d, int) for d in output.shape[1:]):
+                return tuple(int(d) for d in output.shape[1:])
+        return self.info.output_shape(name)
 
     @property
     def execution_provider(self) -> str:
