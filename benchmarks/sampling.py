@@ -280,7 +280,7 @@ def main() -> None:
         def onthefly_loader() -> DataLoader:
             return DataLoader(fixed, batch_size=batch, num_workers=workers)
 
-        otf_cold, otf_warm = cold_and_warm("on the fly", onthefly_loader, written, files)
+        otf_cold, _ = cold_and_warm("on the fly", onthefly_loader, written, files)
 
         def store_loader() -> Any:
             from litdata import StreamingDataLoader
