@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from explora_geo.errors import ExploraGeoError
 
@@ -210,6 +211,10 @@ class _RowLoRAFunction(torch.autograd.Function):
     ``W`` trains), ``x_l`` (the LoRA input, ``[N, in]``) and ``h = scale * x_l A^T`` (``[N, r * S]``).
     Shapes: ``x``, ``x_l``: ``[..., in]``; ``A``: ``[r * S, in]`` (the segments' ``A_s`` stacked);
     ``B_s``: ``[stop_s - start_s, r]``.
+
+    The backward is ``once_differentiable``: it is not itself differentiable, so a double backward
+    (``create_graph=True``, gradient penalties, Hessian-vector products) raises instead of silently
+    giving wrong second derivatives.
     """
 
     @staticmethod
@@ -231,6 +236,7 @@ class _RowLoRAFunction(torch.autograd.Function):
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x2, lx2, weight, a, h, *bs = ctx.saved_tensors
         device, enabled, dtype = ctx.autocast

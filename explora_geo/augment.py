@@ -5,6 +5,11 @@ valid for multispectral input: geometric transforms (random resized crop, horizo
 both fine for overhead imagery), Gaussian blur and noise act per band, and the "colour" jitter is a per-band
 gain and offset plus a global brightness factor, so it never assumes three RGB channels (no hue / saturation /
 grey-scale, which are defined for RGB only and would mix unrelated spectral bands).
+
+The blur and solarisation probabilities follow DINOv2's recipe: Gaussian blur with p = 1.0 on the first
+global crop, p = 0.1 on the second, p = 0.5 on every local crop; solarisation with p = 0.2 on the second
+global crop only, and only for RGB input (``MultiCrop(config, rgb=True)``): inverting bright values is an
+RGB photometric trick, meaningless for, e.g., a SWIR band.
 """
 
 from __future__ import annotations
@@ -33,7 +38,13 @@ class MultiCropConfig:
         jitter_p: probability of the band jitter per crop.
         gain, offset, brightness: band-jitter strengths: per-band gain ``1 +- gain``, per-band offset
             ``+- offset`` (in normalised units), global brightness factor ``1 +- brightness``.
-        blur_p: probability of a Gaussian blur per crop (sigma 0.1-2 px).
+        global_blur_p: probability of a Gaussian blur (sigma 0.1-2 px) for global crop 1, 2, ... (the last
+            entry repeats for further global crops); DINOv2: ``(1.0, 0.1)``.
+        local_blur_p: probability of a Gaussian blur for each local crop; DINOv2: 0.5.
+        solarize_p: probability of solarisation (values >= 0.5 become ``1 - x``; input scaled to [0, 1], as
+            the ``satmae`` and ``reflectance`` scalings do; the result is clipped to [0, 1]) for global crop
+            1, 2, ... (last entry repeats); DINOv2: ``(0.0, 0.2)``. Applied only when :class:`MultiCrop` is
+            built with ``rgb=True``.
         noise_std: std of additive Gaussian noise (normalised units), 0 = off.
     """
 
@@ -47,8 +58,26 @@ class MultiCropConfig:
     gain: float = 0.2
     offset: float = 0.05
     brightness: float = 0.2
-    blur_p: float = 0.5
+    global_blur_p: tuple[float, ...] = (1.0, 0.1)
+    local_blur_p: float = 0.5
+    solarize_p: tuple[float, ...] = (0.0, 0.2)
     noise_std: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("global_blur_p", "solarize_p"):
+            value = getattr(self, name)
+            value = (float(value),) if isinstance(value, (int, float)) else tuple(float(v) for v in value)
+            if not value:
+                raise ValueError(f"{name} needs at least one probability, got {value!r}")
+            setattr(self, name, value)
+        for name, values in (("global_blur_p", self.global_blur_p), ("solarize_p", self.solarize_p),
+                             ("local_blur_p", (self.local_blur_p,)), ("jitter_p", (self.jitter_p,))):
+            if any(not 0.0 <= v <= 1.0 for v in values):
+                raise ValueError(f"{name} must hold probabilities in [0, 1], got {getattr(self, name)!r}")
+
+    def for_global(self, values: tuple[float, ...], i: int) -> float:
+        """Entry ``i`` of a per-global-crop tuple (the last entry repeats)."""
+        return values[min(i, len(values) - 1)]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -97,48 +126,69 @@ class MultiCrop(nn.Module):
 
     Args:
         config: :class:`MultiCropConfig`.
+        rgb: the input is 3-band RGB: enables solarisation (``config.solarize_p``).
 
     ``forward`` takes ``[B, C, H, W]`` and returns two lists: ``n_global`` tensors ``[B, C, Sg, Sg]`` and
-    ``n_local`` tensors ``[B, C, Sl, Sl]``. Each crop of each image gets its own random parameters. All crops
-    of one kind are made in one batched kornia call (the batch repeated ``n`` times), so the per-call
-    overhead does not grow with the number of crops.
+    ``n_local`` tensors ``[B, C, Sl, Sl]``. Each crop of each image gets its own random parameters. Global
+    crop ``i`` has its own blur (``global_blurs[i]``) and solarisation (``global_solarize[i]``) ops, so their
+    probabilities differ per crop as in DINOv2; all local crops are made in one batched kornia call (the batch
+    repeated ``n_local`` times), so the per-call overhead does not grow with the number of crops.
     """
 
-    def __init__(self, config: MultiCropConfig) -> None:
+    def __init__(self, config: MultiCropConfig, *, rgb: bool = False) -> None:
         super().__init__()
         if config.global_size <= 0 or (config.n_local and config.local_size <= 0):
             raise ValueError(f"crop sizes must be positive, got {config.global_size} and {config.local_size}")
         self.config = config
+        self.rgb = rgb
         self.global_crop = K.RandomResizedCrop((config.global_size,) * 2, scale=config.global_scale,
                                                ratio=(3 / 4, 4 / 3))
         self.local_crop = K.RandomResizedCrop((config.local_size,) * 2, scale=config.local_scale,
                                               ratio=(3 / 4, 4 / 3))
-        self.global_blur = self._blur(config.global_size)
-        self.local_blur = self._blur(config.local_size)
+        n = config.n_global
+        self.global_blurs = nn.ModuleList(
+            _blur(config.global_size, config.for_global(config.global_blur_p, i)) for i in range(n))
+        self.local_blur = _blur(config.local_size, config.local_blur_p)
+        self.global_solarize = nn.ModuleList(
+            _solarize(config.for_global(config.solarize_p, i) if rgb else 0.0) for i in range(n))
         self.noise = K.RandomGaussianNoise(std=config.noise_std, p=0.5) if config.noise_std > 0 else None
 
-    def _blur(self, size: int) -> nn.Module | None:
-        if self.config.blur_p <= 0:
-            return None
-        kernel = max(3, (size // 10) | 1)
-        return K.RandomGaussianBlur((kernel, kernel), (0.1, 2.0), p=self.config.blur_p)
-
-    def _views(self, images: Tensor, n: int, crop: nn.Module, blur: nn.Module | None) -> list[Tensor]:
-        if n == 0:
-            return []
+    def _photometric(self, x: Tensor, blur: nn.Module, solarize: nn.Module | None = None) -> Tensor:
+        """Blur, noise, band jitter, then solarisation, each with its own probability (``[N, C, S, S]``)."""
         cfg = self.config
-        x = random_flips(crop(images.repeat(n, 1, 1, 1)))
-        if blur is not None:
-            x = blur(x)
+        x = blur(x)  # identity when the probability is 0
         if self.noise is not None:
             x = self.noise(x)
         x = band_jitter(x, p=cfg.jitter_p, gain=cfg.gain, offset=cfg.offset, brightness=cfg.brightness)
-        return list(x.chunk(n))
+        return x if solarize is None else solarize(x)  # identity unless RGB with a probability > 0
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """See the class docstring."""
         images = images.float()
+        cfg = self.config
         with torch.autocast(device_type=images.device.type, enabled=False):  # warps stay in float32
-            return (self._views(images, self.config.n_global, self.global_crop, self.global_blur),
-                    self._views(images, self.config.n_local, self.local_crop, self.local_blur))
+            global_crops = [
+                self._photometric(random_flips(self.global_crop(images)), blur, solarize)
+                for blur, solarize in zip(self.global_blurs, self.global_solarize, strict=True)
+            ]
+            local_crops: list[Tensor] = []
+            if cfg.n_local:
+                x = random_flips(self.local_crop(images.repeat(cfg.n_local, 1, 1, 1)))
+                local_crops = list(self._photometric(x, self.local_blur).chunk(cfg.n_local))
+            return global_crops, local_crops
+
+
+def _blur(size: int, p: float) -> nn.Module:
+    """kornia Gaussian blur (sigma 0.1-2 px, kernel about a tenth of the crop, odd) with probability ``p``
+    (``nn.Identity`` for ``p = 0``)."""
+    if p <= 0:
+        return nn.Identity()
+    kernel = max(3, (size // 10) | 1)
+    return K.RandomGaussianBlur((kernel, kernel), (0.1, 2.0), p=p)
+
+
+def _solarize(p: float) -> nn.Module:
+    """kornia solarisation at threshold 0.5 (``x >= 0.5 -> 1 - x``, input in [0, 1], output clipped to
+    [0, 1]) with probability ``p`` (``nn.Identity`` for ``p = 0``)."""
+    return K.RandomSolarize(thresholds=0.0, additions=0.0, p=p) if p > 0 else nn.Identity()

@@ -10,6 +10,11 @@ The bundle (contract in ``docs/architecture.md``) is ``model.onnx`` plus ``model
   matches: ``model_type``, ``class_names``, ``resolution`` in cm/px, ``tile_size``) and the same, decoded, in
   the JSON sidecar.
 
+Segmenters: an ``ExploraSegmentationTask`` checkpoint (``torchgeo fit`` with
+``configs/torchgeo_segmentation.yaml``) gives a ``segmenter`` bundle: outputs ``embedding`` ``[N, D]`` and
+``logits`` ``[N, K, H, W]`` (per-pixel class scores at the input size, before softmax; the task's
+``ignore_index`` channel, never trained, is left out), from one backbone pass.
+
 Heads: a linear-probe head written by ``explora-geo probe`` (``explora_geo.downstream.probe.save_head``:
 ``<stem>.safetensors`` + ``<stem>.json``), whose features (cls tokens of the last blocks, optionally the mean
 patch token) are rebuilt inside the graph; or a torchgeo ``ClassificationTask`` checkpoint (``.ckpt``), whose
@@ -33,8 +38,8 @@ from explora_geo.atomic import atomic_paths
 from explora_geo.errors import ExploraGeoError
 from explora_geo.sensors import get_sensor
 
-__all__ = ["ONNX_OPSET", "HeadSpec", "OnnxBundle", "load_head_spec", "load_model", "bundle_metadata",
-           "export_onnx"]
+__all__ = ["ONNX_OPSET", "HeadSpec", "SegmenterSpec", "OnnxBundle", "SegmenterBundle", "load_head_spec",
+           "load_model", "load_segmenter", "bundle_metadata", "export_onnx"]
 
 #: ONNX opset of exported bundles.
 ONNX_OPSET = 17
@@ -96,6 +101,88 @@ class OnnxBundle(nn.Module):
         return embedding, torch.softmax(logits, dim=-1)
 
 
+@dataclass
+class SegmenterSpec:
+    """A trained segmenter and the classes of the logit channels it exports.
+
+    Attributes:
+        segmenter: a :class:`explora_geo.downstream.segmentation.ViTSegmenter` (eval mode, LoRA merged).
+        class_names: K names, one per exported channel.
+        channels: the K decoder output channels exported, in order (the ``ignore_index`` channel is left out).
+        class_colors: K ``"#rrggbb"`` colours, or ``None`` for a default palette.
+        ignore_index: the task's ignored (unlabelled) class, or ``None``.
+        source: where it came from (for the metadata).
+    """
+
+    segmenter: nn.Module
+    class_names: list[str]
+    channels: list[int]
+    class_colors: list[str] | None = None
+    ignore_index: int | None = None
+    source: str = ""
+
+
+class SegmenterBundle(nn.Module):
+    """What is exported for a segmenter: ``image [N, C, H, W]`` -> ``embedding [N, D]``, ``logits
+    [N, K, H, W]``. One backbone pass: its final tokens give the pooled embedding, the normed patch-token grids
+    of its last blocks feed the decoder (exactly ``ViTSegmenter.forward``)."""
+
+    def __init__(self, spec: SegmenterSpec) -> None:
+        super().__init__()
+        self.segmenter = spec.segmenter
+        self.register_buffer("channels", torch.tensor(spec.channels, dtype=torch.long), persistent=False)
+        self.keep_all = spec.channels == list(range(len(spec.channels))) and \
+            len(spec.channels) == _decoder_outputs(spec.segmenter)
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        backbone = self.segmenter.backbone
+        final, grids = backbone.forward_intermediates(image, indices=self.segmenter.n_blocks, norm=True,
+                                                      output_fmt="NCHW")
+        embedding = backbone.forward_head(final, pre_logits=True)
+        logits = self.segmenter.decode(grids, image.shape[-2:])
+        return embedding, logits if self.keep_all else logits.index_select(1, self.channels)
+
+
+def _decoder_outputs(segmenter: nn.Module) -> int:
+    return int(segmenter.decoder[-1].out_channels)
+
+
+def _segmenter_classes(path: Path, hparams: dict[str, Any], k: int) -> tuple[list[str], list[int], int | None]:
+    """Names and channels of the exported classes: all ``k`` decoder channels but ``ignore_index``; names
+    from ``class_names``/``labels`` (a mask folder's ``k - 1`` classes when channel 0 is the ignored
+    'unlabelled'), else ``class_<channel>``."""
+    ignore = hparams.get("ignore_index")
+    ignore = int(ignore) if ignore is not None and 0 <= int(ignore) < k else None
+    channels = [c for c in range(k) if c != ignore]
+    names = [str(n) for n in (hparams.get("class_names") or hparams.get("labels") or [])]
+    if not names:
+        return [f"class_{c}" for c in channels], channels, ignore
+    if len(names) == k:
+        return [names[c] for c in channels], channels, ignore
+    if len(names) == len(channels):
+        return names, channels, ignore
+    raise ExploraGeoError(f"{path} names {len(names)} classes for {k} output channels (ignore_index {ignore}); "
+                          "fix the task's labels (one per class, or one per class but the ignored one).")
+
+
+def load_segmenter(checkpoint: str | os.PathLike[str], class_colors: Sequence[str] | None = None,
+                   ckpt: dict[str, Any] | None = None) -> tuple[SegmenterSpec, dict[str, Any]]:
+    """The segmenter of an ``ExploraSegmentationTask`` checkpoint and its backbone sidecar.
+
+    Raises:
+        ExploraGeoError: the file is not such a checkpoint (see
+            :func:`explora_geo.downstream.segmentation.segmenter_from_checkpoint`), or its class names do not fit.
+    """
+    from explora_geo.downstream.segmentation import segmenter_from_checkpoint
+
+    path = Path(checkpoint)
+    ckpt = ckpt if ckpt is not None else _read_task_checkpoint(path)
+    segmenter, sidecar, hparams = segmenter_from_checkpoint(path, ckpt)
+    names, channels, ignore = _segmenter_classes(path, hparams, _decoder_outputs(segmenter))
+    colors = list(class_colors) if class_colors else hparams.get("class_colors")
+    return SegmenterSpec(segmenter, names, channels, colors, ignore, source=f"segmentation:{path.name}"), sidecar
+
+
 def load_head_spec(path: str | os.PathLike[str], class_colors: Sequence[str] | None = None) -> HeadSpec:
     """Read a probe head (``.safetensors``/``.json``/stem) or a torchgeo task checkpoint (``.ckpt``)."""
     path = Path(path)
@@ -121,7 +208,7 @@ def _read_task_checkpoint(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
         raise ExploraGeoError(f"cannot read {path} as a torchgeo checkpoint ({type(err).__name__}); "
-                              "pass a Lightning .ckpt of a ClassificationTask.") from err
+                              "pass a Lightning .ckpt of a torchgeo task.") from err
 
 
 def _torchgeo_head(path: Path, class_colors: Sequence[str] | None,
@@ -194,8 +281,9 @@ def _wavelengths(bands: Sequence[str], sensor: str | None) -> list[float | None]
     return out
 
 
-def bundle_metadata(sidecar: dict[str, Any], head: HeadSpec | None, embedding_dim: int) -> dict[str, Any]:
-    """The bundle metadata (decoded values) from a backbone sidecar and an optional head."""
+def bundle_metadata(sidecar: dict[str, Any], head: HeadSpec | SegmenterSpec | None,
+                    embedding_dim: int) -> dict[str, Any]:
+    """The bundle metadata (decoded values) from a backbone sidecar and an optional head or segmenter."""
     from explora_geo.normalization import Normalization
 
     bands = list(sidecar["bands"])
@@ -207,10 +295,20 @@ def bundle_metadata(sidecar: dict[str, Any], head: HeadSpec | None, embedding_di
             raise ExploraGeoError(f"{len(colors)} class colours for {len(head.class_names)} classes "
                                   f"({', '.join(head.class_names)}); give one '#rrggbb' per class.")
     gsd = float(sidecar["gsd_m"])
+    size = int(sidecar["img_size"])
+    segmenter = isinstance(head, SegmenterSpec)
+    model_type = "segmenter" if segmenter else "classifier" if head is not None else "embedder"
+    outputs = {"segmenter": ["embedding", "logits"], "classifier": ["embedding", "probabilities"],
+               "embedder": ["embedding"]}[model_type]
+    extra: dict[str, Any] = {}
+    if segmenter:
+        extra["segmentation"] = {"output": "logits", "logits_shape": ["N", len(head.class_names), size, size],
+                                 "channels": list(head.channels), "ignore_index": head.ignore_index,
+                                 "n_blocks": int(head.segmenter.n_blocks)}
     return {
         "format": BUNDLE_FORMAT,
         "format_version": 1,
-        "model_type": "classifier" if head is not None else "embedder",
+        "model_type": model_type,
         "class_names": list(head.class_names) if head is not None else [],
         "class_colors": colors,
         "resolution": gsd * 100.0,
@@ -229,8 +327,9 @@ def bundle_metadata(sidecar: dict[str, Any], head: HeadSpec | None, embedding_di
             "head": head.source if head is not None else None,
         },
         "onnx_opset": ONNX_OPSET,
-        "inputs": {"image": ["N", len(bands), int(sidecar["img_size"]), int(sidecar["img_size"])]},
-        "outputs": ["embedding", "probabilities"] if head is not None else ["embedding"],
+        "inputs": {"image": ["N", len(bands), size, size]},
+        "outputs": outputs,
+        **extra,
     }
 
 
@@ -250,16 +349,19 @@ def export_onnx(
     head: str | os.PathLike[str] | HeadSpec | None = None,
     class_colors: Sequence[str] | None = None,
     check: bool = True,
+    segmenter: bool | None = None,
 ) -> tuple[Path, Path]:
-    """Export a backbone file (+ head) to ``out`` (``.onnx``) and its ``.json`` sidecar.
+    """Export a backbone file (+ head), or a segmentation checkpoint, to ``out`` (``.onnx``) and its ``.json``.
 
     Args:
         checkpoint: a backbone file of ``explora_geo.checkpoint.save_backbone`` (``.safetensors``/``.json``),
-            or an ``ExploraClassificationTask`` checkpoint (``.ckpt``: backbone and head).
+            an ``ExploraClassificationTask`` checkpoint (``.ckpt``: backbone and head), or an
+            ``ExploraSegmentationTask`` checkpoint (``.ckpt``: a segmenter bundle).
         out: destination ``.onnx`` path; the sidecar is written beside it with the ``.json`` suffix.
         head: a probe head path, a torchgeo ``.ckpt`` (see :func:`load_model`), or a :class:`HeadSpec`.
         class_colors: ``"#rrggbb"`` per class, overriding the head's.
-        check: verify the written model with onnxruntime on a batch of 2 random tiles (max |diff| <= 1e-4).
+        check: verify the written model with onnxruntime on a batch of 3 random tiles (max |diff| <= 1e-4).
+        segmenter: ``True`` requires a segmentation checkpoint, ``False`` refuses one, ``None`` detects it.
 
     Returns:
         ``(onnx_path, json_path)``.
@@ -268,18 +370,7 @@ def export_onnx(
     if out.suffix != ".onnx":
         raise ExploraGeoError(f"output {out} must end in .onnx; pass e.g. --out model.onnx.")
     _refuse_foreign_json(out.with_suffix(".json"))
-    backbone, sidecar, spec = load_model(checkpoint, head, class_colors)
-    for key in ("gsd_m", "normalization"):
-        if sidecar.get(key) is None:
-            raise ExploraGeoError(f"backbone {checkpoint} has no '{key}' in its sidecar; the QGIS plugin needs "
-                                  "it: set it in the backbone's .json (see docs/architecture.md) and re-export.")
-    if spec is not None and class_colors:
-        spec.class_colors = list(class_colors)
-    embedding_dim = int(getattr(backbone, "num_features", sidecar["embed_dim"]))
-    if spec is not None and spec.linear.in_features != _head_inputs(spec, embedding_dim):
-        raise ExploraGeoError(f"head expects {spec.linear.in_features} features but the backbone gives "
-                              f"{_head_inputs(spec, embedding_dim)}; pass the head trained on this backbone.")
-    module = OnnxBundle(backbone.eval(), spec).eval()
+    module, sidecar, spec, embedding_dim = _export_module(Path(checkpoint), head, class_colors, segmenter)
     size = int(sidecar["img_size"])
     example = torch.zeros(2, len(sidecar["bands"]), size, size)
     meta = bundle_metadata(sidecar, spec, embedding_dim)
@@ -291,6 +382,54 @@ def export_onnx(
             _check_onnx(module, str(tmp), example.shape[1:], outputs)
         tmp_json.write_text(json.dumps(meta, indent=2))
     return out, json_path
+
+
+def _export_module(checkpoint: Path, head: str | os.PathLike[str] | HeadSpec | None,
+                   class_colors: Sequence[str] | None, segmenter: bool | None,
+                   ) -> tuple[nn.Module, dict[str, Any], HeadSpec | SegmenterSpec | None, int]:
+    """The module to trace, the backbone sidecar, the head/segmenter spec and the embedding width."""
+    ckpt = _read_task_checkpoint(checkpoint) if checkpoint.suffix == ".ckpt" else None
+    from explora_geo.downstream.segmentation import is_segmentation_checkpoint
+
+    is_seg = ckpt is not None and is_segmentation_checkpoint(ckpt)
+    if segmenter and not is_seg:
+        raise ExploraGeoError(f"{checkpoint} is not a segmentation checkpoint (an ExploraSegmentationTask .ckpt "
+                              "with model.decoder weights); pass the .ckpt of `torchgeo fit --config "
+                              "configs/torchgeo_segmentation.yaml`, or drop --segmenter.")
+    if is_seg and segmenter is False:
+        raise ExploraGeoError(f"{checkpoint} is a segmentation checkpoint; export it as a segmenter "
+                              "(--segmenter) or pass a classification checkpoint.")
+    head_path = Path(head) if isinstance(head, (str, os.PathLike)) else None
+    if head_path is not None and head_path.suffix == ".ckpt" and is_segmentation_checkpoint(
+            _read_task_checkpoint(head_path)):
+        raise ExploraGeoError(f"--head {head_path} is a segmentation checkpoint, not a classification head; "
+                              f"export it alone: --checkpoint {head_path} --segmenter.")
+    if is_seg and head is not None:
+        raise ExploraGeoError(f"{checkpoint} is a segmentation checkpoint, which brings its own decoder; "
+                              "drop --head.")
+    if is_seg:
+        spec, sidecar = load_segmenter(checkpoint, class_colors, ckpt)
+        _check_plugin_keys(checkpoint, sidecar)
+        backbone = spec.segmenter.backbone
+        embedding_dim = int(getattr(backbone, "num_features", sidecar["embed_dim"]))
+        return SegmenterBundle(spec).eval(), sidecar, spec, embedding_dim
+    backbone, sidecar, spec = load_model(checkpoint, head, class_colors)
+    _check_plugin_keys(checkpoint, sidecar)
+    if spec is not None and class_colors:
+        spec.class_colors = list(class_colors)
+    embedding_dim = int(getattr(backbone, "num_features", sidecar["embed_dim"]))
+    if spec is not None and spec.linear.in_features != _head_inputs(spec, embedding_dim):
+        raise ExploraGeoError(f"head expects {spec.linear.in_features} features but the backbone gives "
+                              f"{_head_inputs(spec, embedding_dim)}; pass the head trained on this backbone.")
+    return OnnxBundle(backbone.eval(), spec).eval(), sidecar, spec, embedding_dim
+
+
+def _check_plugin_keys(checkpoint: Path, sidecar: dict[str, Any]) -> None:
+    """The sidecar entries the QGIS plugin cannot work without."""
+    for key in ("gsd_m", "normalization"):
+        if sidecar.get(key) is None:
+            raise ExploraGeoError(f"backbone {checkpoint} has no '{key}' in its sidecar; the QGIS plugin needs "
+                                  "it: set it in the backbone's .json (see docs/architecture.md) and re-export.")
 
 
 def _refuse_foreign_json(path: Path) -> None:

@@ -57,3 +57,10 @@ if [[ ! -x .venv-qgis/bin/python || "$(cat .venv-qgis/.explora-stamp 2>/dev/null
   echo "$qgis_stamp" > .venv-qgis/.explora-stamp
   log ".venv-qgis ready"
 fi
+# The desktop test (tests/plugin/test_desktop.py) runs the real QGIS window under a virtual X server.
+if ! command -v qgis >/dev/null || ! command -v xvfb-run >/dev/null || ! command -v xauth >/dev/null; then
+  log "installing the QGIS desktop and Xvfb from apt (for tests/plugin/test_desktop.py)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null
+  apt-get install -y -q --no-install-recommends qgis xvfb xauth >/dev/null
+fi

@@ -81,7 +81,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a("--overwrite", action="store_const", const=True,
       help="start afresh in an --out that already holds a run (deletes its checkpoints)")
     a("--mask-ratio", type=float, help="MAE mask ratio (default 0.75)")
-    a("--norm-pix-loss", action="store_const", const=True, help="MAE: regress normalised patch pixels")
+    a("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None,
+      help="MAE: regress per-patch normalised pixels (default on, as MAE's released weights)")
     a("--decoder-lora-rank", type=int, help="MAE: LoRA rank of a loaded decoder (default 8)")
     a("--centering", choices=["softmax", "sinkhorn"], help="DINOv2 teacher centering (default softmax)")
     a("--num-prototypes", type=int, help="DINOv2 head prototypes (default 65536)")

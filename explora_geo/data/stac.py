@@ -470,10 +470,13 @@ def catalog_from_items(
                      + (f"; {unknown} item(s) have no eo:cloud_cover and were kept" if unknown else ""))
     refs = [ref for _, _, ref in units]
     target_crs = _target_crs(crs, refs, notes)
-    target_res = _target_res(res, refs, target_crs, notes)
+    target_res, gsd = _target_res(res, refs, target_crs, notes)
     value, origin = _resolve_nodata(list(headers.values()), nodata)
-    sources = [Source(name, channels, ref.crs, *_unit_grid(ref, target_res), ref.block, value)
-               for name, channels, ref in units]
+    sources = [Source(name, channels, *_unit_grid(ref, gsd), ref.block, value) for name, channels, ref in units]
+    warped = [s.name for s, ref in zip(sources, refs, strict=True) if s.crs != ref.crs]
+    if warped:
+        shown = ", ".join(warped[:3]) + (f", ... ({len(warped)} items)" if len(warped) > 3 else "")
+        notes.append(f"geographic CRS read through their UTM zone at {gsd[0]:g} m (bilinear): {shown}")
     if isinstance(dn_offset, str):
         if dn_offset != "auto":
             raise ExploraGeoError(f"dn_offset {dn_offset!r} is not 'auto' or a number; pass e.g. 1000 or 'auto'.")
@@ -491,7 +494,7 @@ def catalog_from_items(
     file_bands = tuple(sorted({_label(k, preset) for item in kept for k, a in item.assets.items()
                                if _is_raster(a) and (preset is None or preset.canonical(k))}))
     catalog = Catalog("band_files", wanted, file_bands, sources, target_crs, target_res, value, origin, offset,
-                      offset_origin, preset, notes)
+                      offset_origin, preset, notes, gsd=gsd)
     record = dict(provenance or {})
     record.update(items=ids, skipped_cloudy=cloudy, max_cloud=max_cloud)
     return StacInput(catalog, ids, cloudy, {"stac": record})

@@ -11,6 +11,8 @@ the same backbone files and fine-tuning modes as the classification task.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -19,8 +21,9 @@ from torchgeo.tasks import SemanticSegmentation
 
 import explora_geo.models  # noqa: F401  (registers our timm models)
 from explora_geo.downstream.tasks import ExploraTaskMixin, Mode, configure_finetuning
+from explora_geo.errors import ExploraGeoError
 
-__all__ = ["ViTSegmenter", "ExploraSegmentationTask"]
+__all__ = ["ViTSegmenter", "ExploraSegmentationTask", "is_segmentation_checkpoint", "segmenter_from_checkpoint"]
 
 
 class ViTSegmenter(nn.Module):
@@ -51,8 +54,13 @@ class ViTSegmenter(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         grids = self.backbone.get_intermediate_layers(x, n=self.n_blocks, reshape=True, norm=True)
+        return self.decode(grids, x.shape[-2:])
+
+    def decode(self, grids: list[Tensor] | tuple[Tensor, ...], size: tuple[int, int] | torch.Size) -> Tensor:
+        """Normed patch-token grids of the last ``n_blocks`` blocks (each ``[B, D, H/p, W/p]``) -> logits
+        ``[B, K, *size]``."""
         logits = self.decoder(torch.cat(list(grids), dim=1))
-        return nn.functional.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return nn.functional.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 class ExploraSegmentationTask(ExploraTaskMixin, SemanticSegmentation):
@@ -113,3 +121,56 @@ class ExploraSegmentationTask(ExploraTaskMixin, SemanticSegmentation):
                                   decoder_dim=self.hparams["decoder_dim"])
         configure_finetuning(backbone, self.hparams["mode"], head=self.model.decoder,
                              lora_rank=self.hparams["lora_rank"], lora_alpha=self.hparams["lora_alpha"])
+
+
+_TASK_KWARGS = ("model", "num_classes", "labels", "mode", "lora_rank", "lora_alpha", "n_blocks", "decoder_dim",
+                "task", "num_labels", "loss", "ignore_index", "lr", "patience", "in_channels")
+
+
+def is_segmentation_checkpoint(ckpt: dict[str, Any]) -> bool:
+    """Whether a loaded Lightning checkpoint holds an :class:`ExploraSegmentationTask` (a ViTSegmenter's
+    ``model.decoder`` and ``model.backbone`` weights)."""
+    state = ckpt.get("state_dict") or {}
+    return any(k.startswith("model.decoder.") for k in state) and any(k.startswith("model.backbone.") for k in state)
+
+
+def segmenter_from_checkpoint(
+    path: str | os.PathLike[str], ckpt: dict[str, Any] | None = None,
+) -> tuple[ViTSegmenter, dict[str, Any], dict[str, Any]]:
+    """The trained :class:`ViTSegmenter` of an :class:`ExploraSegmentationTask` checkpoint (``torchgeo fit``
+    with ``configs/torchgeo_segmentation.yaml``, or ``trainer.save_checkpoint``), in eval mode, LoRA merged.
+
+    Args:
+        path: the ``.ckpt`` file.
+        ckpt: the checkpoint already loaded (``torch.load(path, weights_only=True)``), to avoid reading it twice.
+
+    Returns:
+        ``(segmenter, backbone sidecar, task hyper-parameters)``.
+
+    Raises:
+        ExploraGeoError: a missing file, a checkpoint of another task, or one without explora-geo backbone metadata.
+    """
+    path = Path(path)
+    if ckpt is None:
+        if not path.is_file():
+            raise ExploraGeoError(f"checkpoint {path} does not exist; pass the .ckpt that `torchgeo fit` wrote.")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not is_segmentation_checkpoint(ckpt):
+        raise ExploraGeoError(f"{path} is not an ExploraSegmentationTask checkpoint (no model.decoder / "
+                              "model.backbone weights); pass the .ckpt of `torchgeo fit --config "
+                              "configs/torchgeo_segmentation.yaml`.")
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    meta = hparams.get("backbone_meta")
+    if not meta:
+        raise ExploraGeoError(f"{path} has no explora-geo backbone metadata (it was not trained with "
+                              "ExploraSegmentationTask and an explora-geo backbone file); train it with one.")
+    kwargs = {k: hparams[k] for k in _TASK_KWARGS if k in hparams}
+    task = ExploraSegmentationTask(weights=None, backbone_meta=meta, **kwargs)
+    task.load_state_dict(ckpt["state_dict"], strict=True)
+    segmenter = task.model
+    if task.hparams["mode"] == "lora":
+        from explora_geo.adapter import merge_explora
+
+        segmenter.backbone = merge_explora(segmenter.backbone)
+    sidecar = {k: v for k, v in meta.items() if k != "weights_file"}
+    return segmenter.eval(), sidecar, hparams

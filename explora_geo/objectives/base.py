@@ -9,6 +9,7 @@ logging, checkpoints.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -79,6 +80,11 @@ class Objective(nn.Module):
     def student_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters the optimiser updates (teacher copies excluded)."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def report(self) -> dict[str, Any]:
+        """JSON-ready account of what the objective took from the source checkpoint and of its input
+        geometry (MAE: the decoder's tensors; DINOv2: the mask token and the crop sizes), for summary.json."""
+        return {}
 
     def set_max_steps(self, max_steps: int) -> None:
         """Fix the run length for step-count settings (called once by the training module)."""

@@ -8,7 +8,11 @@ multi-crop views. ExPLoRA specifics (method.md):
 - the LoRA stays unmerged in both (the adapter never merges implicitly);
 - teacher targets are centred by softmax centering (moving-average centre) or Sinkhorn-Knopp;
 - schedules: teacher temperature (linear warm-up), EMA momentum (cosine to 1), weight decay (cosine);
-- the head's last layer gets no update during the first ``freeze_last_layer_steps`` steps.
+- the head's last layer gets no update during the first ``freeze_last_layer_steps`` steps;
+- the teacher always runs in eval mode (no dropout / drop-path in the targets), whatever ``.train()`` says;
+- iBOT uses the DINO head by default or its own head (``separate_ibot_head``, DINOv2's ``ibot.separate_head``);
+- the iBOT mask token starts from an official DINOv2 file's ``mask_token`` when the source has one
+  (:attr:`DINOv2Objective.mask_token_source` says which).
 
 Losses and heads come from lightly (:class:`~lightly.models.modules.heads.DINOv2ProjectionHead`,
 :class:`~lightly.loss.KoLeoLoss`, :class:`~lightly.models.modules.center.Center`,
@@ -36,10 +40,10 @@ from torch import Tensor, nn
 from explora_geo.augment import MultiCrop, MultiCropConfig
 from explora_geo.errors import ExploraGeoError
 from explora_geo.objectives.base import Objective, cosine
-from explora_geo.objectives.masking import patch_size_of, replaced_tokens, token_grid
+from explora_geo.objectives.masking import img_size_of, patch_size_of, replaced_tokens, token_grid
 
 __all__ = ["DINOv2Config", "DINOv2Objective", "projection_head", "build_teacher", "ema_pairs", "ema_update",
-           "sinkhorn_knopp", "update_center",
+           "sinkhorn_knopp", "update_center", "is_rgb_input",
            "cross_view_loss", "masked_patch_loss"]
 
 
@@ -58,6 +62,9 @@ class DINOv2Config:
         momentum_start: EMA momentum at step 0; it follows a cosine to 1.0 at the last step.
         weight_decay_start, weight_decay_end: cosine weight-decay schedule.
         dino_weight, ibot_weight, koleo_weight: loss weights.
+        separate_ibot_head: give the iBOT patch loss its own projection head (same sizes, own EMA teacher
+            copy) instead of sharing the DINO head (DINOv2's ``ibot.separate_head``; off by default, as in
+            DINOv2's ViT-L recipe).
         mask_probability: fraction of global crops that get an iBOT block mask.
         mask_ratio: (min, max) fraction of the patches masked in a masked crop.
         freeze_last_layer_steps: steps during which the head's last layer is not updated; ``None`` =
@@ -82,6 +89,7 @@ class DINOv2Config:
     dino_weight: float = 1.0
     ibot_weight: float = 1.0
     koleo_weight: float = 0.1
+    separate_ibot_head: bool = False
     mask_probability: float = 0.5
     mask_ratio: tuple[float, float] = (0.1, 0.5)
     freeze_last_layer_steps: int | None = None
@@ -244,24 +252,60 @@ class DINOv2Objective(Objective):
     Args:
         backbone: the ExPLoRA-adapted student backbone.
         config: :class:`DINOv2Config`.
+        mask_token: the source checkpoint's iBOT ``mask_token`` (``[1, D]``, official DINOv2 files have it;
+            timm's converted DINOv2 weights do not); ``None`` starts it at zero, as DINOv2 does.
+        mask_token_source: where ``mask_token`` comes from, for :attr:`mask_token_source`.
+
+    Attributes:
+        mask_token_source: ``"loaded from <source>"`` or ``"new (zeros): ..."``, for the run's reports.
     """
 
     name = "dinov2"
     betas = (0.9, 0.999)
 
-    def __init__(self, backbone: nn.Module, config: DINOv2Config | None = None) -> None:
+    def __init__(self, backbone: nn.Module, config: DINOv2Config | None = None, *,
+                 mask_token: Tensor | None = None, mask_token_source: str = "the source checkpoint") -> None:
         super().__init__(backbone)
         self.config = cfg = config or DINOv2Config()
         dim = int(backbone.embed_dim)
         self.head = projection_head(dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.num_prototypes)
+        self.ibot_head = (projection_head(dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.num_prototypes)
+                          if cfg.separate_ibot_head else None)
         self.mask_token = nn.Parameter(torch.zeros(1, dim))
-        self.teacher = nn.ModuleDict({"backbone": build_teacher(backbone), "head": build_teacher(self.head)})
+        if mask_token is not None:
+            if mask_token.numel() != dim:
+                raise ExploraGeoError(
+                    f"{mask_token_source} has a mask_token of shape {tuple(mask_token.shape)}, the backbone is "
+                    f"{dim} wide; use DINOv2 weights of the backbone's size."
+                )
+            with torch.no_grad():
+                self.mask_token.copy_(mask_token.reshape(1, dim))
+            self.mask_token_source = f"loaded from {mask_token_source}"
+        else:
+            self.mask_token_source = "new (zeros): the source weights have no DINOv2 mask_token"
+        teacher = {"backbone": build_teacher(backbone), "head": build_teacher(self.head)}
+        if self.ibot_head is not None:
+            teacher["ibot_head"] = build_teacher(self.ibot_head)
+        self.teacher = nn.ModuleDict(teacher)
         self.cls_center = Center((1, cfg.num_prototypes), momentum=cfg.center_momentum)
         self.patch_center = Center((1, cfg.num_prototypes), momentum=cfg.center_momentum)
         self.koleo = KoLeoLoss()
-        self.crop = MultiCrop(_crop_config(cfg.crops, backbone))
+        self.crop = MultiCrop(_crop_config(cfg.crops, backbone), rgb=is_rgb_input(backbone))
         self._freeze_steps = 0  # set by set_max_steps
         self._ema: tuple[list[Tensor], list[Tensor]] | None = None
+        self.teacher.eval()
+
+    def train(self, mode: bool = True) -> DINOv2Objective:
+        """Set the student's mode; the teacher stays in eval mode (its dropout / drop-path never fire)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def _student_ibot_head(self) -> nn.Module:
+        return self.ibot_head if self.ibot_head is not None else self.head
+
+    def _teacher_ibot_head(self) -> nn.Module:
+        return self.teacher["ibot_head"] if self.ibot_head is not None else self.teacher["head"]
 
     # -- schedules -------------------------------------------------------------------------------------
     def teacher_temp(self, step: int, max_steps: int) -> float:
@@ -284,6 +328,13 @@ class DINOv2Objective(Objective):
         """Steps during which the head's last layer is not updated."""
         k = self.config.freeze_last_layer_steps
         return min(3000, max_steps // 10) if k is None else k
+
+    def report(self) -> dict[str, Any]:
+        """Mask token origin, crop sizes (px) and counts, solarisation (RGB only), iBOT head layout."""
+        crops = self.crop.config
+        return {"mask_token": self.mask_token_source, "global_crop_px": crops.global_size,
+                "local_crop_px": crops.local_size, "n_global": crops.n_global, "n_local": crops.n_local,
+                "solarize": self.crop.rgb, "separate_ibot_head": self.ibot_head is not None}
 
     def default_lr(self, batch_size: int) -> float:
         """DINOv2 recipe: 1e-3 at 1024 images, square-root scaling."""
@@ -326,7 +377,7 @@ class DINOv2Objective(Objective):
         with torch.no_grad():
             t_tokens = self.teacher["backbone"].forward_features(globals_)
             t_cls = self.teacher["head"](t_tokens[:, 0])
-            t_patch = self.teacher["head"](t_tokens[:, prefix:][flat_masks])
+            t_patch = self._teacher_ibot_head()(t_tokens[:, prefix:][flat_masks])
             t_cls_probs = self._targets(t_cls, self.cls_center, temp).chunk(n_global)
             t_patch_probs = self._targets(t_patch, self.patch_center, temp)  # [M, K]; M may be 0
 
@@ -339,7 +390,7 @@ class DINOv2Objective(Objective):
             s_logits += list(self.head(s_local).chunk(len(local_crops)))
 
         dino = cross_view_loss(list(t_cls_probs), s_logits, cfg.student_temp)
-        s_patch = self.head(s_tokens[:, prefix:][flat_masks])
+        s_patch = self._student_ibot_head()(s_tokens[:, prefix:][flat_masks])
         ibot = masked_patch_loss(t_patch_probs, s_patch, flat_masks, cfg.student_temp)
         koleo = sum(self.koleo(c.float()) for c in s_cls.chunk(n_global))
         loss = cfg.dino_weight * dino + cfg.ibot_weight * ibot + cfg.koleo_weight * koleo
@@ -353,15 +404,18 @@ class DINOv2Objective(Objective):
     def before_optimizer_step(self, step: int) -> None:
         """No update of the head's last layer during the first steps (DINO's stabilisation trick)."""
         if step < self._freeze_steps:
-            for p in self.head.last_layer.parameters():
+            heads = [self.head] if self.ibot_head is None else [self.head, self.ibot_head]
+            for p in (p for h in heads for p in h.last_layer.parameters()):
                 p.grad = None
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int, max_steps: int) -> None:
         """EMA update of the teacher's trainable tensors."""
         if self._ema is None:  # the same Parameter objects all run long (moving devices keeps them)
-            pairs = [ema_pairs(s, t) for s, t in ((self.backbone, self.teacher["backbone"]),
-                                                  (self.head, self.teacher["head"]))]
+            modules = [(self.backbone, self.teacher["backbone"]), (self.head, self.teacher["head"])]
+            if self.ibot_head is not None:
+                modules.append((self.ibot_head, self.teacher["ibot_head"]))
+            pairs = [ema_pairs(s, t) for s, t in modules]
             self._ema = ([p for s, _ in pairs for p in s], [p for _, t in pairs for p in t])
         ema_update(*self._ema, self.momentum(step, max_steps))
 
@@ -370,13 +424,27 @@ class DINOv2Objective(Objective):
         self._freeze_steps = self.freeze_last_layer_steps(max_steps)
 
 
+def is_rgb_input(backbone: nn.Module) -> bool:
+    """Whether the backbone's input is 3-band RGB: its ``band_names`` are the red, green and blue bands of a
+    sensor preset (``R, G, B``; Sentinel-2 ``B04, B03, B02`` ...), or it has no band names and 3 channels."""
+    from explora_geo.sensors import SENSORS
+
+    names = getattr(backbone, "band_names", None)
+    if names is None:
+        return int(getattr(backbone, "in_chans", getattr(getattr(backbone, "patch_embed", None), "in_chans", 0))
+                   or 0) == 3
+    if len(names) != 3:
+        return False
+    for sensor in SENSORS.values():
+        if sensor.rgb and {sensor.canonical(b) for b in names} == {sensor.canonical(b) for b in sensor.rgb}:
+            return True
+    return False
+
+
 def _crop_config(crops: MultiCropConfig | None, backbone: nn.Module) -> MultiCropConfig:
     cfg = copy.copy(crops) if crops is not None else MultiCropConfig()
     patch = patch_size_of(backbone)
-    img = getattr(backbone, "img_size", None)
-    if img is None:
-        img = backbone.patch_embed.img_size  # type: ignore[union-attr]
-    img = int(img[0] if isinstance(img, (tuple, list)) else img)
+    img = img_size_of(backbone)
     if not cfg.global_size:
         cfg.global_size = img
     if not cfg.local_size:

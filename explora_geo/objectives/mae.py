@@ -8,14 +8,17 @@ groups are not contiguous in the sensor's order).
 
 The decoder uses the official MAE parameter names once the ``decoder_`` prefix is removed (``embed``,
 ``mask_token``, ``blocks.{i}``, ``norm``, ``pred.{g}``), so a released "visualize"/full MAE checkpoint's
-decoder loads into it (:meth:`MAEDecoder.load_official`). In ExPLoRA-MAE a loaded decoder is frozen and gets
-LoRA on Q and V (rank ``decoder_lora_rank``) with trainable norms; a new decoder trains fully.
+decoder loads into it (:meth:`MAEDecoder.load_official`), which returns a :class:`DecoderReport` naming every
+decoder tensor as loaded, new or mismatched. In ExPLoRA-MAE a loaded decoder block is frozen and gets LoRA on
+Q and V (rank ``decoder_lora_rank``) with trainable norms; a block that was not loaded completely, and a new
+decoder, train fully (never LoRA on random weights).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -32,7 +35,12 @@ from explora_geo.objectives.masking import (
     token_grid,
 )
 
-__all__ = ["MAEConfig", "MAEDecoder", "MAEObjective", "patchify", "group_targets", "reconstruction_loss"]
+__all__ = ["MAEConfig", "MAEDecoder", "MAEObjective", "DecoderReport", "patchify", "group_targets",
+           "reconstruction_loss"]
+
+#: Said when the source checkpoint has no decoder (encoder-only MAE weights).
+NO_DECODER = ("the source weights have no MAE decoder (encoder-only weights such as timm's "
+              "vit_large_patch16_224.mae or MAE's mae_pretrain_vit_*.pth): a new decoder is built and trains fully")
 
 
 @dataclass
@@ -43,7 +51,8 @@ class MAEConfig:
         mask_ratio: fraction of patch tokens hidden from the encoder.
         mask_mode: ``"independent"`` (tokens drawn over all groups x positions; SatMAE's better default) or
             ``"consistent"`` (the same positions hidden in every group). Same thing for a one-group ViT.
-        norm_pix_loss: regress per-patch normalised pixels (mean 0, std 1 over the patch).
+        norm_pix_loss: regress per-patch normalised pixels (mean 0, std 1 over the patch). On by default: MAE's
+            released weights were trained with it and ExPLoRA continues the same objective.
         decoder_dim, decoder_depth, decoder_heads: decoder width, blocks, heads (512 x 8 x 16 in MAE).
         decoder_group_dim: width of the decoder's group code (group-channel ViT only); default ``dim // 4``.
         decoder_lora_rank: LoRA rank on the Q and V of a LOADED decoder (its other weights frozen, norms
@@ -52,7 +61,7 @@ class MAEConfig:
 
     mask_ratio: float = 0.75
     mask_mode: Literal["independent", "consistent"] = "independent"
-    norm_pix_loss: bool = False
+    norm_pix_loss: bool = True
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
@@ -131,6 +140,52 @@ def reconstruction_loss(
     return total / count.clamp(min=1)
 
 
+@dataclass
+class DecoderReport:
+    """What happened to every tensor of the MAE decoder when the source checkpoint was read.
+
+    Attributes:
+        source_has_decoder: the source checkpoint had decoder tensors at all.
+        status: every decoder tensor (our names, e.g. ``blocks.0.attn.qkv.weight``) -> ``"loaded"``,
+            ``"new"`` (not in the source) or ``"mismatched: source (a, b) vs decoder (c, d)"`` (left new).
+        ignored: source decoder keys with no place here (``decoder_pos_embed``: the codes are fixed sin-cos,
+            rebuilt for the model's grid).
+        notes: plain-language lines (no decoder in the source; which blocks train fully).
+    """
+
+    source_has_decoder: bool
+    status: dict[str, str] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def keys(self, state: str) -> list[str]:
+        """Tensor names whose status starts with ``state`` (``"loaded"``, ``"new"``, ``"mismatched"``)."""
+        return [k for k, v in self.status.items() if v.startswith(state)]
+
+    def blocks_not_loaded(self) -> list[int]:
+        """Indices of decoder blocks with at least one tensor that did not come from the source."""
+        return sorted({int(m.group(1)) for k, v in self.status.items()
+                       if (m := re.match(r"blocks\.(\d+)\.", k)) and v != "loaded"})
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready dict for summary.json."""
+        return {"source_has_decoder": self.source_has_decoder, "loaded": self.keys("loaded"),
+                "new": self.keys("new"), "mismatched": {k: v for k, v in self.status.items()
+                                                        if v.startswith("mismatched")},
+                "ignored": list(self.ignored), "notes": list(self.notes)}
+
+    def summary(self) -> str:
+        """One line for the log."""
+        if not self.source_has_decoder:
+            return f"MAE decoder: {NO_DECODER}."
+        text = (f"MAE decoder: {len(self.keys('loaded'))} tensors loaded, {len(self.keys('new'))} new, "
+                f"{len(self.keys('mismatched'))} mismatched")
+        mismatched = self.keys("mismatched")
+        if mismatched:
+            text += f" ({', '.join(mismatched[:3])}{' ...' if len(mismatched) > 3 else ''})"
+        return text + "." + "".join(f" {n.rstrip('.')}." for n in self.notes)
+
+
 class MAEDecoder(nn.Module):
     """MAE decoder for a one-group ViT or a group-channel ViT.
 
@@ -197,23 +252,37 @@ class MAEDecoder(nn.Module):
         x = self.norm(x)[:, prefix:].reshape(b, self.num_groups, h * w, dim)
         return [head(x[:, g]) for g, head in enumerate(self.pred)]
 
-    def load_official(self, tensors: Mapping[str, Tensor]) -> list[str]:
+    def load_official(self, tensors: Mapping[str, Tensor]) -> DecoderReport:
         """Load an official MAE checkpoint's decoder (``decoder_embed.*``, ``mask_token``, ``decoder_blocks.*``,
         ``decoder_norm.*``, ``decoder_pred.*``; ``decoder_pos_embed`` is fixed and rebuilt, not loaded).
 
-        Tensors whose shape does not fit (e.g. an RGB ``decoder_pred`` for a group of 4 bands) stay new.
+        Tensors whose shape does not fit (e.g. an RGB ``decoder_pred`` for a group of 4 bands) stay new and
+        are reported as mismatched, with both shapes.
 
         Returns:
-            the names (ours) that were loaded.
+            a :class:`DecoderReport` with a status for every decoder tensor.
         """
         own = self.state_dict()
+        report = DecoderReport(source_has_decoder=any(k.startswith("decoder_") for k in tensors))
+        if not report.source_has_decoder:
+            report.notes.append(NO_DECODER)
         loaded: dict[str, Tensor] = {}
         for key, value in tensors.items():
             name = _official_to_ours(key)
-            if name is not None and name in own and own[name].shape == value.shape:
+            if name is None or name not in own:
+                report.ignored.append(key)
+            elif own[name].shape != value.shape:
+                report.status[name] = (f"mismatched: source {tuple(value.shape)} vs decoder "
+                                       f"{tuple(own[name].shape)}")
+            else:
                 loaded[name] = value
-        self.load_state_dict(loaded, strict=False)
-        return sorted(loaded)
+                report.status[name] = "loaded"
+        for name in own:
+            report.status.setdefault(name, "new")
+        report.status = dict(sorted(report.status.items()))
+        result = self.load_state_dict(loaded, strict=False)
+        assert not result.unexpected_keys, result.unexpected_keys
+        return report
 
 
 def _layer_norm(dim: int, **kwargs: Any) -> nn.LayerNorm:
@@ -240,6 +309,9 @@ class MAEObjective(Objective):
         config: :class:`MAEConfig`.
         decoder_state: an MAE checkpoint's decoder tensors (official names), e.g. ``LoadReport.extra``;
             ``None`` or empty builds a new decoder.
+
+    Attributes:
+        decoder_report: :class:`DecoderReport` of the decoder's tensors (also when there was no decoder).
     """
 
     name = "mae"
@@ -255,9 +327,14 @@ class MAEObjective(Objective):
             self.config.decoder_heads, patch_size_of(backbone), [len(c) for c in self.channels],
             self.config.decoder_group_dim,
         )
-        self.decoder_loaded = self.decoder.load_official(decoder_state) if decoder_state else []
+        self.decoder_report = self.decoder.load_official(decoder_state or {})
         if self.decoder_loaded and self.config.decoder_lora_rank > 0:
-            _adapt_decoder(self.decoder, self.config.decoder_lora_rank)
+            _adapt_decoder(self.decoder, self.config.decoder_lora_rank, self.decoder_report)
+
+    @property
+    def decoder_loaded(self) -> list[str]:
+        """Decoder tensors (our names) that came from the source checkpoint."""
+        return self.decoder_report.keys("loaded")
 
     def forward(self, batch: dict[str, Tensor], step: int = 0, max_steps: int = 1) -> dict[str, Tensor]:
         """MAE loss of a batch (see :meth:`Objective.forward`)."""
@@ -278,17 +355,26 @@ class MAEObjective(Objective):
         loss = reconstruction_loss(preds, targets, mask, valid, self.config.norm_pix_loss)
         return {"loss": loss, "mask_ratio": mask.float().mean().detach()}
 
+    def report(self) -> dict[str, Any]:
+        """``{"decoder": DecoderReport.to_dict(), "norm_pix_loss": bool}``."""
+        return {"decoder": self.decoder_report.to_dict(), "norm_pix_loss": self.config.norm_pix_loss}
+
     def default_lr(self, batch_size: int) -> float:
         """MAE recipe: base lr 4.5e-4 per 256 images (ExPLoRA-MAE)."""
         return 4.5e-4 * batch_size / 256
 
 
-def _adapt_decoder(decoder: MAEDecoder, rank: int) -> None:
-    """Freeze a loaded decoder's blocks, add LoRA on their Q and V, keep norms, embed, mask token and the
-    prediction layers trainable (ExPLoRA-MAE)."""
+def _adapt_decoder(decoder: MAEDecoder, rank: int, report: DecoderReport) -> None:
+    """ExPLoRA-MAE on a loaded decoder: freeze the blocks that were loaded completely and add LoRA on their Q
+    and V; a block with any tensor not loaded (new or mismatched) trains fully, never LoRA on random
+    weights. Norms, embed, mask token and the prediction layers train."""
     from explora_geo.adapter import ExploraConfig, apply_explora
 
-    apply_explora(decoder, ExploraConfig(unfreeze="none", rank=rank, train_norms=True, train_cls_token=False,
+    unfrozen = tuple(report.blocks_not_loaded())
+    if unfrozen:
+        report.notes.append(f"decoder block(s) {', '.join(map(str, unfrozen))} not fully loaded: they train "
+                            "fully (no LoRA on random weights)")
+    apply_explora(decoder, ExploraConfig(unfreeze=unfrozen, rank=rank, train_norms=True, train_cls_token=False,
                                          train_embeddings=False))
     for module in (decoder.embed, decoder.norm, decoder.pred):
         for p in module.parameters():

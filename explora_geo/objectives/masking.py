@@ -24,6 +24,7 @@ from torch import Tensor, nn
 __all__ = [
     "token_grid",
     "patch_size_of",
+    "img_size_of",
     "random_token_mask",
     "keep_indices",
     "replaced_tokens",
@@ -36,6 +37,12 @@ def patch_size_of(model: nn.Module) -> int:
     size = getattr(model, "patch_size", None)
     if size is None:
         size = model.patch_embed.patch_size  # type: ignore[union-attr]
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def img_size_of(model: nn.Module) -> int:
+    """Nominal input side in pixels of a group-channel ViT (``img_size``) or a timm ViT (``patch_embed.img_size``)."""
+    size = getattr(model, "img_size", None) or model.patch_embed.img_size  # type: ignore[union-attr]
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 

@@ -97,6 +97,7 @@ def write_outputs(out: Path, *, config: Any, run: Any, module: Any, trainer: L.T
         "source_weights": run.source_weights,
         "random_weights": run.random_weights,
         "source_weights_report": run.weights_report,
+        "input_size": input_size(backbone, run.weights_report.get("objective", {})),
         "data": run.data_description,
         "lr": run.lr,
         "resumed_from": resumed_from,
@@ -106,6 +107,17 @@ def write_outputs(out: Path, *, config: Any, run: Any, module: Any, trainer: L.T
     text = json.dumps(summary, indent=2, default=str)
     write_text_atomic(out / "summary.json", text)
     return summary
+
+
+def input_size(backbone: Any, objective_report: dict[str, Any]) -> dict[str, Any]:
+    """``{"img_size": px, "patch_size": px}`` of the trained backbone, plus the DINOv2 crop sizes (px)."""
+    from explora_geo.objectives.masking import img_size_of, patch_size_of
+
+    out: dict[str, Any] = {"img_size": img_size_of(backbone), "patch_size": patch_size_of(backbone)}
+    for key in ("global_crop_px", "local_crop_px"):
+        if key in objective_report:
+            out[key] = objective_report[key]
+    return out
 
 
 def gsd_of(sensor: str | None, bands: list[str]) -> float | None:

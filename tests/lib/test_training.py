@@ -67,6 +67,11 @@ def test_mae_loss_falls_frozen_weights_unchanged_and_outputs(t33uuu_dir: Path, t
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["first_loss"] == summary["first_loss"] and on_disk["device"] == "cpu x1"
     assert 0 < on_disk["trainable_params"] < on_disk["total_params"]
+    assert on_disk["input_size"] == {"img_size": 32, "patch_size": 8}
+    decoder = on_disk["source_weights_report"]["objective"]["decoder"]
+    assert decoder["source_has_decoder"] is False and decoder["loaded"] == [] and "blocks.0.attn.qkv.weight" in (
+        decoder["new"])
+    assert on_disk["source_weights_report"]["objective"]["norm_pix_loss"] is True  # MAE's recipe by default
 
     merged, sidecar = load_backbone(out / "backbone")
     assert sidecar["objective"] == "mae" and sidecar["explora"]["rank"] == 4 and sidecar["gsd_m"] == 10.0
@@ -97,6 +102,8 @@ def test_dinov2_loss_falls_and_teacher_shares_frozen_weights(t33uuu_dir: Path, t
     summary = run_pretraining(tiny_config(t33uuu_dir, tmp_path / "run", "dinov2", max_steps=16),
                               callbacks=[capture], echo=quiet)
     assert summary is not None and falls(summary["loss_history"]), summary["loss_history"]
+    assert summary["input_size"] == {"img_size": 32, "patch_size": 8, "global_crop_px": 32, "local_crop_px": 16}
+    assert summary["source_weights_report"]["objective"]["mask_token"].startswith("new")
     objective = capture.module.objective
     student, teacher = objective.backbone, objective.teacher["backbone"]
     assert teacher.blocks[0].attn.qkv.weight is student.blocks[0].attn.qkv.weight
@@ -240,3 +247,24 @@ def test_bf16_mixed_precision_runs(t33uuu_dir: Path, tmp_path: Path, objective: 
                                           precision="bf16-mixed"), echo=quiet)
     assert summary is not None and summary["precision"] == "bf16-mixed"
     assert all(torch.isfinite(torch.tensor(v)) for _, v in summary["loss_history"])
+
+
+class NoData(L.LightningDataModule):
+    """Stands in for the data: :func:`prepare_run` only builds the model and the objective here."""
+
+
+@pytest.mark.parametrize(("img_size", "global_px", "local_px"), [(None, 224, 98), (112, 112, 56)])
+def test_dinov2_default_input_is_the_papers_224_and_98(tmp_path: Path, img_size, global_px, local_px) -> None:
+    """A DINOv2 timm model (timm default 518 px) without --img-size trains on 224 px global / 98 px local
+    crops, the paper's recipe; an explicit --img-size wins."""
+    from explora_geo.training.setup import prepare_run
+
+    config = PretrainConfig.from_dict(dict(
+        out=str(tmp_path / "run"), bands="B04,B03,B02", model="vit_small_patch14_dinov2", objective="dinov2",
+        model_kwargs={"depth": 1}, weights="random", img_size=img_size, unfreeze="L", rank=2,
+        dinov2=dict(head_hidden_dim=16, head_bottleneck_dim=8, num_prototypes=16)))
+    run = prepare_run(config, datamodule=NoData(), echo=quiet)
+    assert run.backbone.patch_embed.img_size == (global_px, global_px)
+    crops = run.weights_report["objective"]
+    assert (crops["global_crop_px"], crops["local_crop_px"]) == (global_px, local_px)
+    assert crops["solarize"] is True  # RGB input: DINOv2's solarisation on global crop 2

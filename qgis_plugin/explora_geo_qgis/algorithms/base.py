@@ -27,8 +27,9 @@ from qgis.core import (
 from ..core.bands import layer_band_label, parse_mapping, resolve_bands
 from ..core.errors import PluginError
 from ..core.model import OnnxModel
-from ..core.pipeline import Cancelled, TileResults, run_tiles
+from ..core.pipeline import Cancelled, RunSettings, TileResults, infer
 from ..core.tiling import TileGrid
+from .loading import OutputLayer, present_outputs
 from .compat import FILE_BEHAVIOR, NUMBER_DOUBLE, NUMBER_INTEGER, SOURCE_POLYGON
 from .raster_source import LayerReader, WorkingGrid, make_grid, working_crs
 
@@ -39,8 +40,11 @@ class Run:
 
     results: TileResults
     grid: WorkingGrid
-    tiles: TileGrid
     model: OnnxModel
+
+    @property
+    def tiles(self) -> TileGrid:
+        return self.results.grid
 
     @property
     def cell_geotransform(self) -> tuple[float, ...]:
@@ -52,7 +56,8 @@ class Run:
 
     def stats(self) -> dict:
         """Speed and device facts every algorithm returns besides its outputs."""
-        return {"TILES_RUN": self.results.tiles_run, "TILES_PER_SECOND": self.results.tiles_per_second,
+        return {"TILES_RUN": self.results.tiles_run, "TILES_PARTIAL": self.results.tiles_partial,
+                "TILES_SKIPPED": self.results.tiles_skipped, "TILES_PER_SECOND": self.results.tiles_per_second,
                 "SECONDS": self.results.seconds, "FORWARD_SECONDS": self.results.forward_seconds,
                 "EXECUTION_PROVIDER": self.model.execution_provider}
 
@@ -87,6 +92,8 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
     BATCH_SIZE = "BATCH_SIZE"
     MIN_VALID = "MIN_VALID"
     NODATA = "NODATA"
+    SCALE = "SCALE"
+    OFFSET = "OFFSET"
 
     def group(self) -> str:
         return "ExPLoRA models"
@@ -119,6 +126,11 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterNumber(
             self.NODATA, "Extra nodata value (besides the layer's own)", NUMBER_DOUBLE,
             optional=True))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.SCALE, "Input scale: value*SCALE+OFFSET before the model's normalisation (e.g. 10000 for 0-1 "
+            "reflectance)", NUMBER_DOUBLE, defaultValue=1.0, optional=True))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.OFFSET, "Input offset (see SCALE)", NUMBER_DOUBLE, defaultValue=0.0, optional=True))
 
     def run_model(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback,
                   outputs: tuple[str, ...], need_classifier: bool = False) -> Run:
@@ -144,28 +156,40 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
         bands = self._layer_bands(layer, info.bands, parameters, context, feedback)
         crs, area, mask_wkts = self._area(layer, parameters, context, feedback)
         grid = make_grid(crs, area, info.gsd_m)
-        overlap = self.parameterAsDouble(parameters, self.OVERLAP, context) / 100.0
-        tiles = TileGrid.from_overlap(grid.width, grid.height, info.tile_size, overlap)
+        if grid.width < 1 or grid.height < 1:
+            raise PluginError(f"the area to process is empty at the model's {info.gsd_m:g} m resolution; choose a "
+                              "larger extent.")
         nodata = parameters.get(self.NODATA)
         reader = LayerReader(layer, bands, grid, nodata=None if nodata in (None, "") else
                              self.parameterAsDouble(parameters, self.NODATA, context), mask_wkts=mask_wkts)
+        settings = RunSettings(
+            overlap=self.parameterAsDouble(parameters, self.OVERLAP, context) / 100.0,
+            batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
+            min_valid=self.parameterAsDouble(parameters, self.MIN_VALID, context),
+            scale=self._number(parameters, self.SCALE, context, 1.0),
+            offset=self._number(parameters, self.OFFSET, context, 0.0))
+        tiles = TileGrid.from_overlap(grid.width, grid.height, info.tile_size, settings.overlap)
         ep = model.execution_provider
         feedback.pushInfo(f"ONNX Runtime execution provider: {ep} ({device_name(ep)}); "
                           f"{tiles.n_tiles} tiles of {info.tile_size} px at {info.gsd_m:g} m, "
                           f"stride {tiles.stride} px, grid {grid.width} x {grid.height} px.")
-        results = run_tiles(
-            reader, tiles, model, outputs=outputs,
-            batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
-            min_valid=self.parameterAsDouble(parameters, self.MIN_VALID, context),
-            progress=feedback.setProgress, is_cancelled=feedback.isCanceled)
-        skipped = tiles.n_tiles - results.tiles_run
-        feedback.pushInfo(f"Ran {results.tiles_run} tiles in {results.seconds:.2f} s: "
-                          f"{results.tiles_per_second:.1f} tiles/s on {device_name(ep)} ({ep}); "
-                          f"{skipped} tiles skipped (valid fraction below the minimum); "
-                          f"{results.forward_seconds:.2f} s inside ONNX Runtime.")
+        if (settings.scale, settings.offset) != (1.0, 0.0):
+            feedback.pushInfo(f"Input transform: value*{settings.scale:g}+{settings.offset:g} before the model's "
+                              f"{info.scaler.scheme} normalisation.")
+        results = infer(reader, model, settings, outputs=outputs, progress=feedback.setProgress,
+                        is_cancelled=feedback.isCanceled, source=reader.name)
+        for note in results.notes:
+            feedback.pushInfo(note)
+        feedback.pushInfo(results.summary(f"{device_name(ep)} ({ep})"))
         if feedback.isCanceled():
             raise Cancelled()
-        return Run(results, grid, tiles, model)
+        return Run(results, grid, model)
+
+    def _number(self, parameters: dict, name: str, context: QgsProcessingContext, default: float) -> float:
+        """An optional number parameter (``default`` when unset)."""
+        if parameters.get(name) in (None, ""):
+            return default
+        return self.parameterAsDouble(parameters, name, context)
 
     def _layer_bands(self, layer: QgsRasterLayer, model_bands: tuple[str, ...], parameters: dict,
                      context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> list[int]:
@@ -203,3 +227,12 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
         """Stop before writing the next output when the user cancelled."""
         if feedback.isCanceled():
             raise QgsProcessingException("cancelled by the user; outputs not yet written were not created.")
+
+    def present_outputs(self, parameters: dict, context: QgsProcessingContext, outputs: list[OutputLayer],
+                        source: str | None = None) -> None:
+        """Name the outputs Processing loads ``"<input> — <product> (<model>)"``, style them and stack them
+        in the order of ``outputs`` (first on top); ``source`` defaults to the ``INPUT`` layer's name."""
+        if source is None:
+            source = self.parameterAsRasterLayer(parameters, self.INPUT, context).name()
+        present_outputs(context, outputs, source=source,
+                        model_path=self.parameterAsFile(parameters, self.MODEL, context))

@@ -12,10 +12,10 @@ from qgis.core import (
     QgsProcessingParameterVectorDestination,
 )
 
-from ..core.products import attribute_columns, classify
-from ..core.writers import FLOAT_NODATA, write_geotiff, write_tile_grid
+from ..core.outputs import write_classification
 from .base import TiledModelAlgorithm
-from .styling import ClassStylePostProcessor, save_grid_style
+from .loading import OutputLayer
+from .styling import class_style, save_grid_style
 
 
 class ClassifyAlgorithm(TiledModelAlgorithm):
@@ -35,8 +35,11 @@ class ClassifyAlgorithm(TiledModelAlgorithm):
         return ("Runs an ONNX classifier exported by 'explora-geo export --head' over the raster, one tile per "
                 "output cell. Writes a GeoPackage grid (class id, class name, probability, one probability per "
                 "class, valid-pixel fraction, status ok/partial/nodata), a class raster with the class colours "
-                "and a probability raster. Tiles with too few valid pixels are skipped (status 'nodata'), never "
-                "classified. Geographic layers are processed in their UTM zone.")
+                "and a probability raster. Tiles with too few valid pixels (MIN_VALID) are skipped (status "
+                "'nodata', nodata in every output), never classified; tiles with some nodata/NaN pixels are "
+                "classified with those pixels filled (status 'partial'). The layer's values are checked against "
+                "the model's scale (SCALE/OFFSET convert e.g. 0-1 reflectance). Geographic layers are processed "
+                "in their UTM zone.")
 
     def createInstance(self) -> ClassifyAlgorithm:
         return ClassifyAlgorithm()
@@ -56,20 +59,15 @@ class ClassifyAlgorithm(TiledModelAlgorithm):
         prob_path = self.parameterAsOutputLayer(parameters, self.OUTPUT_PROBABILITY, context)
         run = self.run_model(parameters, context, feedback, ("probabilities",), need_classifier=True)
         info = run.model.info
-        result = classify(run.results.outputs["probabilities"], run.results.ran, run.results.valid_fraction)
         self.check_cancel(feedback)
-        gt, wkt = run.cell_geotransform, run.crs_wkt
-        write_tile_grid(grid_path, gt, wkt, attribute_columns(result, info.class_names,
-                                                              run.results.valid_fraction))
-        write_geotiff(class_path, result.class_id[None], gt, wkt, nodata=result.nodata_id,
-                      descriptions=["class"], class_names=info.class_names, class_colors=info.class_colors)
-        write_geotiff(prob_path, result.probability[None].astype(np.float32), gt, wkt, nodata=FLOAT_NODATA,
-                      descriptions=["probability"])
+        result = write_classification(run.results, info, grid_path=grid_path, class_path=class_path,
+                                      prob_path=prob_path)
         save_grid_style(grid_path, info.class_names, info.class_colors, feedback)
-        for path, kind in ((grid_path, "grid"), (class_path, "raster")):
-            if context.willLoadLayerOnCompletion(path):
-                processor = ClassStylePostProcessor.create(kind, info.class_names, info.class_colors)
-                context.layerToLoadOnCompletionDetails(path).setPostProcessor(processor)
+        style = class_style(info.class_names, info.class_colors)
+        # the class map on top, the grey probability raster at the bottom
+        self.present_outputs(parameters, context, [OutputLayer(class_path, "classes", style),
+                                                   OutputLayer(grid_path, "tile grid", style),
+                                                   OutputLayer(prob_path, "probability")])
         counts = np.bincount(result.class_id[run.results.ran].astype(np.int64), minlength=len(info.class_names))
         feedback.pushInfo("Tiles per class: " + ", ".join(f"{n}={c}" for n, c in zip(info.class_names, counts)))
         return {self.OUTPUT_GRID: grid_path, self.OUTPUT_CLASSES: class_path, self.OUTPUT_PROBABILITY: prob_path,

@@ -1,18 +1,16 @@
-"""Class colours for the classify outputs: a categorized style stored in the GeoPackage (its default style)
-and applied to the layers Processing loads, and a paletted renderer for the class raster."""
+"""Class colours for class outputs: a categorized style stored in the GeoPackage (its default style) and
+applied to the layers Processing loads, and a paletted renderer for class rasters."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from qgis.core import (
     QgsCategorizedSymbolRenderer,
     QgsFillSymbol,
     QgsMapLayer,
     QgsPalettedRasterRenderer,
-    QgsProcessingContext,
     QgsProcessingFeedback,
-    QgsProcessingLayerPostProcessorInterface,
     QgsRasterLayer,
     QgsRendererCategory,
     QgsVectorLayer,
@@ -51,33 +49,15 @@ def save_grid_style(path: str, class_names: Sequence[str], class_colors: Sequenc
         feedback.pushInfo(f"Style not stored in the GeoPackage: {error}")
 
 
-class ClassStylePostProcessor(QgsProcessingLayerPostProcessorInterface):
-    """Applies the class colours to a loaded output layer (``kind`` = ``"grid"`` or ``"raster"``).
+def class_style(class_names: Sequence[str], class_colors: Sequence[str]) -> Callable[[QgsMapLayer], None]:
+    """A style callback (see ``loading.OutputLayer``) giving a class raster its paletted renderer and a tile
+    grid its categorized renderer, in the class colours."""
+    names, colors = list(class_names), list(class_colors)
 
-    Create it with :meth:`create`: Processing keeps only a C++ pointer to a post-processor and runs it after
-    the algorithm object is gone, so the Python object must be kept alive elsewhere (the usual QGIS plugin
-    pattern); the class keeps the most recent few.
-    """
+    def apply(layer: QgsMapLayer) -> None:
+        if isinstance(layer, QgsVectorLayer):
+            layer.setRenderer(grid_renderer(names, colors))
+        elif isinstance(layer, QgsRasterLayer):
+            layer.setRenderer(raster_renderer(layer, names, colors))
 
-    _alive: list[ClassStylePostProcessor] = []
-    _KEEP = 32
-
-    def __init__(self, kind: str, class_names: Sequence[str], class_colors: Sequence[str]) -> None:
-        super().__init__()
-        self.kind = kind
-        self.class_names = list(class_names)
-        self.class_colors = list(class_colors)
-
-    @classmethod
-    def create(cls, kind: str, class_names: Sequence[str], class_colors: Sequence[str]) -> ClassStylePostProcessor:
-        processor = cls(kind, class_names, class_colors)
-        cls._alive = [*cls._alive[-(cls._KEEP - 1):], processor]
-        return processor
-
-    def postProcessLayer(self, layer: QgsMapLayer, context: QgsProcessingContext,
-                         feedback: QgsProcessingFeedback) -> None:
-        if self.kind == "grid" and isinstance(layer, QgsVectorLayer):
-            layer.setRenderer(grid_renderer(self.class_names, self.class_colors))
-        elif self.kind == "raster" and isinstance(layer, QgsRasterLayer):
-            layer.setRenderer(raster_renderer(layer, self.class_names, self.class_colors))
-        layer.triggerRepaint()
+    return apply
