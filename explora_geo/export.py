@@ -38,8 +38,18 @@ from explora_geo.atomic import atomic_paths
 from explora_geo.errors import ExploraGeoError
 from explora_geo.sensors import get_sensor
 
-__all__ = ["ONNX_OPSET", "HeadSpec", "SegmenterSpec", "OnnxBundle", "SegmenterBundle", "load_head_spec",
-           "load_model", "load_segmenter", "bundle_metadata", "export_onnx"]
+__all__ = [
+    "ONNX_OPSET",
+    "HeadSpec",
+    "OnnxBundle",
+    "SegmenterBundle",
+    "SegmenterSpec",
+    "bundle_metadata",
+    "export_onnx",
+    "load_head_spec",
+    "load_model",
+    "load_segmenter",
+]
 
 #: ONNX opset of exported bundles.
 ONNX_OPSET = 17

@@ -23,7 +23,7 @@ import explora_geo.models  # noqa: F401  (registers our timm models)
 from explora_geo.downstream.tasks import LORA_TARGETS, ExploraTaskMixin, Mode, configure_finetuning, merge_lora
 from explora_geo.errors import ExploraGeoError
 
-__all__ = ["ViTSegmenter", "ExploraSegmentationTask", "is_segmentation_checkpoint", "segmenter_from_checkpoint"]
+__all__ = ["ExploraSegmentationTask", "ViTSegmenter", "is_segmentation_checkpoint", "segmenter_from_checkpoint"]
 
 
 class ViTSegmenter(nn.Module):

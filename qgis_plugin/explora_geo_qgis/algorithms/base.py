@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from qgis.core import (
@@ -27,10 +28,10 @@ from qgis.core import (
 from ..core.bands import layer_band_label, parse_mapping, resolve_bands
 from ..core.errors import PluginError
 from ..core.model import OnnxModel
-from ..core.pipeline import Cancelled, RunSettings, TileResults, infer
+from ..core.pipeline import Cancelled, RunSettings, TileConsumer, TileResults, infer
 from ..core.tiling import TileGrid
-from .loading import OutputLayer, present_outputs
 from .compat import FILE_BEHAVIOR, NUMBER_DOUBLE, NUMBER_INTEGER, SOURCE_POLYGON
+from .loading import OutputLayer, present_outputs
 from .raster_source import LayerReader, WorkingGrid, make_grid, working_crs
 
 
@@ -133,17 +134,22 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
             self.OFFSET, "Input offset (see SCALE)", NUMBER_DOUBLE, defaultValue=0.0, optional=True))
 
     def run_model(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback,
-                  outputs: tuple[str, ...], need_classifier: bool = False) -> Run:
-        """Validate the parameters, build the working grid and run the model on every tile."""
+                  outputs: tuple[str, ...], need_classifier: bool = False,
+                  consumer: Callable[[OnnxModel], TileConsumer] | None = None) -> Run:
+        """Validate the parameters, build the working grid and run the model on every tile.
+
+        ``consumer(model)`` makes a :class:`~..core.pipeline.TileConsumer` that takes the outputs as they come
+        (they are then not stored per tile)."""
         try:
-            return self._run_model(parameters, context, feedback, outputs, need_classifier)
+            return self._run_model(parameters, context, feedback, outputs, need_classifier, consumer)
         except PluginError as err:
             raise QgsProcessingException(str(err)) from err
         except Cancelled as err:
             raise QgsProcessingException("cancelled by the user; no output was written.") from err
 
     def _run_model(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback,
-                   outputs: tuple[str, ...], need_classifier: bool) -> Run:
+                   outputs: tuple[str, ...], need_classifier: bool,
+                   consumer: Callable[[OnnxModel], TileConsumer] | None = None) -> Run:
         layer: QgsRasterLayer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
         if layer is None or not layer.isValid():
             raise PluginError("the input raster layer is missing or invalid; choose a readable raster.")
@@ -153,6 +159,7 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
         if need_classifier and not info.is_classifier:
             raise PluginError(f"model {os.path.basename(model_path)} is an embedder (no classes); export it "
                               "with --head to classify, or use the embed algorithm.")
+        self.check_model(model, model_path)
         bands = self._layer_bands(layer, info.bands, parameters, context, feedback)
         crs, area, mask_wkts = self._area(layer, parameters, context, feedback)
         grid = make_grid(crs, area, info.gsd_m)
@@ -177,7 +184,8 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
             feedback.pushInfo(f"Input transform: value*{settings.scale:g}+{settings.offset:g} before the model's "
                               f"{info.scaler.scheme} normalisation.")
         results = infer(reader, model, settings, outputs=outputs, progress=feedback.setProgress,
-                        is_cancelled=feedback.isCanceled, source=reader.name)
+                        is_cancelled=feedback.isCanceled, source=reader.name,
+                        consumer=consumer(model) if consumer is not None else None)
         for note in results.notes:
             feedback.pushInfo(note)
         feedback.pushInfo(results.summary(f"{device_name(ep)} ({ep})"))
@@ -190,6 +198,9 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
         if parameters.get(name) in (None, ""):
             return default
         return self.parameterAsDouble(parameters, name, context)
+
+    def check_model(self, model: OnnxModel, path: str) -> None:
+        """Refuse a model this algorithm cannot use (:class:`PluginError`); every bundle by default."""
 
     def _layer_bands(self, layer: QgsRasterLayer, model_bands: tuple[str, ...], parameters: dict,
                      context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> list[int]:
