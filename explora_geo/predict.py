@@ -12,7 +12,9 @@ raster, a scene of per-band files, or a STAC item. Each gives, in ``out``:
 
 - classifiers: ``<stem>_classes.tif`` (class ids, category names and colour table), ``<stem>_probability.tif``
   and ``<stem>_grid.gpkg``, the files the plugin's ``classify`` writes;
-- embedders: ``<stem>_embedding.tif``, as the plugin's ``embed``.
+- embedders: ``<stem>_embedding.tif``, as the plugin's ``embed``;
+- segmenters: ``<stem>_segmentation.tif`` (per-pixel classes at the model's GSD, windows blended by the core's
+  ``SegmentationConsumer``; names and colours), as the plugin's ``segment``.
 
 ``out/predict-run.json`` records the bundle (SHA-256), the settings and the finished inputs: a rerun skips
 those, and a folder holding a run of another bundle or settings is refused.
@@ -58,7 +60,8 @@ class PredictSettings:
     """How ``predict`` tiles and runs (the plugin's parameters, same meanings).
 
     Attributes:
-        stride: distance between tile origins, pixels (``None``: the tile size, no overlap).
+        stride: distance between tile origins, pixels (``None``: the tile size, no overlap; for segmenters half
+            of it, the plugin's default 50 % overlap).
         batch_size: tiles per forward pass.
         min_valid: tiles with a smaller valid-pixel fraction are skipped (nodata in every output).
         nodata: an extra nodata value, besides each file's own.
@@ -169,6 +172,8 @@ def _outputs(stem: str, model_type: str) -> dict[str, str]:
     if model_type == "classifier":
         return {"classes": f"{stem}_classes.tif", "probability": f"{stem}_probability.tif",
                 "grid": f"{stem}_grid.gpkg"}
+    if model_type == "segmenter":
+        return {"segmentation": f"{stem}_segmentation.tif"}
     return {"embedding": f"{stem}_embedding.tif"}
 
 
@@ -253,16 +258,20 @@ def predict(
             the engine's refusals (value scale, settings), one line each.
     """
     pipeline = _core()
+    from explora_geo_qgis.core.blending import SegmentationConsumer
     from explora_geo_qgis.core.errors import PluginError
     from explora_geo_qgis.core.outputs import write_classification, write_embedding
+    from explora_geo_qgis.core.writers import write_geotiff
 
     bundle, out = Path(bundle), Path(out)
     model = model if model is not None else open_bundle(bundle, settings.device)
     info = model.info
-    if info.model_type not in ("classifier", "embedder"):
-        raise ExploraGeoError(f"{bundle} is a {info.model_type} bundle; predict writes classifier and embedder "
-                              "products (export the backbone with or without --head).")
-    stride = settings.stride or info.tile_size
+    segmenter = info.model_type == "segmenter"
+    if info.model_type not in ("classifier", "embedder", "segmenter") or (
+            segmenter and "logits" not in model.output_names):
+        raise ExploraGeoError(f"{bundle} is a {info.model_type} bundle without the outputs predict writes; "
+                              "re-export it with 'explora-geo export'.")
+    stride = settings.stride or (info.tile_size // 2 if segmenter else info.tile_size)
     if not 1 <= stride <= info.tile_size:
         raise ExploraGeoError(f"--stride {stride} must be between 1 and the model's tile size {info.tile_size} px.")
     if settings.batch_size < 1:
@@ -271,7 +280,7 @@ def predict(
               "bundle_sha256": _sha256(bundle), "model_type": info.model_type,
               "settings": {**settings.to_dict(), "stride": stride, "roi": str(roi) if roi else None}}
     run = _open_run(out, record)
-    outputs = ("probabilities",) if info.is_classifier else ("embedding",)
+    outputs = ("probabilities",) if info.is_classifier else ("logits",) if segmenter else ("embedding",)
     run_settings = pipeline.RunSettings(overlap=1.0 - stride / info.tile_size, batch_size=settings.batch_size,
                                         min_valid=settings.min_valid, scale=settings.scale, offset=settings.offset)
     summary: dict[str, Any] = {"out": str(out), "bundle": str(bundle), "model_type": info.model_type,
@@ -286,12 +295,19 @@ def predict(
             log(f"{source.name}: finished in an earlier run, skipped")
             continue
         reader = SourceReader(source, nodata=settings.nodata, mask=_roi_mask(roi, source))
+        consumer = SegmentationConsumer(len(info.class_names)) if segmenter else None
         try:
             results = pipeline.infer(reader, model, run_settings, outputs=outputs, source=source.name,
-                                     progress=(lambda p, n=source.name: progress(n, p)) if progress else None)
+                                     progress=(lambda p, n=source.name: progress(n, p)) if progress else None,
+                                     consumer=consumer)
             if info.is_classifier:
                 write_classification(results, info, grid_path=out / files["grid"], class_path=out / files["classes"],
                                      prob_path=out / files["probability"])
+            elif segmenter:  # as the plugin's segment algorithm writes its class raster
+                blender = consumer.blender
+                write_geotiff(out / files["segmentation"], blender.class_id[None], reader.geotransform,
+                              reader.crs_wkt, nodata=blender.nodata_id, descriptions=["class"],
+                              class_names=info.class_names, class_colors=info.class_colors)
             else:
                 write_embedding(results, out / files["embedding"])
         except PluginError as err:

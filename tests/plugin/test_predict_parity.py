@@ -97,3 +97,16 @@ def test_predict_writes_the_plugins_embeddings(qgis_app: Any, bundle: dict, t33u
     theirs = _raster(plugin["OUTPUT"])
     np.testing.assert_array_equal(ours[0], theirs[0])
     assert ours[1:3] == theirs[1:3]
+
+
+def test_predict_writes_the_plugins_segmentation(qgis_app: Any, segmenter_bundle: Path, t33uuu_vrt: Path,
+                                                 tmp_path: Path) -> None:
+    data = _with_nan(t33uuu_vrt, tmp_path / "nan.tif")
+    plugin = _run("segment", {"INPUT": data, "MODEL": str(segmenter_bundle), "BATCH_SIZE": 16,
+                              "OUTPUT_CLASSES": str(tmp_path / "s.tif")})
+    summary = _predict(segmenter_bundle, data, tmp_path / "predict")
+    assert summary["model_type"] == "segmenter" and summary["inputs"][0]["tiles_run"] == plugin["TILES_RUN"]
+    ours, theirs = _raster(tmp_path / "predict" / "nan_segmentation.tif"), _raster(plugin["OUTPUT_CLASSES"])
+    np.testing.assert_array_equal(ours[0], theirs[0])
+    assert ours[1:] == theirs[1:]
+    assert ours[0].shape == (128, 256) and (ours[0] == 255).any() and (ours[0] != 255).any()  # NaN pixels: nodata
