@@ -39,6 +39,8 @@ __all__ = [
     "looks_like_store",
     "read_store_metadata",
     "store_band_indexes",
+    "store_stats_for",
+    "url_exists",
     "write_store_file",
 ]
 
@@ -219,3 +221,27 @@ def store_band_indexes(meta: dict[str, Any], bands: Sequence[str], store: str) -
             f"({','.join(missing)} missing); prepare a store with those bands or pass --bands matching the store."
         )
     return [have.index(b) for b in want]
+
+
+def store_stats_for(data: Any, stats: Any, normalization: str, bands: Any = None) -> Any:
+    """The statistics a pre-training on ``data`` uses: ``stats`` when given; for a prepared store with
+    ``satmae`` / ``meanstd`` scaling, the store's own (the path of its ``stats.json``, or for a URL the
+    statistics themselves); else ``None``.
+
+    Also checks a store early (before any model is built): unreachable, incomplete, or (when ``bands`` lists
+    band names) lacking some of ``bands``.
+
+    Raises:
+        ExploraGeoError: see :func:`read_store_metadata` and :func:`store_band_indexes`.
+    """
+    if data is None or not looks_like_store(data):
+        return stats
+    store = os.fspath(data[0] if isinstance(data, (list, tuple)) else data)
+    meta = read_store_metadata(store)
+    from explora_geo.sensors import SENSORS
+
+    if isinstance(bands, str) and bands.strip().lower().replace("-", "_") not in SENSORS:
+        store_band_indexes(meta, [b.strip() for b in bands.split(",") if b.strip()], store)
+    if stats is not None or normalization not in ("satmae", "meanstd"):
+        return stats
+    return meta["stats"] if is_url(store) else str(Path(store) / STATS_FILE)

@@ -149,6 +149,17 @@ class StoreDataModule(L.LightningDataModule):
                                           persistent_workers=False)
         return self.loader
 
+    def val_dataloader(self) -> list[Any]:
+        """No held-out patches: a store is all training data (prepare a second store to validate on)."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing: the position lives in the loader's own ``state_dict`` (saved by Lightning)."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore here (see :meth:`state_dict`)."""
+
     def describe(self) -> str:
         """A few lines for logs: the store, its patches, bands, GSD, CRSs and counts."""
         m = self.meta

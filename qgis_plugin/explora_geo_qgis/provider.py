@@ -8,12 +8,14 @@ from qgis.core import QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
 
 from .algorithms.classify import ClassifyAlgorithm
+from .algorithms.classify_from_examples import ClassifyFromExamplesAlgorithm
 from .algorithms.embed import EmbedAlgorithm
+from .algorithms.segment import SegmentAlgorithm
 from .algorithms.similarity import SimilarityAlgorithm
 
 
 class ExploraGeoProvider(QgsProcessingProvider):
-    """Provides ``explora_geo:classify``, ``explora_geo:embed`` and ``explora_geo:similarity``."""
+    """Provides ``explora_geo:classify``, ``classify_from_examples``, ``embed``, ``segment`` and ``similarity``."""
 
     def id(self) -> str:
         return "explora_geo"
@@ -28,5 +30,6 @@ class ExploraGeoProvider(QgsProcessingProvider):
         return QIcon(str(Path(__file__).with_name("icon.png")))
 
     def loadAlgorithms(self) -> None:
-        for algorithm in (ClassifyAlgorithm(), EmbedAlgorithm(), SimilarityAlgorithm()):
+        for algorithm in (ClassifyAlgorithm(), ClassifyFromExamplesAlgorithm(), EmbedAlgorithm(), SegmentAlgorithm(),
+                          SimilarityAlgorithm()):
             self.addAlgorithm(algorithm)

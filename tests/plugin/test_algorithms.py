@@ -78,8 +78,8 @@ def test_provider_registered(qgis_app: Any) -> None:
 
     provider = QgsApplication.processingRegistry().providerById("explora_geo")
     assert provider is not None
-    assert sorted(a.id() for a in provider.algorithms()) == ["explora_geo:classify", "explora_geo:embed",
-                                                              "explora_geo:similarity"]
+    assert {"explora_geo:classify", "explora_geo:classify_from_examples", "explora_geo:embed", "explora_geo:segment",
+            "explora_geo:similarity"} <= {a.id() for a in provider.algorithms()}
 
 
 def test_classify_whole_scene(qgis_app: Any, bundle: dict, t33uuu_vrt: Path, tmp_path: Path) -> None:
@@ -212,14 +212,16 @@ def test_embed_and_similarity(qgis_app: Any, bundle: dict, t33uuu_vrt: Path, tmp
     feature = QgsFeature()
     feature.setGeometry(QgsGeometry.fromWkt("POINT(330500 5821500)"))  # cell row 1, col 1
     point.dataProvider().addFeatures([feature])
-    sim = _run("similarity", {"INPUT": _layer(t33uuu_vrt), "MODEL": str(bundle["embedder"]), "EXTENT": extent,
-                              "REFERENCE": point, "OUTPUT": str(tmp_path / "s.tif")})
-    values = _read(sim["OUTPUT"])
-    assert sim["REFERENCE_TILES"] == 1 and values.shape == (8, 8)
-    ref = vectors[1, 1] / np.linalg.norm(vectors[1, 1])
-    expected = vectors @ ref / np.linalg.norm(vectors, axis=-1)
-    np.testing.assert_allclose(values, expected, atol=1e-5)
-    assert values[1, 1] == pytest.approx(1.0, abs=1e-5) and values.max() == pytest.approx(1.0, abs=1e-5)
+    for mode, centre in ((1, 0.0), (0, vectors.reshape(-1, 64).mean(axis=0))):  # raw cosine, centred
+        sim = _run("similarity", {"INPUT": _layer(t33uuu_vrt), "MODEL": str(bundle["embedder"]), "EXTENT": extent,
+                                  "REFERENCE": point, "MODE": mode, "OUTPUT": str(tmp_path / f"s{mode}.tif")})
+        values = _read(sim["OUTPUT"])
+        assert sim["REFERENCE_TILES"] == 1 and values.shape == (8, 8)
+        centred = vectors - centre
+        ref = centred[1, 1] / np.linalg.norm(centred[1, 1])
+        expected = centred @ ref / np.linalg.norm(centred, axis=-1)
+        np.testing.assert_allclose(values, expected, atol=1e-5)
+        assert values[1, 1] == pytest.approx(1.0, abs=1e-5) and values.max() == pytest.approx(1.0, abs=1e-5)
 
 
 def test_geographic_layer_is_processed_in_utm(qgis_app: Any, bundle: dict, t33uuu_vrt: Path,
@@ -379,3 +381,240 @@ def test_missing_onnxruntime_message_in_qgis(qgis_app: Any, bundle: dict, t33uuu
     with pytest.raises(QgsProcessingException, match=r"onnxruntime is missing.*pip install onnxruntime"):
         _run("embed", {"INPUT": _layer(t33uuu_vrt), "MODEL": str(bundle["embedder"]),
                        "OUTPUT": str(tmp_path / "e.tif")})
+
+
+# ---- rasters analysts really load (issue 12) -------------------------------------------------------------
+def _copy_scene(src_vrt: Path, path: Path, *, dtype: int, src_win: list[int], nodata: float | None = None,
+                edit: Any = None) -> Path:
+    """A GeoTIFF copy of a window of the real scene (band descriptions kept); ``edit(i, values)`` may change each
+    band's values."""
+    src = gdal.Open(str(src_vrt))
+    ds = gdal.Translate(str(path), src, outputType=dtype, srcWin=src_win, creationOptions=["TILED=YES"])
+    for i in range(1, ds.RasterCount + 1):
+        band = ds.GetRasterBand(i)
+        if nodata is not None:
+            band.SetNoDataValue(nodata)
+        if edit is not None:
+            band.WriteArray(edit(i, band.ReadAsArray()))
+        band.SetDescription(src.GetRasterBand(i).GetDescription())
+    ds = src = None
+    return path
+
+
+def _classify(path: Path, bundle: dict, out: Path, name: str = "layer", feedback: Any = None, layer: Any = None,
+              **params: Any) -> dict:
+    out.mkdir(exist_ok=True)
+    return _run("classify", {"INPUT": layer or _layer(path, name), "MODEL": str(bundle["classifier"]),
+                             "OUTPUT_GRID": str(out / "g.gpkg"), "OUTPUT_CLASSES": str(out / "c.tif"),
+                             "OUTPUT_PROBABILITY": str(out / "p.tif"), **params}, feedback)
+
+
+def _nan_pattern(shape: tuple[int, int]) -> np.ndarray:
+    """Invalid pixels scattered (3 %) and in blocks, deterministic."""
+    invalid = np.random.default_rng(12).random(shape) < 0.03
+    invalid[:40, :20] = True  # tile (0, 0) is mostly nodata
+    invalid[70:90, 100:150] = True  # partial tiles
+    invalid[:, -3:] = True  # a NaN edge, as exports have
+    return invalid
+
+
+def test_nan_float32_equals_uint16_with_nodata_zero(qgis_app: Any, bundle: dict, t33uuu_vrt: Path,
+                                                     tmp_path: Path) -> None:
+    invalid = _nan_pattern((128, 256))
+    win = [256, 128, 256, 128]
+    as_uint16 = _copy_scene(t33uuu_vrt, tmp_path / "u16.tif", dtype=gdal.GDT_UInt16, src_win=win, nodata=0,
+                            edit=lambda i, v: np.where(invalid, 0, v))
+    as_float = _copy_scene(t33uuu_vrt, tmp_path / "f32.tif", dtype=gdal.GDT_Float32, src_win=win,
+                           edit=lambda i, v: np.where(invalid, np.nan, v))
+    feedback = Feedback.make()
+    a = _classify(as_uint16, bundle, tmp_path / "a")
+    b = _classify(as_float, bundle, tmp_path / "b", feedback=feedback)
+    classes_a, classes_b = _read(a["OUTPUT_CLASSES"]), _read(b["OUTPUT_CLASSES"])
+    np.testing.assert_array_equal(classes_a, classes_b)
+    np.testing.assert_allclose(_read(a["OUTPUT_PROBABILITY"]), _read(b["OUTPUT_PROBABILITY"]), atol=1e-6)
+    rows = {(r["tile_row"], r["tile_col"]): r for r in _features(b["OUTPUT_GRID"])}
+    assert rows[(0, 0)]["status"] == "nodata" and classes_b[0, 0] == 255  # below MIN_VALID: nodata
+    partial = [r for r in rows.values() if r["status"] == "partial"]
+    assert len(partial) == b["TILES_PARTIAL"] == b["TILES_RUN"]  # every processed tile has some NaN
+    assert all(r["class_id"] >= 0 and r["probability"] is not None for r in partial)
+    # skipped: tile (0, 0) and tile (2, 3), 55 % of which the block covers
+    assert b["TILES_RUN"] + b["TILES_SKIPPED"] == 8 * 4 and b["TILES_SKIPPED"] == 2 and classes_b[2, 3] == 255
+    # the embeddings (more telling than this tiny model's saturated probabilities) agree as well
+    emb = [_read(_run("embed", {"INPUT": _layer(p), "MODEL": str(bundle["embedder"]),
+                                "OUTPUT": str(tmp_path / f"e{k}.tif")})["OUTPUT"], None) for k, p in
+           enumerate((as_uint16, as_float))]
+    np.testing.assert_allclose(emb[0], emb[1], atol=1e-5)
+    ran = classes_b != 255
+    assert np.isfinite(emb[1]).all() and (emb[1][:, ~ran] == -9999.0).all()
+    assert np.ptp(emb[1][:, ran], axis=1).min() > 0  # real, differing tiles
+    assert any(f"{b['TILES_PARTIAL']} partial" in m for m in feedback.infos)
+
+
+@pytest.mark.parametrize("case", ["smaller_than_a_tile", "all_nan", "tiny_extent"])
+def test_no_processed_tile_writes_all_nodata(qgis_app: Any, bundle: dict, t33uuu_vrt: Path, tmp_path: Path,
+                                             case: str) -> None:
+    from qgis.core import QgsFeature, QgsGeometry, QgsVectorLayer
+
+    extra: dict = {}
+    if case == "smaller_than_a_tile":
+        path = _copy_scene(t33uuu_vrt, tmp_path / "small.tif", dtype=gdal.GDT_UInt16, src_win=[0, 0, 20, 13])
+    elif case == "all_nan":
+        path = _copy_scene(t33uuu_vrt, tmp_path / "nan.tif", dtype=gdal.GDT_Float32, src_win=[0, 0, 100, 70],
+                           edit=lambda i, v: np.full_like(v, np.nan))
+    else:
+        path = t33uuu_vrt
+        extra = {"EXTENT": "330000,330050,5821990,5822040 [EPSG:32633]"}  # 5 x 5 px
+    point = QgsVectorLayer("Point?crs=EPSG:32633", "ref", "memory")
+    feature = QgsFeature()
+    feature.setGeometry(QgsGeometry.fromWkt("POINT(330010 5822030)"))
+    point.dataProvider().addFeatures([feature])
+    feedback = Feedback.make()
+    out = _classify(path, bundle, tmp_path / "c", feedback=feedback, **extra)
+    assert out["TILES_RUN"] == 0
+    assert (_read(out["OUTPUT_CLASSES"]) == 255).all() and (_read(out["OUTPUT_PROBABILITY"]) == -9999.0).all()
+    assert all(r["status"] == "nodata" for r in _features(out["OUTPUT_GRID"]))
+    (why,) = [m for m in feedback.infos if m.startswith("No tile was processed")]
+    assert ("no valid pixel" in why) == (case == "all_nan")
+    emb = _run("embed", {"INPUT": _layer(path), "MODEL": str(bundle["embedder"]), "OUTPUT": str(tmp_path / "e.tif"),
+                         **extra})
+    assert (_read(emb["OUTPUT"], None) == -9999.0).all()
+    sim = _run("similarity", {"INPUT": _layer(path), "MODEL": str(bundle["embedder"]), "REFERENCE": point,
+                              "OUTPUT": str(tmp_path / "s.tif"), **extra})
+    assert (_read(sim["OUTPUT"]) == -9999.0).all() and sim["REFERENCE_TILES"] == 0
+
+
+def _to_wgs84(src: Path, path: Path, width: int, height: int, bounds: tuple[float, ...]) -> Path:
+    """The scene warped to EPSG:4326 with an exact pixel size (odd sizes on purpose), band names kept."""
+    warped = gdal.Warp(str(path), str(src), options=gdal.WarpOptions(
+        format="GTiff", dstSRS="EPSG:4326", outputBounds=bounds, outputBoundsSRS="EPSG:4326", width=width,
+        height=height, resampleAlg="near", outputType=gdal.GDT_Float32, dstNodata=float("nan")))
+    del warped  # closes the file
+    source = gdal.Open(str(src))
+    ds = gdal.Open(str(path), gdal.GA_Update)
+    for i in range(1, ds.RasterCount + 1):
+        ds.GetRasterBand(i).SetDescription(source.GetRasterBand(i).GetDescription())
+    ds = source = None
+    return path
+
+
+@pytest.mark.parametrize("size", [(61, 27, 0.0003, 0.0002), (35, 71, 0.0003, 0.0002), (333, 201, 0.00021, 0.000129)])
+def test_epsg4326_layers_of_odd_sizes(qgis_app: Any, bundle: dict, t33uuu_vrt: Path, tmp_path: Path,
+                                      size: tuple[int, int, float, float]) -> None:
+    """Degree layers of odd sizes. The first two give a working grid of 32 k + 1 rows whose last 1-px strip the
+    projector returns as an empty block (checked here): those pixels are invalid, not an error."""
+    from explora_geo_qgis.algorithms.raster_source import LayerReader
+
+    width, height, xres, yres = size
+    bounds = (12.5523, 52.4603, 12.5523 + width * xres, 52.4603 + height * yres)
+    path = _to_wgs84(t33uuu_vrt, tmp_path / "wgs84.tif", width, height, bounds)
+    layer = _layer(path)
+    feedback = Feedback.make()
+    out = _classify(path, bundle, tmp_path / "c", feedback=feedback, layer=layer)
+    assert any("working in EPSG:32633" in m for m in feedback.infos)
+    ids = _read(out["OUTPUT_CLASSES"])
+    rows = _features(out["OUTPUT_GRID"])
+    assert len(rows) == ids.size and out["TILES_RUN"] == sum(r["status"] != "nodata" for r in rows) > 0
+    assert all(ids[r["tile_row"], r["tile_col"]] == (255 if r["status"] == "nodata" else r["class_id"])
+               for r in rows)
+    assert feedback.progress[-1] == pytest.approx(100.0)
+    if xres == 0.0003:
+        from explora_geo_qgis.algorithms.raster_source import make_grid, working_crs
+        from qgis.core import QgsCoordinateTransform, QgsProject
+
+        crs = working_crs(layer, layer.extent())
+        area = QgsCoordinateTransform(layer.crs(), crs, QgsProject.instance()).transformBoundingBox(layer.extent())
+        grid = make_grid(crs, area, 10.0)
+        reader = LayerReader(layer, [2], grid)
+        assert grid.height % 32 == 1 and ids.shape[0] == grid.height // 32 + 1
+        empty = reader.source.block(2, grid.window_extent(grid.height - 1, grid.height, 0, grid.width), grid.width, 1)
+        assert empty.isEmpty()  # the projector quirk this test is about
+        data, valid = reader.read(grid.height - 1, grid.height, 0, grid.width)
+        assert data.shape == (1, 1, grid.width) and not valid.any()
+
+
+def test_reflectance_refused_then_right_with_scale(qgis_app: Any, bundle: dict, t33uuu_vrt: Path,
+                                                   tmp_path: Path) -> None:
+    from qgis.core import QgsProcessingException
+
+    win = [0, 0, 192, 128]
+    dn = _copy_scene(t33uuu_vrt, tmp_path / "dn.tif", dtype=gdal.GDT_UInt16, src_win=win)
+    refl = _copy_scene(t33uuu_vrt, tmp_path / "refl.tif", dtype=gdal.GDT_Float32, src_win=win,
+                       edit=lambda i, v: v.astype(np.float32) / 10000)
+    with pytest.raises(QgsProcessingException, match=r"layer 'refl' values are about \d+x smaller.*set SCALE=10000"):
+        _classify(refl, bundle, tmp_path / "x", name="refl")
+    assert not (tmp_path / "x" / "c.tif").exists()
+    feedback = Feedback.make()
+    fixed = _classify(refl, bundle, tmp_path / "fixed", name="refl", feedback=feedback, SCALE=10000)
+    reference = _classify(dn, bundle, tmp_path / "ref")
+    np.testing.assert_array_equal(_read(fixed["OUTPUT_CLASSES"]), _read(reference["OUTPUT_CLASSES"]))
+    np.testing.assert_allclose(_read(fixed["OUTPUT_PROBABILITY"]), _read(reference["OUTPUT_PROBABILITY"]),
+                               atol=1e-4)
+    assert any(m.startswith("Value scale checked") for m in feedback.infos)
+
+
+@pytest.mark.parametrize("dtype", [gdal.GDT_UInt16, gdal.GDT_Float32])
+def test_layer_user_nodata_ranges(qgis_app: Any, bundle: dict, t33uuu_vrt: Path, tmp_path: Path,
+                                  dtype: int) -> None:
+    """Pixels in a user no-data range set on the layer (Layer Properties > Transparency) are nodata, on integer
+    and float layers, exactly as if the file had them as nodata."""
+    from qgis.core import QgsRasterRange
+
+    win = [512, 256, 192, 128]
+    marked = np.zeros((128, 192), bool)
+    marked[:, :40] = True  # tile columns 0 (all) and 1 (8 of 32 px)
+    marked[100:, 150:] = True
+    user = _copy_scene(t33uuu_vrt, tmp_path / "user.tif", dtype=dtype, src_win=win,
+                       edit=lambda i, v: np.where(marked, 60000, v) if i == 3 else v)  # one band only
+    layer = _layer(user, "user")
+    layer.dataProvider().setUserNoDataValue(3, [QgsRasterRange(59000, 61000)])
+    with_ranges = _classify(user, bundle, tmp_path / "a", layer=layer)
+    as_nodata = _copy_scene(t33uuu_vrt, tmp_path / "nd.tif", dtype=gdal.GDT_UInt16, src_win=win, nodata=0,
+                            edit=lambda i, v: np.where(marked, 0, v) if i == 3 else v)
+    reference = _classify(as_nodata, bundle, tmp_path / "b")
+    ids = _read(with_ranges["OUTPUT_CLASSES"])
+    np.testing.assert_array_equal(ids, _read(reference["OUTPUT_CLASSES"]))
+    skipped = np.zeros(ids.shape, bool)
+    skipped[:, 0] = skipped[3, 5] = True  # all marked / 28 of 32 rows marked
+    np.testing.assert_array_equal(ids == 255, skipped)
+    rows = {(r["tile_row"], r["tile_col"]): r for r in _features(with_ranges["OUTPUT_GRID"])}
+    assert rows[(0, 1)]["valid_frac"] == pytest.approx(24 / 32) and rows[(0, 1)]["status"] == "partial"
+    assert rows[(3, 4)]["status"] == "partial" and rows[(2, 2)]["status"] == "ok"
+
+
+def test_centred_similarity_spans_a_usable_range(qgis_app: Any, bundle: dict, t33uuu_vrt: Path,
+                                                 tmp_path: Path) -> None:
+    from qgis.core import QgsFeature, QgsGeometry, QgsVectorLayer
+
+    point = QgsVectorLayer("Point?crs=EPSG:32633", "ref", "memory")
+    feature = QgsFeature()
+    feature.setGeometry(QgsGeometry.fromWkt("POINT(335010 5818030)"))
+    point.dataProvider().addFeatures([feature])
+    spans = {}
+    for mode in (0, 1):
+        feedback = Feedback.make()
+        out = _run("similarity", {"INPUT": _layer(t33uuu_vrt), "MODEL": str(bundle["embedder"]), "REFERENCE": point,
+                                  "MODE": mode, "BATCH_SIZE": 64, "OUTPUT": str(tmp_path / f"s{mode}.tif")}, feedback)
+        values = _read(out["OUTPUT"])
+        assert (values != -9999.0).all() and values.max() == pytest.approx(1.0, abs=1e-4)
+        spans[mode] = float(values.max() - values.min())
+        assert any("similarity spans" in m for m in feedback.infos)
+    assert spans[0] > 1.0  # centred: from clearly unlike (< 0) to the reference itself (1)
+    assert spans[0] > 5 * spans[1]  # raw cosine crowds the scene near 1
+
+
+def test_reference_on_a_partly_nan_tile(qgis_app: Any, bundle: dict, t33uuu_vrt: Path, tmp_path: Path) -> None:
+    from qgis.core import QgsFeature, QgsGeometry, QgsVectorLayer
+
+    invalid = _nan_pattern((128, 256))
+    path = _copy_scene(t33uuu_vrt, tmp_path / "f32.tif", dtype=gdal.GDT_Float32, src_win=[256, 128, 256, 128],
+                       edit=lambda i, v: np.where(invalid, np.nan, v))
+    gt = gdal.Open(str(path)).GetGeoTransform()
+    point = QgsVectorLayer("Point?crs=EPSG:32633", "ref", "memory")
+    feature = QgsFeature()
+    # cell (2, 4): rows 64..95 and columns 128..159, 43 % in the NaN block (plus scattered NaN)
+    feature.setGeometry(QgsGeometry.fromWkt(f"POINT({gt[0] + 140 * gt[1]} {gt[3] + 80 * gt[5]})"))
+    point.dataProvider().addFeatures([feature])
+    out = _run("similarity", {"INPUT": _layer(path), "MODEL": str(bundle["embedder"]), "REFERENCE": point,
+                              "OUTPUT": str(tmp_path / "s.tif")})
+    values = _read(out["OUTPUT"])
+    assert out["REFERENCE_TILES"] == 1 and values[2, 4] == pytest.approx(1.0, abs=1e-5)

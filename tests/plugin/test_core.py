@@ -11,15 +11,18 @@ import pytest
 from explora_geo_qgis.core.bands import canonical_band_name, layer_band_label, parse_mapping, resolve_bands
 from explora_geo_qgis.core.errors import PluginError
 from explora_geo_qgis.core.model import ModelInfo, OnnxModel, import_onnxruntime
-from explora_geo_qgis.core.pipeline import Cancelled, run_tiles
+from explora_geo_qgis.core.outputs import write_classification, write_embedding, write_float_map
+from explora_geo_qgis.core.pipeline import Cancelled, RunSettings, infer, run_tiles
 from explora_geo_qgis.core.products import (
     STATUS_NODATA,
     attribute_columns,
     classify,
     cosine_similarity,
     reference_embedding,
+    similarity_map,
 )
-from explora_geo_qgis.core.scaling import Scaler
+from explora_geo_qgis.core.reader import ArrayReader, NodataRange, NodataRule, sample_valid_pixels
+from explora_geo_qgis.core.scaling import Scaler, check_value_scale
 from explora_geo_qgis.core.tiling import TileGrid, fill_invalid, tile_views, valid_fractions
 from explora_geo_qgis.core.writers import write_geotiff, write_tile_grid
 
@@ -135,7 +138,11 @@ class MeanModel:
         self.info = ModelInfo("embedder", tuple(bands), tile, 10.0, len(bands), (), (), scaler, {})
         self.batches: list[int] = []
 
+    def output_shape(self, name: str) -> tuple[int, ...]:
+        return self.info.output_shape(name)
+
     def run(self, batch: np.ndarray, outputs: tuple[str, ...] = ("embedding",)) -> dict[str, np.ndarray]:
+        assert np.isfinite(batch).all(), "NaN or inf reached the model"
         self.batches.append(len(batch))
         return {"embedding": batch.mean(axis=(2, 3))}
 
@@ -290,9 +297,10 @@ def test_missing_onnxruntime_says_how_to_install(monkeypatch: pytest.MonkeyPatch
 
 
 def test_core_imports_no_qgis() -> None:
-    code = ("import sys; import explora_geo_qgis.core.pipeline, explora_geo_qgis.core.writers, "
-            "explora_geo_qgis.core.products; assert not any(m.split('.')[0] == 'qgis' for m in sys.modules), "
-            "'qgis imported'")
+    modules = sorted(p.stem for p in (PLUGIN_ROOT / "explora_geo_qgis" / "core").glob("*.py"))
+    assert {"reader", "pipeline", "outputs", "scaling"} <= set(modules)
+    code = ("import sys; " + "; ".join(f"import explora_geo_qgis.core.{m}" for m in modules)
+            + "; assert not any(m.split('.')[0] == 'qgis' for m in sys.modules), 'qgis imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=PLUGIN_ROOT)  # noqa: S603
 
 
@@ -302,3 +310,201 @@ def test_many_classes_use_int16_ids() -> None:
     result = classify(probs, np.array([[True, False]]), np.ones((1, 2), np.float32))
     assert result.class_id.dtype == np.int16 and result.class_id.tolist() == [[299, -1]]
     assert result.nodata_id == -1
+
+
+# ---- no-data rules, NaN fill, no processed tile ---------------------------------------------------------
+def test_nodata_rule_values_ranges_and_nan() -> None:
+    floats = np.array([[np.nan, 1.0, 100.0, 150.0, 200.0, np.inf, -9999.0]], dtype=np.float32)
+    rule = NodataRule((-9999.0,), (NodataRange(100.0, 200.0, include_min=True, include_max=False),))
+    assert rule.apply(floats, np.ones(floats.shape, bool)).tolist() == [[False, True, False, False, True, False,
+                                                                          False]]
+    ints = np.array([[0, 5, 100, 150, 200, 65535]], dtype=np.uint16)
+    open_low = NodataRule((0.0, -9999.0), (NodataRange(float("nan"), 100.0),))  # -9999 cannot be a uint16
+    assert open_low.apply(ints, np.ones(ints.shape, bool)).tolist() == [[False, False, False, True, True, True]]
+    assert NodataRule().with_value(7).values == (7.0,) and NodataRule().with_value(None) == NodataRule()
+
+
+def test_fill_invalid_masks_nan_before_the_mean() -> None:
+    """NaN * 0 is NaN: the fill must drop nodata pixels before weighting, whatever they hold."""
+    tiles = np.array([[[[1.0, 3.0], [np.nan, np.inf]], [[2.0, 2.0], [-1e30, np.nan]]],
+                      [[[4.0, 4.0], [4.0, 4.0]], [[5.0, 5.0], [5.0, 5.0]]]], dtype=np.float32)
+    valid = np.array([[[True, True], [False, False]], [[True, True], [True, True]]])
+    fill_invalid(tiles, valid)
+    np.testing.assert_array_equal(tiles[0, 0], [[1.0, 3.0], [2.0, 2.0]])
+    np.testing.assert_array_equal(tiles[0, 1], [[2.0, 2.0], [2.0, 2.0]])
+    np.testing.assert_array_equal(tiles[1], np.array([[[4.0] * 2] * 2, [[5.0] * 2] * 2]))
+
+
+def _scene(seed: int = 0, shape: tuple[int, int, int] = (2, 48, 64)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(1, 4000, size=shape).astype(np.uint16)
+
+
+def test_nan_float_equals_uint16_nodata_zero() -> None:
+    """The same pixels as float32 with NaN (scattered and in blocks) and as uint16 with nodata=0 give the same
+    outputs; partial tiles run (none has NaN output), tiles below the threshold are NaN everywhere."""
+    image = _scene()
+    invalid = np.zeros(image.shape[1:], bool)
+    invalid[np.random.default_rng(1).random(invalid.shape) < 0.05] = True  # scattered
+    invalid[0:16, 0:12] = True  # a block: tile (0, 0) is 25 % valid
+    invalid[20:30, 40:60] = True
+    as_uint16 = np.where(invalid, 0, image).astype(np.uint16)
+    as_float = np.where(invalid, np.nan, image).astype(np.float32)
+    grid = TileGrid(64, 48, 16, 16)
+    runs = {}
+    for name, data, rules in (("uint16", as_uint16, [NodataRule((0.0,))] * 2), ("float", as_float, [])):
+        model = MeanModel(16, ["a", "b"])
+        runs[name] = run_tiles(ArrayReader(data, rules=rules), grid, model, batch_size=5, min_valid=0.5)
+    a, b = runs["uint16"], runs["float"]
+    np.testing.assert_array_equal(a.ran, b.ran)
+    np.testing.assert_array_equal(a.outputs["embedding"], b.outputs["embedding"])
+    assert not a.ran[0, 0] and np.isnan(a.outputs["embedding"][0, 0]).all()
+    expected_ran = a.valid_fraction >= 0.5
+    np.testing.assert_array_equal(a.ran, expected_ran)
+    assert a.tiles_run == expected_ran.sum() == 10 and a.tiles_skipped == 2 and a.tiles_partial == 10
+    assert np.isfinite(a.outputs["embedding"][a.ran]).all()
+    # the fill is the valid mean: a partial tile's embedding is the mean of its valid pixels
+    tile = (slice(None), slice(16, 32), slice(32, 48))
+    valid = ~invalid[tile[1:]]
+    np.testing.assert_allclose(a.outputs["embedding"][1, 2], image[tile][:, valid].mean(axis=1), rtol=1e-5)
+
+
+def _run_infer(data: np.ndarray, rules=(), tile: int = 16, **settings) -> tuple:
+    model = MeanModel(tile, ["a", "b"][:data.shape[0]])
+    reader = ArrayReader(data, rules=rules, geotransform=(500000.0, 10.0, 0.0, 5800000.0, 0.0, -10.0),
+                         crs_wkt=_utm_wkt())
+    return infer(reader, model, RunSettings(check_scale=False, **settings)), model
+
+
+def _utm_wkt() -> str:
+    from osgeo import osr
+
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    return srs.ExportToWkt()
+
+
+@pytest.mark.parametrize("case", ["smaller_than_a_tile", "all_nan"])
+def test_no_processed_tile_gives_all_nodata_outputs(case: str, tmp_path: Path) -> None:
+    from osgeo import gdal
+
+    data = _scene(shape=(2, 7, 5)) if case == "smaller_than_a_tile" else np.full((2, 40, 40), np.nan, np.float32)
+    result, model = _run_infer(data)
+    assert result.tiles_run == 0 and model.batches == []
+    assert result.outputs["embedding"].shape == (*result.ran.shape, 2)
+    assert np.isnan(result.outputs["embedding"]).all()
+    (note,) = result.notes
+    assert note.startswith("No tile was processed: ") and "\n" not in note
+    assert ("smaller than one 16 px tile" in note) == (case == "smaller_than_a_tile")
+    assert ("no valid pixel" in note) == (case == "all_nan")
+    path = write_embedding(result, tmp_path / "e.tif")
+    ds = gdal.Open(str(path))
+    values = ds.ReadAsArray()
+    assert ds.RasterCount == 2 and (values == -9999.0).all() and ds.GetRasterBand(1).GetNoDataValue() == -9999.0
+    ds = None
+    write_float_map(result, np.full(result.ran.shape, np.nan), tmp_path / "s.tif", "similarity")
+    assert (gdal.Open(str(tmp_path / "s.tif")).ReadAsArray() == -9999.0).all()
+
+
+def test_no_processed_tile_classification_files(bundle: dict[str, Path], tmp_path: Path) -> None:
+    from osgeo import gdal, ogr
+
+    model = OnnxModel(bundle["classifier"])
+    data = np.full((10, 20, 20), np.nan, np.float32)
+    reader = ArrayReader(data, geotransform=(500000.0, 10.0, 0.0, 5800000.0, 0.0, -10.0), crs_wkt=_utm_wkt())
+    result = infer(reader, model, RunSettings(), outputs=("probabilities",))
+    assert result.tiles_run == 0 and result.notes[0].startswith("Value scale not checked: no valid pixel")
+    classes = write_classification(result, model.info, grid_path=tmp_path / "g.gpkg", class_path=tmp_path / "c.tif",
+                                   prob_path=tmp_path / "p.tif")
+    assert (classes.class_id == 255).all()
+    assert (gdal.Open(str(tmp_path / "c.tif")).ReadAsArray() == 255).all()
+    source = ogr.Open(str(tmp_path / "g.gpkg"))
+    (feature,) = list(source.GetLayer(0))
+    assert feature["status"] == "nodata" and feature["class_id"] == -1 and feature["probability"] is None
+    source = None
+
+
+def test_sample_valid_pixels_spreads_and_skips_nodata() -> None:
+    data = np.zeros((1, 300, 400), np.float32)
+    data[0] = np.arange(400)[None, :]
+    data[0, :, :100] = np.nan
+    sample = sample_valid_pixels(ArrayReader(data), windows=3, size=32)
+    assert sample.shape[0] == 1 and np.isfinite(sample).all()
+    assert sample.min() >= 100 and sample.max() > 350  # windows reach the right edge
+
+
+# ---- value scale and SCALE/OFFSET -------------------------------------------------------------------------
+SATMAE = {"scheme": "satmae", "bands": ["a", "b"], "mean": [1200.0, 2500.0], "std": [400.0, 900.0]}
+
+
+@pytest.mark.parametrize("norm", [SATMAE, {"scheme": "meanstd", "bands": ["a", "b"], "mean": [1200, 2500],
+                                           "std": [400, 900], "offset": [1000, 1000]},
+                                  {"scheme": "reflectance", "bands": ["a", "b"], "divide": 10000,
+                                   "offset": [1000, 1000]}])
+def test_input_transform_is_folded_into_the_scaling(norm: dict) -> None:
+    scaler = Scaler.from_dict(norm)
+    x = np.random.default_rng(0).random((3, 2, 4, 4)).astype(np.float32)  # 0-1 reflectance
+    expected = scaler((x.astype(np.float64) * 10000 + 1000).astype(np.float32))
+    np.testing.assert_allclose(scaler.with_input(10000, 1000)(x), expected, atol=2e-4)
+    assert scaler.with_input() is scaler
+    with pytest.raises(PluginError, match="SCALE must be a positive"):
+        scaler.with_input(0.0)
+
+
+def test_value_scale_check_refuses_reflectance_for_a_dn_model() -> None:
+    scaler = Scaler.from_dict(SATMAE)
+    dn = np.random.default_rng(0).normal([[1200.0], [2500.0]], 300.0, size=(2, 500))
+    assert check_value_scale(dn, scaler).startswith("Value scale checked")
+    with pytest.raises(PluginError) as err:
+        check_value_scale(dn / 10000, scaler, source="layer 'refl'")
+    message = str(err.value)
+    assert message.startswith("layer 'refl' values are about") and "set SCALE=10000 (value*SCALE+OFFSET)" in message
+    assert "0-1 reflectance" in message and "\n" not in message
+    assert check_value_scale(dn / 10000, scaler, scale=10000).startswith("Value scale checked")
+    with pytest.raises(PluginError, match="SCALE=100 "):
+        check_value_scale(dn / 100, scaler)  # percent
+    with pytest.raises(PluginError, match="larger than the model expects.*SCALE=0.0001"):
+        check_value_scale(dn, Scaler.from_dict({"scheme": "meanstd", "bands": ["a", "b"], "mean": [0.12, 0.25],
+                                                "std": [0.04, 0.09]}))
+    offset = Scaler.from_dict({**SATMAE, "offset": [1000.0, 1000.0]})
+    with pytest.raises(PluginError, match="SCALE=10000 and OFFSET=1000"):
+        check_value_scale(dn / 10000, offset)
+    none = Scaler.from_dict({"scheme": "none", "bands": ["a", "b"]})
+    assert check_value_scale(dn / 10000, none).startswith("Value scale not checked")
+
+
+def test_infer_checks_the_scale_and_applies_scale(bundle: dict[str, Path]) -> None:
+    model = OnnxModel(bundle["embedder"])
+    rng = np.random.default_rng(0)
+    dn = rng.integers(800, 3000, size=(10, 64, 64)).astype(np.uint16)
+    reflectance = (dn / 10000).astype(np.float32)
+    gt = (500000.0, 10.0, 0.0, 5800000.0, 0.0, -10.0)
+    with pytest.raises(PluginError, match="SCALE=10000"):
+        infer(ArrayReader(reflectance, geotransform=gt), model)
+    fixed = infer(ArrayReader(reflectance, geotransform=gt), model, RunSettings(scale=10000))
+    reference = infer(ArrayReader(dn, geotransform=gt), model)
+    assert fixed.notes[0].startswith("Value scale checked") and fixed.tiles_run == 4
+    np.testing.assert_allclose(fixed.outputs["embedding"], reference.outputs["embedding"], atol=1e-4)
+
+
+# ---- similarity ---------------------------------------------------------------------------------------
+def test_centred_similarity_spreads_where_raw_cosine_saturates() -> None:
+    rng = np.random.default_rng(0)
+    common = np.full(16, 10.0)
+    emb = (common + rng.normal(0, 0.1, size=(6, 6, 16))).astype(np.float32)  # one big shared component
+    ran = np.ones((6, 6), bool)
+    ran[5, 5] = False
+    emb[5, 5] = np.nan
+    cells = np.zeros((6, 6), bool)
+    cells[0, 0] = True
+    raw = similarity_map(emb, ran, cells, "cosine")
+    centred = similarity_map(emb, ran, cells, "centred")
+    assert raw[ran].min() > 0.99  # uncentred: everything looks the same
+    assert centred[0, 0] == pytest.approx(1.0, abs=1e-5) and centred[ran].min() < -0.2
+    assert np.isnan(centred[5, 5]) and np.isnan(raw[5, 5])
+    mean = emb[ran].mean(axis=0)
+    expected = cosine_similarity(emb - mean, emb[0, 0] - mean)
+    np.testing.assert_allclose(centred[ran], expected[ran], atol=1e-5)
+    with pytest.raises(PluginError, match="covers no processed tile"):
+        similarity_map(emb, ran, ~ran, "centred")
+    with pytest.raises(PluginError, match="mode"):
+        similarity_map(emb, ran, cells, "dot")

@@ -125,7 +125,7 @@ def test_replace_metadata_keeps_the_network(bundle: dict, tmp_path: Path) -> Non
 
 
 def test_head_bundle_is_a_classifier_for_the_plugin(bundle: dict, tmp_path: Path) -> None:
-    embedder = OnnxModel(bundle["embedder"], prefer_gpu=False)
+    embedder = OnnxModel(bundle["embedder"], device="cpu")
     rng = np.random.default_rng(4)
     head = LinearHead(rng.normal(size=(2, 64)), rng.normal(size=2), rng.normal(size=64), rng.uniform(1, 2, 64))
     meta = head_bundle_metadata(dict(embedder.info.raw), head, ["land", "water"], ["#00ff00", "#0000ff"],
@@ -133,7 +133,7 @@ def test_head_bundle_is_a_classifier_for_the_plugin(bundle: dict, tmp_path: Path
     onnx_path, json_path = write_head_bundle(bundle["embedder"], tmp_path / "fewshot.onnx", meta)
     assert json.loads(json_path.read_text()) == meta
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fewshot.json", "fewshot.onnx"]
-    model = OnnxModel(onnx_path, prefer_gpu=False)
+    model = OnnxModel(onnx_path, device="cpu")
     assert model.info.is_classifier and model.info.class_names == ("land", "water")
     assert model.info.bands == embedder.info.bands and model.info.gsd_m == embedder.info.gsd_m
     x = rng.normal(size=(5, 10, 32, 32)).astype(np.float32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from qgis.core import (
@@ -27,10 +28,10 @@ from qgis.core import (
 from ..core.bands import layer_band_label, parse_mapping, resolve_bands
 from ..core.errors import PluginError
 from ..core.model import OnnxModel
-from ..core.pipeline import Cancelled, TileResults, run_tiles
+from ..core.pipeline import Cancelled, RunSettings, TileConsumer, TileResults, infer
 from ..core.tiling import TileGrid
-from .loading import OutputLayer, present_outputs
 from .compat import FILE_BEHAVIOR, NUMBER_DOUBLE, NUMBER_INTEGER, SOURCE_POLYGON
+from .loading import OutputLayer, present_outputs
 from .raster_source import LayerReader, WorkingGrid, make_grid, working_crs
 
 
@@ -40,8 +41,11 @@ class Run:
 
     results: TileResults
     grid: WorkingGrid
-    tiles: TileGrid
     model: OnnxModel
+
+    @property
+    def tiles(self) -> TileGrid:
+        return self.results.grid
 
     @property
     def cell_geotransform(self) -> tuple[float, ...]:
@@ -53,7 +57,8 @@ class Run:
 
     def stats(self) -> dict:
         """Speed and device facts every algorithm returns besides its outputs."""
-        return {"TILES_RUN": self.results.tiles_run, "TILES_PER_SECOND": self.results.tiles_per_second,
+        return {"TILES_RUN": self.results.tiles_run, "TILES_PARTIAL": self.results.tiles_partial,
+                "TILES_SKIPPED": self.results.tiles_skipped, "TILES_PER_SECOND": self.results.tiles_per_second,
                 "SECONDS": self.results.seconds, "FORWARD_SECONDS": self.results.forward_seconds,
                 "EXECUTION_PROVIDER": self.model.execution_provider}
 
@@ -88,6 +93,8 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
     BATCH_SIZE = "BATCH_SIZE"
     MIN_VALID = "MIN_VALID"
     NODATA = "NODATA"
+    SCALE = "SCALE"
+    OFFSET = "OFFSET"
 
     def group(self) -> str:
         return "ExPLoRA models"
@@ -120,19 +127,29 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterNumber(
             self.NODATA, "Extra nodata value (besides the layer's own)", NUMBER_DOUBLE,
             optional=True))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.SCALE, "Input scale: value*SCALE+OFFSET before the model's normalisation (e.g. 10000 for 0-1 "
+            "reflectance)", NUMBER_DOUBLE, defaultValue=1.0, optional=True))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.OFFSET, "Input offset (see SCALE)", NUMBER_DOUBLE, defaultValue=0.0, optional=True))
 
     def run_model(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback,
-                  outputs: tuple[str, ...], need_classifier: bool = False) -> Run:
-        """Validate the parameters, build the working grid and run the model on every tile."""
+                  outputs: tuple[str, ...], need_classifier: bool = False,
+                  consumer: Callable[[OnnxModel], TileConsumer] | None = None) -> Run:
+        """Validate the parameters, build the working grid and run the model on every tile.
+
+        ``consumer(model)`` makes a :class:`~..core.pipeline.TileConsumer` that takes the outputs as they come
+        (they are then not stored per tile)."""
         try:
-            return self._run_model(parameters, context, feedback, outputs, need_classifier)
+            return self._run_model(parameters, context, feedback, outputs, need_classifier, consumer)
         except PluginError as err:
             raise QgsProcessingException(str(err)) from err
         except Cancelled as err:
             raise QgsProcessingException("cancelled by the user; no output was written.") from err
 
     def _run_model(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback,
-                   outputs: tuple[str, ...], need_classifier: bool) -> Run:
+                   outputs: tuple[str, ...], need_classifier: bool,
+                   consumer: Callable[[OnnxModel], TileConsumer] | None = None) -> Run:
         layer: QgsRasterLayer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
         if layer is None or not layer.isValid():
             raise PluginError("the input raster layer is missing or invalid; choose a readable raster.")
@@ -142,31 +159,48 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
         if need_classifier and not info.is_classifier:
             raise PluginError(f"model {os.path.basename(model_path)} is an embedder (no classes); export it "
                               "with --head to classify, or use the embed algorithm.")
+        self.check_model(model, model_path)
         bands = self._layer_bands(layer, info.bands, parameters, context, feedback)
         crs, area, mask_wkts = self._area(layer, parameters, context, feedback)
         grid = make_grid(crs, area, info.gsd_m)
-        overlap = self.parameterAsDouble(parameters, self.OVERLAP, context) / 100.0
-        tiles = TileGrid.from_overlap(grid.width, grid.height, info.tile_size, overlap)
+        if grid.width < 1 or grid.height < 1:
+            raise PluginError(f"the area to process is empty at the model's {info.gsd_m:g} m resolution; choose a "
+                              "larger extent.")
         nodata = parameters.get(self.NODATA)
         reader = LayerReader(layer, bands, grid, nodata=None if nodata in (None, "") else
                              self.parameterAsDouble(parameters, self.NODATA, context), mask_wkts=mask_wkts)
+        settings = RunSettings(
+            overlap=self.parameterAsDouble(parameters, self.OVERLAP, context) / 100.0,
+            batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
+            min_valid=self.parameterAsDouble(parameters, self.MIN_VALID, context),
+            scale=self._number(parameters, self.SCALE, context, 1.0),
+            offset=self._number(parameters, self.OFFSET, context, 0.0))
+        tiles = TileGrid.from_overlap(grid.width, grid.height, info.tile_size, settings.overlap)
         ep = model.execution_provider
         feedback.pushInfo(f"ONNX Runtime execution provider: {ep} ({device_name(ep)}); "
                           f"{tiles.n_tiles} tiles of {info.tile_size} px at {info.gsd_m:g} m, "
                           f"stride {tiles.stride} px, grid {grid.width} x {grid.height} px.")
-        results = run_tiles(
-            reader, tiles, model, outputs=outputs,
-            batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
-            min_valid=self.parameterAsDouble(parameters, self.MIN_VALID, context),
-            progress=feedback.setProgress, is_cancelled=feedback.isCanceled)
-        skipped = tiles.n_tiles - results.tiles_run
-        feedback.pushInfo(f"Ran {results.tiles_run} tiles in {results.seconds:.2f} s: "
-                          f"{results.tiles_per_second:.1f} tiles/s on {device_name(ep)} ({ep}); "
-                          f"{skipped} tiles skipped (valid fraction below the minimum); "
-                          f"{results.forward_seconds:.2f} s inside ONNX Runtime.")
+        if (settings.scale, settings.offset) != (1.0, 0.0):
+            feedback.pushInfo(f"Input transform: value*{settings.scale:g}+{settings.offset:g} before the model's "
+                              f"{info.scaler.scheme} normalisation.")
+        results = infer(reader, model, settings, outputs=outputs, progress=feedback.setProgress,
+                        is_cancelled=feedback.isCanceled, source=reader.name,
+                        consumer=consumer(model) if consumer is not None else None)
+        for note in results.notes:
+            feedback.pushInfo(note)
+        feedback.pushInfo(results.summary(f"{device_name(ep)} ({ep})"))
         if feedback.isCanceled():
             raise Cancelled()
-        return Run(results, grid, tiles, model)
+        return Run(results, grid, model)
+
+    def _number(self, parameters: dict, name: str, context: QgsProcessingContext, default: float) -> float:
+        """An optional number parameter (``default`` when unset)."""
+        if parameters.get(name) in (None, ""):
+            return default
+        return self.parameterAsDouble(parameters, name, context)
+
+    def check_model(self, model: OnnxModel, path: str) -> None:
+        """Refuse a model this algorithm cannot use (:class:`PluginError`); every bundle by default."""
 
     def _layer_bands(self, layer: QgsRasterLayer, model_bands: tuple[str, ...], parameters: dict,
                      context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> list[int]:

@@ -12,9 +12,9 @@ from qgis.core import (
     QgsProcessingParameterVectorDestination,
 )
 
-from ..core.products import attribute_columns, classify
-from ..core.writers import FLOAT_NODATA, write_geotiff, write_tile_grid
-from .base import TiledModelAlgorithm
+from ..core.model import ModelInfo
+from ..core.outputs import write_classification
+from .base import Run, TiledModelAlgorithm
 from .loading import OutputLayer
 from .styling import class_style, save_grid_style
 
@@ -36,8 +36,11 @@ class ClassifyAlgorithm(TiledModelAlgorithm):
         return ("Runs an ONNX classifier exported by 'explora-geo export --head' over the raster, one tile per "
                 "output cell. Writes a GeoPackage grid (class id, class name, probability, one probability per "
                 "class, valid-pixel fraction, status ok/partial/nodata), a class raster with the class colours "
-                "and a probability raster. Tiles with too few valid pixels are skipped (status 'nodata'), never "
-                "classified. Geographic layers are processed in their UTM zone.")
+                "and a probability raster. Tiles with too few valid pixels (MIN_VALID) are skipped (status "
+                "'nodata', nodata in every output), never classified; tiles with some nodata/NaN pixels are "
+                "classified with those pixels filled (status 'partial'). The layer's values are checked against "
+                "the model's scale (SCALE/OFFSET convert e.g. 0-1 reflectance). Geographic layers are processed "
+                "in their UTM zone.")
 
     def createInstance(self) -> ClassifyAlgorithm:
         return ClassifyAlgorithm()
@@ -56,23 +59,27 @@ class ClassifyAlgorithm(TiledModelAlgorithm):
         class_path = self.parameterAsOutputLayer(parameters, self.OUTPUT_CLASSES, context)
         prob_path = self.parameterAsOutputLayer(parameters, self.OUTPUT_PROBABILITY, context)
         run = self.run_model(parameters, context, feedback, ("probabilities",), need_classifier=True)
-        info = run.model.info
-        result = classify(run.results.outputs["probabilities"], run.results.ran, run.results.valid_fraction)
         self.check_cancel(feedback)
-        gt, wkt = run.cell_geotransform, run.crs_wkt
-        write_tile_grid(grid_path, gt, wkt, attribute_columns(result, info.class_names,
-                                                              run.results.valid_fraction))
-        write_geotiff(class_path, result.class_id[None], gt, wkt, nodata=result.nodata_id,
-                      descriptions=["class"], class_names=info.class_names, class_colors=info.class_colors)
-        write_geotiff(prob_path, result.probability[None].astype(np.float32), gt, wkt, nodata=FLOAT_NODATA,
-                      descriptions=["probability"])
-        save_grid_style(grid_path, info.class_names, info.class_colors, feedback)
-        style = class_style(info.class_names, info.class_colors)
-        # the class map on top, the grey probability raster at the bottom
-        self.present_outputs(parameters, context, [OutputLayer(class_path, "classes", style),
-                                                   OutputLayer(grid_path, "tile grid", style),
-                                                   OutputLayer(prob_path, "probability")])
-        counts = np.bincount(result.class_id[run.results.ran].astype(np.int64), minlength=len(info.class_names))
-        feedback.pushInfo("Tiles per class: " + ", ".join(f"{n}={c}" for n, c in zip(info.class_names, counts)))
-        return {self.OUTPUT_GRID: grid_path, self.OUTPUT_CLASSES: class_path, self.OUTPUT_PROBABILITY: prob_path,
-                **run.stats()}
+        return write_classifier_outputs(self, run, run.model.info, parameters, context, feedback,
+                                        grid_path=grid_path, class_path=class_path, prob_path=prob_path)
+
+
+def write_classifier_outputs(alg: TiledModelAlgorithm, run: Run, info: ModelInfo, parameters: dict,
+                             context: QgsProcessingContext, feedback: QgsProcessingFeedback, *, grid_path: str,
+                             class_path: str, prob_path: str) -> dict:
+    """Write what ``classify`` writes from ``run.results.outputs["probabilities"]`` with ``info``'s classes
+    (``core.outputs.write_classification``: the tile grid, the class and probability rasters), store the grid's
+    style, name, style and stack the layers Processing loads, log the tiles per class; returns the algorithm's
+    result dict. Shared with classify_from_examples."""
+    result = write_classification(run.results, info, grid_path=grid_path, class_path=class_path,
+                                  prob_path=prob_path)
+    save_grid_style(grid_path, info.class_names, info.class_colors, feedback)
+    style = class_style(info.class_names, info.class_colors)
+    # the class map on top, the grey probability raster at the bottom
+    alg.present_outputs(parameters, context, [OutputLayer(class_path, "classes", style),
+                                              OutputLayer(grid_path, "tile grid", style),
+                                              OutputLayer(prob_path, "probability")])
+    counts = np.bincount(result.class_id[run.results.ran].astype(np.int64), minlength=len(info.class_names))
+    feedback.pushInfo("Tiles per class: " + ", ".join(f"{n}={c}" for n, c in zip(info.class_names, counts)))
+    return {ClassifyAlgorithm.OUTPUT_GRID: grid_path, ClassifyAlgorithm.OUTPUT_CLASSES: class_path,
+            ClassifyAlgorithm.OUTPUT_PROBABILITY: prob_path, **run.stats()}

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 from qgis.core import QgsProcessingContext, QgsProcessingFeedback, QgsProcessingParameterRasterDestination
 
-from ..core.writers import FLOAT_NODATA, write_geotiff
+from ..core.outputs import write_embedding
+from ..core.writers import FLOAT_NODATA
 from .base import TiledModelAlgorithm
 from .loading import OutputLayer
 
@@ -37,10 +37,7 @@ class EmbedAlgorithm(TiledModelAlgorithm):
                          feedback: QgsProcessingFeedback) -> dict:
         out = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
         run = self.run_model(parameters, context, feedback, ("embedding",))
-        bands = np.moveaxis(run.results.outputs["embedding"], -1, 0).astype(np.float32)  # [D, R, K]
-        bands[:, ~run.results.ran] = FLOAT_NODATA
         self.check_cancel(feedback)
-        write_geotiff(out, bands, run.cell_geotransform, run.crs_wkt, nodata=FLOAT_NODATA,
-                      descriptions=[f"emb_{i:03d}" for i in range(bands.shape[0])])
+        write_embedding(run.results, out)
         self.present_outputs(parameters, context, [OutputLayer(out, "embeddings")])
         return {self.OUTPUT: out, **run.stats()}

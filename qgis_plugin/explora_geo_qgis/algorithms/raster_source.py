@@ -4,7 +4,12 @@ The working grid is the processing area resampled to the model's GSD, in the lay
 projected, or in the UTM zone of the area's centre when the layer is geographic (degrees). Pixels are read
 through the layer's data provider (a clone, so the reader thread owns it), reprojected by a
 ``QgsRasterProjector`` when needed. A pixel is valid when it lies inside the layer, inside the mask polygons
-(if any), and no model band holds the nodata value there.
+(if any), and no model band is nodata there by the provider's own rules, applied in numpy on integer and float
+bands alike (``core.reader.NodataRule``): NaN/inf, the source nodata value when the layer uses it, the layer's
+user no-data ranges (Layer Properties > Transparency), and the algorithm's extra ``NODATA`` value. (QGIS marks
+user no-data in a per-pixel bitmap that Python cannot read in bulk and that ``QgsRasterProjector`` drops, so
+the rules are applied to the values instead.) A block the provider or projector cannot deliver (an empty
+block at the edge of a reprojected area) counts as invalid pixels.
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ from qgis.core import (
     QgsRasterDataProvider,
     QgsRasterLayer,
     QgsRasterProjector,
+    QgsRasterRange,
     QgsRectangle,
     QgsUnitTypes,
 )
 
 from ..core.errors import PluginError
+from ..core.reader import NodataRange, NodataRule, RasterReader
 from .compat import METERS, RESAMPLE_AVERAGE, RESAMPLE_BILINEAR
 
 # Qgis.DataType values (stable since QGIS 3.0) -> numpy dtypes
@@ -83,8 +90,22 @@ def make_grid(crs: QgsCoordinateReferenceSystem, area: QgsRectangle, gsd_m: floa
     return WorkingGrid(crs, area.xMinimum(), area.yMaximum(), pixel, max(width, 0), max(height, 0))
 
 
-class LayerReader:
-    """Callable ``(r0, r1, c0, c1) -> (data [C, h, w], valid [h, w])`` over a raster layer.
+def nodata_rule(provider: QgsRasterDataProvider, band: int, extra: float | None = None) -> NodataRule:
+    """The no-data rule of a layer band: source nodata (when used), user no-data ranges, ``extra``."""
+    values = []
+    if provider.sourceHasNoDataValue(band) and provider.useSourceNoDataValue(band):
+        values.append(float(provider.sourceNoDataValue(band)))
+    ranges = []
+    for span in provider.userNoDataValues(band):
+        bounds = span.bounds()
+        ranges.append(NodataRange(float(span.min()), float(span.max()),
+                                  include_min=bounds in (QgsRasterRange.IncludeMinAndMax, QgsRasterRange.IncludeMin),
+                                  include_max=bounds in (QgsRasterRange.IncludeMinAndMax, QgsRasterRange.IncludeMax)))
+    return NodataRule(tuple(values), tuple(ranges)).with_value(extra)
+
+
+class LayerReader(RasterReader):
+    """The engine's :class:`~..core.reader.RasterReader` over a QGIS raster layer.
 
     Args:
         layer: the raster layer.
@@ -92,6 +113,9 @@ class LayerReader:
         grid: the working grid.
         nodata: a nodata value for every band, used in addition to the layer's own.
         mask_wkts: polygons (WKT, in the working CRS); pixels outside them are invalid.
+
+    Raises:
+        PluginError: a model band whose data type the engine cannot read (e.g. complex or ARGB).
     """
 
     def __init__(self, layer: QgsRasterLayer, bands: list[int], grid: WorkingGrid, *, nodata: float | None = None,
@@ -106,9 +130,20 @@ class LayerReader:
             pass
         self.bands = bands
         self.grid = grid
-        self.nodata = [provider.sourceNoDataValue(b) if provider.sourceHasNoDataValue(b)
-                       and provider.useSourceNoDataValue(b) else None for b in bands]
-        self.extra_nodata = nodata
+        self.name = f"layer '{layer.name()}'"
+        self.width, self.height, self.n_bands = grid.width, grid.height, len(bands)
+        self.geotransform = grid.geotransform
+        self.crs_wkt = grid.crs.toWkt()
+        self.dtypes = []
+        for band in bands:
+            dtype = _DTYPES.get(int(provider.dataType(band)))
+            if dtype is None:
+                raise PluginError(f"band {band} of {self.name} has data type {int(provider.dataType(band))}, which "
+                                  "the model cannot read; convert the raster to integer or float32 bands.")
+            self.dtypes.append(dtype)
+        floats = [d for d in self.dtypes if np.dtype(d).kind == "f"]
+        self.dtype = np.result_type(*floats, np.float32) if floats else np.result_type(*self.dtypes)
+        self.rules = [nodata_rule(provider, b, nodata) for b in bands]
         self.layer_extent = layer.extent()
         self.reprojected = layer.crs() != grid.crs
         self.source = provider
@@ -127,28 +162,22 @@ class LayerReader:
             self._to_layer = osr.CoordinateTransformation(src, dst)
         self._mask_layer = memory_layer(mask_wkts, grid.crs) if mask_wkts else None
 
-    def __call__(self, r0: int, r1: int, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, r0: int, r1: int, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
         h, w = r1 - r0, c1 - c0
         extent = self.grid.window_extent(r0, r1, c0, c1)
-        data = None
+        data = np.zeros((len(self.bands), h, w), dtype=self.dtype)
         valid = self._inside_layer(r0, r1, c0, c1)
         for i, band in enumerate(self.bands):
             block = self.source.block(band, extent, w, h)
-            dtype = _DTYPES.get(int(block.dataType()))
-            if dtype is None or not block.isValid():
-                raise PluginError(f"band {band} of the layer could not be read (data type "
-                                  f"{int(block.dataType())}); convert the raster to integer or float32 bands.")
+            dtype = self.dtypes[i]
+            if not block.isValid() or block.isEmpty() or _DTYPES.get(int(block.dataType())) != dtype:
+                # the projector returns an empty block for a window it cannot map (e.g. a 1-px edge row)
+                valid[:] = False
+                continue
             # a view of the block's buffer: used only while `block` is alive, copied into `data` right away
             values = np.frombuffer(block.data(), dtype=dtype).reshape(h, w)
-            if data is None:
-                data = np.empty((len(self.bands), h, w), dtype=np.result_type(dtype, np.float32)
-                                if dtype in (np.float32, np.float64) else dtype)
             data[i] = values
-            for value in (self.nodata[i], self.extra_nodata):
-                if value is not None:
-                    valid &= values != value
-            if values.dtype.kind == "f":
-                valid &= np.isfinite(values)
+            self.rules[i].apply(values, valid)
         if self._mask_layer is not None:
             valid &= self._rasterize_mask(r0, r1, c0, c1)
         return data, valid

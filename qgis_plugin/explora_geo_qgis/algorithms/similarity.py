@@ -1,4 +1,4 @@
-"""``explora_geo:similarity``: cosine similarity of every tile's embedding to a reference point or polygon."""
+"""``explora_geo:similarity``: similarity of every tile's embedding to a reference point or polygon."""
 
 from __future__ import annotations
 
@@ -7,23 +7,29 @@ from qgis.core import (
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
+    QgsProcessingParameterEnum,
     QgsProcessingParameterFeatureSource,
     QgsProcessingParameterRasterDestination,
 )
 
 from ..core.errors import PluginError
-from ..core.products import cosine_similarity, reference_embedding
-from ..core.writers import FLOAT_NODATA, write_geotiff
-from .compat import SOURCE_POINT, SOURCE_POLYGON
+from ..core.outputs import write_float_map
+from ..core.products import SIMILARITY_MODES, similarity_map
+from ..core.writers import FLOAT_NODATA
 from .base import TiledModelAlgorithm, geometries_as_wkt
+from .compat import SOURCE_POINT, SOURCE_POLYGON
 from .loading import OutputLayer
 from .raster_source import memory_layer, rasterize
 
+MODE_LABELS = ("Centred on the scene mean (recommended)", "Raw cosine")
+
 
 class SimilarityAlgorithm(TiledModelAlgorithm):
-    """Similarity map: cosine similarity between each tile and the reference tiles' mean embedding."""
+    """Similarity map: cosine similarity between each tile and the reference tiles' mean embedding, after
+    centring every embedding on the scene's mean (default) or raw."""
 
     REFERENCE = "REFERENCE"
+    MODE = "MODE"
     OUTPUT = "OUTPUT"
 
     def name(self) -> str:
@@ -33,9 +39,11 @@ class SimilarityAlgorithm(TiledModelAlgorithm):
         return "Similarity to a reference (ExPLoRA)"
 
     def shortHelpString(self) -> str:
-        return ("Embeds every tile with an ONNX model exported by 'explora-geo export', averages the unit "
-                "embeddings of the tiles under the reference points/polygons, and writes the cosine similarity "
-                f"(-1..1) of every tile to that reference. Skipped tiles are nodata ({FLOAT_NODATA:g}).")
+        return ("Embeds every tile with an ONNX model exported by 'explora-geo export' and writes the similarity "
+                "(-1..1) of every tile to the tiles under the reference points/polygons. Centred (default): "
+                "embeddings minus the scene's mean embedding, so the map spreads over the range; raw cosine: "
+                "uncentred (a whole scene then scores close to 1). Skipped tiles are nodata "
+                f"({FLOAT_NODATA:g}).")
 
     def createInstance(self) -> SimilarityAlgorithm:
         return SimilarityAlgorithm()
@@ -45,6 +53,7 @@ class SimilarityAlgorithm(TiledModelAlgorithm):
         self.addParameter(QgsProcessingParameterFeatureSource(
             self.REFERENCE, "Reference point(s) or polygon(s)",
             [SOURCE_POINT, SOURCE_POLYGON]))
+        self.addParameter(QgsProcessingParameterEnum(self.MODE, "Similarity", list(MODE_LABELS), defaultValue=0))
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "Similarity raster"))
 
     def processAlgorithm(self, parameters: dict, context: QgsProcessingContext,
@@ -53,20 +62,23 @@ class SimilarityAlgorithm(TiledModelAlgorithm):
         reference = self.parameterAsSource(parameters, self.REFERENCE, context)
         if reference is None:
             raise QgsProcessingException("the reference layer is missing; choose a point or polygon layer.")
+        mode = SIMILARITY_MODES[self.parameterAsEnum(parameters, self.MODE, context)]
         run = self.run_model(parameters, context, feedback, ("embedding",))
-        embeddings = run.results.outputs["embedding"]
+        results = run.results
         wkts = geometries_as_wkt(reference, run.grid.crs, context)
         cells = rasterize(memory_layer(wkts, run.grid.crs), run.cell_geotransform, run.tiles.n_cols,
                           run.tiles.n_rows, all_touched=True)
-        try:
-            ref = reference_embedding(embeddings, cells)
-        except PluginError as err:
-            raise QgsProcessingException(str(err)) from err
-        similarity = cosine_similarity(embeddings, ref)
-        similarity = np.where(run.results.ran, similarity, FLOAT_NODATA).astype(np.float32)
-        feedback.pushInfo(f"Reference: {int(cells.sum())} tile(s) under {len(wkts)} geometr(y/ies).")
+        if results.tiles_run:
+            try:
+                similarity = similarity_map(results.outputs["embedding"], results.ran, cells, mode)
+            except PluginError as err:
+                raise QgsProcessingException(str(err)) from err
+            done = similarity[results.ran]
+            feedback.pushInfo(f"Reference: {int((cells & results.ran).sum())} processed tile(s) under {len(wkts)} "
+                              f"geometr(y/ies); {mode} similarity spans {done.min():.3f} .. {done.max():.3f}.")
+        else:  # the reason was logged by the run; the output is valid and all nodata
+            similarity = np.full(results.ran.shape, np.nan, np.float32)
         self.check_cancel(feedback)
-        write_geotiff(out, similarity[None], run.cell_geotransform, run.crs_wkt, nodata=FLOAT_NODATA,
-                      descriptions=["cosine_similarity"])
+        write_float_map(results, similarity, out, f"{mode}_similarity")
         self.present_outputs(parameters, context, [OutputLayer(out, "similarity")])
-        return {self.OUTPUT: out, "REFERENCE_TILES": int(cells.sum()), **run.stats()}
+        return {self.OUTPUT: out, "REFERENCE_TILES": int((cells & results.ran).sum()), **run.stats()}

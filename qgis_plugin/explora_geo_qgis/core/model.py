@@ -65,6 +65,14 @@ class ModelInfo:
     def is_classifier(self) -> bool:
         return self.model_type == "classifier"
 
+    def output_shape(self, name: str) -> tuple[int, ...]:
+        """Per-tile shape of output ``name`` (``embedding``: ``(D,)``, ``probabilities``: ``(K,)``)."""
+        if name == "embedding":
+            return (self.embedding_dim,)
+        if name == "probabilities":
+            return (len(self.class_names),)
+        raise PluginError(f"the model metadata does not give the shape of output {name!r}; re-export the model.")
+
     @classmethod
     def from_metadata(cls, props: Mapping[str, str], source: str = "the model") -> ModelInfo:
         """Parse ONNX ``metadata_props`` (string -> JSON string)."""
@@ -85,10 +93,7 @@ class ModelInfo:
             if set(order) != set(bands):
                 raise PluginError(f"{source}: normalisation bands {list(scaler.bands)} differ from the input "
                                   f"bands {list(bands)}; re-export the model.")
-            idx = [order[b] for b in bands]
-            scaler = Scaler(scaler.scheme, bands, scaler.sub[idx], scaler.mul[idx],
-                            None if scaler.low is None else scaler.low[idx],
-                            None if scaler.high is None else scaler.high[idx])
+            scaler = scaler.select([order[b] for b in bands])
         names = tuple(str(c) for c in raw.get("class_names") or ())
         colors = tuple(str(c) for c in raw.get("class_colors") or ())
         if raw["model_type"] == "classifier" and not names:
@@ -110,33 +115,55 @@ def default_colors(k: int) -> tuple[str, ...]:
     return tuple(out)
 
 
+#: execution device choices: ``auto`` (CUDA when onnxruntime offers it and it starts, else CPU), ``cpu``, ``cuda``
+DEVICES = ("auto", "cpu", "cuda")
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
 class OnnxModel:
     """An ONNX Runtime session over an exported explora-geo model.
 
     Args:
         path: the ``.onnx`` file.
-        prefer_gpu: use ``CUDAExecutionProvider`` when onnxruntime offers it.
-        threads: intra-op threads (0 = onnxruntime's default, all cores).
+        device: one of :data:`DEVICES`. ``cuda`` refuses (:class:`PluginError`) when onnxruntime does not offer
+            CUDA or cannot start it; ``auto`` then runs on the CPU and says why in :attr:`device_note`.
+        threads: intra-op threads (0 = onnxruntime's default: one per physical core).
     """
 
-    def __init__(self, path: str | Path, *, prefer_gpu: bool = True, threads: int = 0) -> None:
+    def __init__(self, path: str | Path, *, device: str = "auto", threads: int = 0) -> None:
         ort = import_onnxruntime()
         path = Path(path)
         if not path.is_file():
             raise PluginError(f"model file {path} does not exist; choose the .onnx file that "
                               "'explora-geo export' wrote.")
+        if device not in DEVICES:
+            raise PluginError(f"device {device!r} is not one of {', '.join(DEVICES)}.")
+        if threads < 0:
+            raise PluginError(f"thread count {threads} is negative; use 0 for onnxruntime's default.")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         # Idle ONNX Runtime threads sleep instead of spinning: the reader thread (and QGIS itself) needs
         # those CPU cycles; on 2 cores spinning doubled the CPU time of a forward pass without speeding it up.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
-        wanted = [p for p in ("CUDAExecutionProvider",) if prefer_gpu and p in available]
+        if device == "cuda" and CUDA not in available:
+            raise PluginError(f"CUDA was chosen but this onnxruntime offers only {', '.join(available)}; install "
+                              "onnxruntime-gpu (built for your CUDA and cuDNN) into QGIS's Python, or choose CPU.")
+        wanted = [CUDA] if device != "cpu" and CUDA in available else []
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=[*wanted, "CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), options, providers=[*wanted, CPU])
         except Exception as err:  # onnxruntime raises its own exception types for unreadable files
             raise PluginError(f"model file {path} cannot be loaded by onnxruntime ({err}); "
                               "re-export it with 'explora-geo export'.") from err
+        self.threads = threads
+        #: why the run is not on the device asked for (``auto`` only), else ``None``
+        self.device_note: str | None = None
+        if wanted and self.execution_provider != CUDA:  # offered, but its libraries or the GPU are missing
+            reason = ("onnxruntime offers CUDA but could not start it (CUDA/cuDNN libraries or the GPU driver "
+                      "missing; see the onnxruntime messages in the QGIS log)")
+            if device == "cuda":
+                raise PluginError(f"{reason}; fix the CUDA install, or choose CPU.")
+            self.device_note = f"{reason}: running on the CPU."
         meta = self.session.get_modelmeta().custom_metadata_map
         self.info = ModelInfo.from_metadata(meta, source=f"model file {path.name}")
         self.input_name = self.session.get_inputs()[0].name
@@ -153,6 +180,13 @@ class OnnxModel:
         if self.info.is_classifier and "probabilities" not in self.output_names and self.head is None:
             raise PluginError(f"model file {path.name} is a classifier without a 'probabilities' output; "
                               "re-export it with explora-geo.")
+
+    def output_shape(self, name: str) -> tuple[int, ...]:
+        """Per-tile shape of output ``name``: from the graph when it is static, else from the metadata."""
+        for output in self.session.get_outputs():
+            if output.name == name and output.shape[1:] and all(isinstance(d, int) for d in output.shape[1:]):
+                return tuple(int(d) for d in output.shape[1:])
+        return self.info.output_shape(name)
 
     @property
     def execution_provider(self) -> str:

@@ -70,15 +70,19 @@ def attribute_columns(result: Classification, class_names: Sequence[str], valid_
     return columns
 
 
+#: similarity modes: ``centred`` (cosine after subtracting the scene's mean embedding) and ``cosine`` (raw)
+SIMILARITY_MODES = ("centred", "cosine")
+
+
 def cosine_similarity(embeddings: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Cosine similarity of each cell's embedding ``[R, K, D]`` to ``reference`` ``[D]`` -> ``[R, K]``
-    (NaN where the embedding is NaN, i.e. the tile was skipped)."""
+    (NaN where the embedding is NaN, i.e. the tile was skipped, or zero)."""
     ref_norm = float(np.linalg.norm(reference))
     if not np.isfinite(ref_norm) or ref_norm == 0:
         raise PluginError("the reference embedding is empty or zero; choose a reference on valid pixels.")
     norms = np.linalg.norm(embeddings, axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (embeddings @ (reference / ref_norm)) / norms
+        return (embeddings @ (reference / ref_norm)) / np.where(norms > 0, norms, np.nan)
 
 
 def reference_embedding(embeddings: np.ndarray, cells: np.ndarray) -> np.ndarray:
@@ -86,8 +90,48 @@ def reference_embedding(embeddings: np.ndarray, cells: np.ndarray) -> np.ndarray
     were computed; raises when none was."""
     chosen = embeddings[cells]
     chosen = chosen[np.isfinite(chosen).all(axis=-1)]
+    norms = np.linalg.norm(chosen, axis=-1, keepdims=True)
+    chosen, norms = chosen[norms[:, 0] > 0], norms[norms[:, 0] > 0]
     if chosen.size == 0:
         raise PluginError("the reference point/polygon covers no processed tile (outside the extent or on "
-                          "nodata); choose a reference inside the processed area.")
-    unit = chosen / np.linalg.norm(chosen, axis=-1, keepdims=True)
-    return unit.mean(axis=0)
+                          "tiles below the minimum valid fraction); choose a reference inside the processed area.")
+    return (chosen / norms).mean(axis=0)
+
+
+def centre_embeddings(embeddings: np.ndarray, ran: np.ndarray) -> np.ndarray:
+    """``embeddings`` ``[R, K, D]`` minus their mean over the cells that ran (``[R, K]`` bool).
+
+    A raw embedding mostly encodes "this is a Sentinel-2 tile": uncentred cosine similarities of a whole scene
+    sit in 0.999-1.0. Subtracting the scene's mean keeps what differs between tiles.
+    """
+    if not ran.any():
+        return embeddings.copy()
+    return embeddings - embeddings[ran].mean(axis=0, dtype=np.float64).astype(embeddings.dtype)
+
+
+def similarity_map(embeddings: np.ndarray, ran: np.ndarray, cells: np.ndarray,
+                   mode: str = "centred") -> np.ndarray:
+    """Similarity of every cell to the reference cells: ``[R, K]`` float32, NaN where the tile did not run.
+
+    Args:
+        embeddings: ``[R, K, D]`` per-cell embeddings (NaN where the tile did not run).
+        ran: ``[R, K]`` bool, the cells whose tile ran.
+        cells: ``[R, K]`` bool, the cells under the reference geometries.
+        mode: ``"centred"`` (cosine of scene-mean-centred embeddings) or ``"cosine"`` (raw cosine).
+
+    Raises:
+        PluginError: unknown mode, a reference on no processed tile, or (centred) a reference equal to the
+            scene mean.
+    """
+    if mode not in SIMILARITY_MODES:
+        raise PluginError(f"similarity mode {mode!r} is not one of {', '.join(SIMILARITY_MODES)}.")
+    if mode == "centred" and ran.sum() < 2:
+        raise PluginError(f"centred similarity needs at least 2 processed tiles ({int(ran.sum())} ran); choose a "
+                          "larger area, or the raw cosine mode.")
+    vectors = centre_embeddings(embeddings, ran) if mode == "centred" else embeddings
+    reference = reference_embedding(vectors, cells & ran)
+    if mode == "centred" and float(np.linalg.norm(reference)) < 1e-6 * max(
+            float(np.nanmax(np.linalg.norm(vectors[ran], axis=-1))), 1e-30):
+        raise PluginError("the reference tiles average to the scene's mean embedding, so centred similarity is "
+                          "undefined; choose a more specific reference, or the raw cosine mode.")
+    return np.where(ran, cosine_similarity(vectors, reference), np.nan).astype(np.float32)

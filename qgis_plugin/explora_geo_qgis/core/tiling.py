@@ -104,7 +104,10 @@ def valid_fractions(valid: np.ndarray, tile: int, stride: int, n_cols: int) -> n
 
 
 def fill_invalid(tiles: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Replace nodata pixels of each tile and band by the mean of that tile's valid pixels, in place.
+    """Replace the nodata pixels of each tile and band by the mean of that tile's valid pixels, in place.
+
+    Nodata pixels may hold anything (NaN, inf, the nodata value): they are masked out *before* the mean is
+    taken, so they never reach the model. Only tiles with some nodata are touched.
 
     Args:
         tiles: ``[N, C, T, T]`` float32 scaled tiles.
@@ -113,10 +116,12 @@ def fill_invalid(tiles: np.ndarray, valid: np.ndarray) -> np.ndarray:
     Returns:
         ``tiles``.
     """
-    if valid.all():
+    partial = np.flatnonzero(~valid.reshape(len(valid), -1).all(axis=1))
+    if partial.size == 0:
         return tiles
-    weights = valid[:, None].astype(np.float32)
-    counts = np.maximum(weights.sum(axis=(2, 3)), 1.0)
-    means = (tiles * weights).sum(axis=(2, 3)) / counts  # [N, C]
-    np.copyto(tiles, np.broadcast_to(means[:, :, None, None], tiles.shape), where=~valid[:, None])
+    sub, mask = tiles[partial], valid[partial][:, None]  # [P, C, T, T], [P, 1, T, T]
+    kept = np.where(mask, sub, np.float32(0.0))
+    counts = np.maximum(mask.sum(axis=(2, 3), dtype=np.int64), 1)  # [P, 1]
+    means = (kept.sum(axis=(2, 3), dtype=np.float64) / counts).astype(np.float32)  # [P, C]
+    tiles[partial] = np.where(mask, kept, means[:, :, None, None])
     return tiles

@@ -1,0 +1,57 @@
+"""The products of a run written to files: what ``classify``, ``embed`` and ``similarity`` write, in one place
+for every front end (the QGIS algorithms and ``explora-geo predict`` write the same files from the same
+:class:`~.pipeline.TileResults`).
+
+Nodata everywhere: cells whose tile did not run are 255 (or -1 beyond 255 classes) in the class raster,
+-9999 in float rasters, ``class_id = -1`` / NULL probabilities / status ``nodata`` in the grid. A run with no
+processed tile writes valid, all-nodata files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import PluginError
+from .model import ModelInfo
+from .pipeline import TileResults
+from .products import Classification, attribute_columns, classify
+from .writers import FLOAT_NODATA, write_geotiff, write_tile_grid
+
+
+def _georef(results: TileResults) -> tuple[tuple[float, ...], str]:
+    if results.geotransform is None:
+        raise PluginError("the run has no georeferencing; read the raster through a RasterReader with a "
+                          "geotransform.")
+    return results.geotransform, results.crs_wkt
+
+
+def write_classification(results: TileResults, info: ModelInfo, *, grid_path: str | Path,
+                         class_path: str | Path, prob_path: str | Path) -> Classification:
+    """Write the tile grid (GeoPackage), the class raster (with category names and colours) and the top-class
+    probability raster of a classifier run; returns the classification."""
+    result = classify(results.outputs["probabilities"], results.ran, results.valid_fraction)
+    gt, wkt = _georef(results)
+    write_tile_grid(grid_path, gt, wkt, attribute_columns(result, info.class_names, results.valid_fraction))
+    write_geotiff(class_path, result.class_id[None], gt, wkt, nodata=result.nodata_id, descriptions=["class"],
+                  class_names=info.class_names, class_colors=info.class_colors)
+    write_geotiff(prob_path, result.probability[None].astype(np.float32), gt, wkt, nodata=FLOAT_NODATA,
+                  descriptions=["probability"])
+    return result
+
+
+def write_embedding(results: TileResults, path: str | Path) -> Path:
+    """Write the per-cell embeddings as a D-band float32 GeoTIFF (``emb_000 ...``)."""
+    bands = np.moveaxis(results.outputs["embedding"], -1, 0).astype(np.float32)  # [D, R, K]
+    bands[:, ~results.ran] = FLOAT_NODATA
+    gt, wkt = _georef(results)
+    return write_geotiff(path, bands, gt, wkt, nodata=FLOAT_NODATA,
+                         descriptions=[f"emb_{i:03d}" for i in range(bands.shape[0])])
+
+
+def write_float_map(results: TileResults, values: np.ndarray, path: str | Path, description: str) -> Path:
+    """Write a per-cell ``[R, K]`` float map (NaN or skipped tiles -> -9999) as a one-band GeoTIFF."""
+    out = np.where(results.ran & np.isfinite(values), values, FLOAT_NODATA).astype(np.float32)
+    gt, wkt = _georef(results)
+    return write_geotiff(path, out[None], gt, wkt, nodata=FLOAT_NODATA, descriptions=[description])
