@@ -169,6 +169,10 @@ def test_segmenter_cli_errors(files: dict[str, Path], tmp_path: Path, capsys: py
     torch.save(ckpt, tmp_path / "labels.ckpt")
     with pytest.raises(ExploraGeoError, match="names 1 classes for 3 output channels"):
         export_onnx(tmp_path / "labels.ckpt", tmp_path / "y.onnx")
+    ckpt["hyper_parameters"]["task"] = "multilabel"  # sigmoid outputs: not a softmax class map
+    torch.save(ckpt, tmp_path / "labels.ckpt")
+    with pytest.raises(ExploraGeoError, match="multilabel segmentation task; only multiclass"):
+        export_onnx(tmp_path / "labels.ckpt", tmp_path / "y.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.ckpt", "cls.ckpt", "labels.ckpt"]
     # the CLI's JSON line for a good export
     assert main(["export", "--checkpoint", str(files["segmenter"]), "--out", out, "--no-check"]) == 0
