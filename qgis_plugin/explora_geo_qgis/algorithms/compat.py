@@ -13,6 +13,8 @@ from qgis.core import (
     QgsProcessing,
     QgsProcessingParameterFile,
     QgsProcessingParameterNumber,
+    QgsColorRampShader,
+    QgsRasterBandStats,
     QgsRasterDataProvider,
     QgsUnitTypes,
 )
@@ -43,3 +45,6 @@ RESAMPLE_BILINEAR = pick((Qgis, "RasterResamplingMethod.Bilinear"),
                          (QgsRasterDataProvider, "ResamplingMethod.Bilinear"))
 RESAMPLE_AVERAGE = pick((Qgis, "RasterResamplingMethod.Average"),
                         (QgsRasterDataProvider, "ResamplingMethod.Average"))
+STATS_MIN_MAX = (pick((Qgis, "RasterBandStatistic.Min"), (QgsRasterBandStats, "Stats.Min"))
+                 | pick((Qgis, "RasterBandStatistic.Max"), (QgsRasterBandStats, "Stats.Max")))
+RAMP_INTERPOLATED = pick((Qgis, "ShaderInterpolationMethod.Linear"), (QgsColorRampShader, "Type.Interpolated"))
