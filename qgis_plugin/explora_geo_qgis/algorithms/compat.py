@@ -10,10 +10,10 @@ from typing import Any
 
 from qgis.core import (
     Qgis,
+    QgsColorRampShader,
     QgsProcessing,
     QgsProcessingParameterFile,
     QgsProcessingParameterNumber,
-    QgsColorRampShader,
     QgsRasterBandStats,
     QgsRasterDataProvider,
     QgsUnitTypes,

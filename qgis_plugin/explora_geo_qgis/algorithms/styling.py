@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from qgis.core import (
-    QgsColorRampShader,
     QgsCategorizedSymbolRenderer,
+    QgsColorRampShader,
     QgsFillSymbol,
     QgsMapLayer,
     QgsPalettedRasterRenderer,
