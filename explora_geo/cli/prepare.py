@@ -7,14 +7,17 @@ import json
 import sys
 from typing import Any
 
+from explora_geo.cli._stac import add_stac_arguments, stac_input_from_args
+
 HELP = "cut pre-training patches into a streaming patch store (LitData) that `pretrain --data STORE` reads"
 
 
 def register(subparsers: Any) -> None:
     """Add the ``prepare`` parser."""
     p = subparsers.add_parser("prepare", help=HELP, description=HELP + ". See docs/data.md, 'Prepared stores'.")
-    p.add_argument("--data", required=True, nargs="+", metavar="PATH",
-                   help="folder(s), glob(s) or raster file(s): multi-band mosaics or per-band Sentinel-2 files")
+    p.add_argument("--data", nargs="+", metavar="PATH", default=None,
+                   help="folder(s), glob(s) or raster file(s): multi-band mosaics or per-band Sentinel-2 files; "
+                   "or a STAC catalog JSON (see 'STAC input'); required unless --stac-search is given")
     p.add_argument("--bands", required=True, metavar="SENSOR|B1,B2,...",
                    help="a sensor preset (all its bands, e.g. sentinel2) or comma-separated band names")
     p.add_argument("--out", required=True, metavar="DIR|URL",
@@ -36,6 +39,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--res", type=float, default=None, help="target GSD in metres (default: finest native)")
     p.add_argument("--dn-offset", default="auto", help="'auto' (detect Sentinel-2 L2A +1000) or DN to subtract")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    add_stac_arguments(p)  # STAC input: explora_geo/cli/_stac.py
     p.set_defaults(func=run)
 
 
@@ -59,16 +63,26 @@ def run(args: argparse.Namespace) -> int:
     if args.patches < 1:
         raise ExploraGeoError(f"--patches {args.patches}: a store needs at least 1 patch; pass e.g. --patches 10000.")
     band_names = [b.strip() for b in args.band_names.split(",")] if args.band_names else None
-    data = args.data[0] if len(args.data) == 1 else args.data
-    catalog, skipped = catalog_skipping_unreadable(
-        data, bands=bands, sensor=sensor, band_names=band_names, nodata=args.nodata, res=args.res,
-        dn_offset=offset)
+    provenance: dict[str, Any] = {"command": "explora-geo prepare", "data": [str(d) for d in args.data or []]}
+    # STAC input (a catalog among --data, or --stac-search): explora_geo/cli/_stac.py
+    stac = stac_input_from_args(args, bands=bands, sensor=sensor, nodata=args.nodata, res=args.res,
+                                dn_offset=offset)
+    if stac is not None:
+        catalog, skipped = stac.catalog, []
+        provenance.update(stac.provenance)
+    elif not args.data:
+        raise ExploraGeoError("no input given; pass --data PATH... or --stac-search URL.")
+    else:
+        data = args.data[0] if len(args.data) == 1 else args.data
+        catalog, skipped = catalog_skipping_unreadable(
+            data, bands=bands, sensor=sensor, band_names=band_names, nodata=args.nodata, res=args.res,
+            dn_offset=offset)
     print(catalog.describe(), file=sys.stderr)
     summary = prepare_store(
         catalog, args.out, patches=args.patches, patch_size=args.patch_size, sampler=args.sampler, roi=args.roi,
         max_nodata_fraction=args.max_nodata_fraction, workers=args.workers, seed=args.seed,
         overwrite=args.overwrite, skipped_files=skipped,
-        provenance={"command": "explora-geo prepare", "data": [str(d) for d in args.data]},
+        provenance=provenance,
     )
     print(f"patches: {summary['patches_requested']} requested, {summary['patches_written']} written, "
           f"{summary['patches_rejected']} rejected (nodata > {args.max_nodata_fraction:g}), "

@@ -35,6 +35,13 @@ def _pyproj(crs: Any) -> Any:
     return CRS.from_wkt(crs.to_wkt())
 
 
+def _path_key(path: str) -> str:
+    """A file's key in the catalog: absolute for local paths; GDAL virtual paths (``/vsicurl/https://...``,
+    STAC assets) as they are, since ``abspath`` would fold their ``//``."""
+    text = os.fspath(path)
+    return text if text.startswith("/vsi") else os.path.abspath(text)
+
+
 def _catalog(
     data: DataSpec | None, catalog: Catalog | None, kwargs: dict[str, Any]
 ) -> Catalog:
@@ -115,7 +122,7 @@ class MosaicDataset(_CatalogDataset):
         """
         groups: dict[tuple[int, ...], list[str]] = {}
         for path in filepaths:
-            groups.setdefault(self._indexes[os.path.abspath(path)], []).append(path)
+            groups.setdefault(self._indexes[_path_key(path)], []).append(path)
         merged: Tensor | None = None
         for indexes, paths in groups.items():
             part = super()._merge_or_stack(paths, index, list(indexes), out_crs)
@@ -167,7 +174,7 @@ class BandFilesDataset(_CatalogDataset):
         return sorted(self._scene_of)
 
     def _update_filepath(self, band: str, filepath: str) -> str:
-        source = self._scene_of[os.path.abspath(filepath)]
+        source = self._scene_of[_path_key(filepath)]
         return source.channels[self.catalog.bands.index(band)][0]
 
 

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from timm.layers import PatchEmbed, calculate_drop_path_rates, resample_abs_pos_embed
+from timm.layers import PatchEmbed, calculate_drop_path_rates, register_notrace_function, resample_abs_pos_embed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, named_apply
@@ -79,6 +79,19 @@ def resolve_band_groups(
     return groups
 
 
+@torch.fx.wrap
+@register_notrace_function
+def _check_channels(x: torch.Tensor, expected: int) -> torch.Tensor:
+    """``x`` unchanged if it has ``expected`` channels, else an error saying how to fix it. A leaf for FX (its
+    shape test would otherwise be data-dependent control flow) and plain TorchScript."""
+    if x.shape[1] != expected:
+        raise ExploraGeoError(
+            f"input has {x.shape[1]} channels, the model expects {expected} (its band_names); select those bands "
+            "in order, or call model.select_input_bands(x, band_names) first."
+        )
+    return x
+
+
 # --------------------------------------------------------------------------------------------------------
 # Architecture
 # --------------------------------------------------------------------------------------------------------
@@ -103,8 +116,12 @@ class GroupChannelViT(nn.Module):
         reg_tokens: number of register tokens (DINOv2 ``*_reg4`` sources), after the cls token.
         fc_norm: norm after pooling instead of before; default: ``True`` for ``"avg"`` pooling (as timm).
         drop_rate, pos_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate: dropout / stochastic depth.
+        device, dtype: where and in which dtype to create the parameters (as timm 1.0's models;
+            ``timm.create_model(..., device="meta")`` builds the structure without memory).
 
     Input ``x``: ``[B, C, H, W]`` with ``C = len(band_names)`` in ``band_names`` order (groups flattened).
+    ``forward(x)`` takes only the tensor (TorchScript- and FX-friendly); for channels named in another order,
+    or with extra bands, first call :meth:`select_input_bands`.
     """
 
     def __init__(
@@ -131,8 +148,11 @@ class GroupChannelViT(nn.Module):
         proj_drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if global_pool not in ("", "token", "avg"):
             raise ExploraGeoError(f"unknown global_pool {global_pool!r}; choose 'token', 'avg' or ''.")
         groups = resolve_band_groups(band_groups, sensor)
@@ -145,6 +165,7 @@ class GroupChannelViT(nn.Module):
             )
         self.sensor = get_sensor(sensor).name if sensor else ("sentinel2" if band_groups is None else None)
         self.in_chans = len(self.band_names)
+        self.group_sizes: list[int] = [len(g) for g in groups]
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
@@ -159,7 +180,7 @@ class GroupChannelViT(nn.Module):
 
         self.patch_embeds = nn.ModuleList(
             PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=len(g), embed_dim=embed_dim,
-                       strict_img_size=False, output_fmt="NHWC")
+                       strict_img_size=False, output_fmt="NHWC", **dd)
             for g in groups
         )
         first = self.patch_embeds[0]
@@ -168,23 +189,24 @@ class GroupChannelViT(nn.Module):
         self.grid_size: tuple[int, int] = tuple(first.grid_size)  # type: ignore[assignment]
         num_patches = self.grid_size[0] * self.grid_size[1]
 
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim - self.group_embed_dim))
-        self.group_embed = nn.Parameter(torch.zeros(1, len(groups), self.group_embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim, **dd)) if reg_tokens else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim - self.group_embed_dim, **dd))
+        self.group_embed = nn.Parameter(torch.zeros(1, len(groups), self.group_embed_dim, **dd))
         self.pos_drop = nn.Dropout(p=pos_drop_rate)
 
         dpr = calculate_drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.Sequential(*[
             Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm,
-                  init_values=init_values, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i])
+                  init_values=init_values, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i],
+                  **dd)
             for i in range(depth)
         ])
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if not use_fc_norm else nn.Identity()
-        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6, **dd) if not use_fc_norm else nn.Identity()
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6, **dd) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
-        self.head: nn.Module = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head: nn.Module = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.feature_info = [
             dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=self.patch_size[0]) for i in range(depth)
         ]
@@ -237,8 +259,8 @@ class GroupChannelViT(nn.Module):
             if global_pool not in ("", "token", "avg"):
                 raise ExploraGeoError(f"unknown global_pool {global_pool!r}; choose 'token', 'avg' or ''.")
             self.global_pool = global_pool  # type: ignore[assignment]
-        device = self.cls_token.device
-        self.head = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        dd = {"device": self.cls_token.device, "dtype": self.cls_token.dtype}
+        self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
     def set_input_size(
         self, img_size: int | tuple[int, int] | None = None, patch_size: int | tuple[int, int] | None = None
@@ -261,8 +283,12 @@ class GroupChannelViT(nn.Module):
             self.pos_embed = nn.Parameter(new, requires_grad=self.pos_embed.requires_grad)
 
     # ---- embedding -----------------------------------------------------------------------------------
+    @torch.jit.ignore
     def select_input_bands(self, x: torch.Tensor, band_names: Sequence[str] | None = None) -> torch.Tensor:
-        """Reorder/select ``x``'s channels into ``self.band_names`` order.
+        """Reorder/select ``x``'s channels into ``self.band_names`` order, ready for :meth:`forward`.
+
+        ``model(model.select_input_bands(x, names))`` accepts the bands in any order, with aliases (``b8a``,
+        ``blue``) and extra bands; permuted bands give exactly the same output.
 
         Args:
             x: ``[B, C, H, W]``; with ``band_names`` its channels are named by them (any order, extra bands
@@ -288,34 +314,30 @@ class GroupChannelViT(nn.Module):
         return x
 
     def pos_embed_for(self, grid_size: tuple[int, int]) -> torch.Tensor:
-        """Position encoding for a ``H x W`` grid: ``[1, H*W, D - Dg]`` (resampled when ``!= grid_size``)."""
-        if tuple(grid_size) == self.grid_size:
-            return self.pos_embed
-        return resample_abs_pos_embed(self.pos_embed, list(grid_size), list(self.grid_size), num_prefix_tokens=0)
+        """Position encoding for a ``H x W`` grid: ``[1, H*W, D - Dg]`` (the parameter itself for the built grid,
+        else resampled bicubically by timm's ``resample_abs_pos_embed``, which FX treats as a leaf)."""
+        return resample_abs_pos_embed(self.pos_embed, [grid_size[0], grid_size[1]],
+                                      [self.grid_size[0], self.grid_size[1]], num_prefix_tokens=0)
 
-    def embed_tokens(
-        self, x: torch.Tensor, band_names: Sequence[str] | None = None
-    ) -> tuple[torch.Tensor, tuple[int, int]]:
+    def embed_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patch tokens with position and group encodings, WITHOUT prefix tokens.
 
         Args:
-            x: ``[B, C, H, W]`` (see :meth:`select_input_bands`).
+            x: ``[B, C, H, W]``, channels in ``band_names`` order (see :meth:`select_input_bands`).
 
         Returns:
             ``tokens [B, G * L, D]`` ordered group-major (all of group 0's ``L = h * w`` patches, then group
             1's ...), and the patch grid ``(h, w)``.
         """
-        x = self.select_input_bands(x, band_names)
-        per_group, start = [], 0
-        grid: tuple[int, int] = self.grid_size
+        chunks = torch.split(_check_channels(x, self.in_chans), self.group_sizes, dim=1)
+        per_group: list[torch.Tensor] = []
+        grid: tuple[int, int] = (self.grid_size[0], self.grid_size[1])
         for g, embed in enumerate(self.patch_embeds):
-            n = len(self.band_groups[g])
-            y = embed(x[:, start:start + n])  # [B, h, w, D]
-            start += n
+            y = embed(chunks[g])  # [B, h, w, D]
             grid = (y.shape[1], y.shape[2])
             per_group.append(y.reshape(y.shape[0], -1, y.shape[-1]))
         pos = self.pos_embed_for(grid)  # [1, L, D - Dg]
-        tokens = []
+        tokens: list[torch.Tensor] = []
         for g, y in enumerate(per_group):
             code = self.group_embed[:, g:g + 1].expand(-1, pos.shape[1], -1)  # [1, L, Dg]
             tokens.append(y + torch.cat([pos, code], dim=-1))
@@ -323,19 +345,20 @@ class GroupChannelViT(nn.Module):
 
     def add_prefix_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Prepend cls (and register) tokens: ``[B, N, D] -> [B, num_prefix_tokens + N, D]``."""
-        prefix = [self.cls_token.expand(tokens.shape[0], -1, -1)]
+        parts = [self.cls_token.expand(tokens.shape[0], -1, -1)]
         if self.reg_token is not None:
-            prefix.append(self.reg_token.expand(tokens.shape[0], -1, -1))
-        return torch.cat([*prefix, tokens], dim=1)
+            parts.append(self.reg_token.expand(tokens.shape[0], -1, -1))
+        parts.append(tokens)
+        return torch.cat(parts, dim=1)
 
-    def _embed(self, x: torch.Tensor, band_names: Sequence[str] | None) -> tuple[torch.Tensor, tuple[int, int]]:
-        tokens, grid = self.embed_tokens(x, band_names)
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        tokens, grid = self.embed_tokens(x)
         return self.pos_drop(self.add_prefix_tokens(tokens)), grid
 
     # ---- forward -------------------------------------------------------------------------------------
-    def forward_features(self, x: torch.Tensor, band_names: Sequence[str] | None = None) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W] -> [B, num_prefix_tokens + G * L, D]`` (final norm applied)."""
-        x, _ = self._embed(x, band_names)
+        x, _ = self._embed(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:
@@ -352,9 +375,9 @@ class GroupChannelViT(nn.Module):
         x = self.head_drop(self.fc_norm(self.pool(x)))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor, band_names: Sequence[str] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` -> logits ``[B, num_classes]`` (pooled features ``[B, D]`` when no head)."""
-        return self.forward_head(self.forward_features(x, band_names))
+        return self.forward_head(self.forward_features(x))
 
     # ---- intermediate features -----------------------------------------------------------------------
     def forward_intermediates(
@@ -367,7 +390,6 @@ class GroupChannelViT(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
         output_dict: bool = False,
-        band_names: Sequence[str] | None = None,
         group_reduce: Literal["mean", "concat"] = "mean",
     ) -> Any:
         """Features of selected blocks (timm's signature).
@@ -389,7 +411,7 @@ class GroupChannelViT(nn.Module):
         if group_reduce not in ("mean", "concat"):
             raise ExploraGeoError(f"group_reduce {group_reduce!r} is not supported; use 'mean' or 'concat'.")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x, (h, w) = self._embed(x, band_names)
+        x, (h, w) = self._embed(x)
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
         intermediates = []
         for i, blk in enumerate(blocks):
@@ -443,12 +465,11 @@ class GroupChannelViT(nn.Module):
         reshape: bool = False,
         return_prefix_tokens: bool = False,
         norm: bool = False,
-        band_names: Sequence[str] | None = None,
     ) -> list[Any]:
         """DINO-style interface: outputs of the last ``n`` blocks (or the listed ones)."""
         return self.forward_intermediates(
             x, list(n) if isinstance(n, tuple) else n, return_prefix_tokens=return_prefix_tokens, norm=norm,
-            output_fmt="NCHW" if reshape else "NLC", intermediates_only=True, band_names=band_names,
+            output_fmt="NCHW" if reshape else "NLC", intermediates_only=True,
         )
 
 
@@ -475,7 +496,11 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: GroupChanne
 # --------------------------------------------------------------------------------------------------------
 
 def _cfg(img_size: int, **kwargs: Any) -> dict[str, Any]:
-    n_bands = len(get_sensor("sentinel2").model_bands)
+    """timm's pretrained-cfg fields for the default (Sentinel-2, 3 groups) variant. ``first_conv`` names every
+    group's patch projection (timm adapts each when a checkpoint's channel count differs); ``.untrained`` is
+    timm's tag for a variant without released weights (point ``file`` at your own)."""
+    groups = get_sensor("sentinel2").model_groups
+    n_bands = sum(len(g) for g in groups)
     return {
         "url": "",
         "num_classes": 0,
@@ -487,9 +512,11 @@ def _cfg(img_size: int, **kwargs: Any) -> dict[str, Any]:
         # explora-geo scales inputs itself (explora_geo.normalization); timm's transforms should not.
         "mean": (0.0,) * n_bands,
         "std": (1.0,) * n_bands,
-        "first_conv": None,
+        "first_conv": tuple(f"patch_embeds.{g}.proj" for g in range(len(groups))),
         "classifier": "head",
         "license": "apache-2.0",
+        "paper_ids": "arXiv:2207.08051",
+        "paper_name": "SatMAE: Pre-training Transformers for Temporal and Multi-Spectral Satellite Imagery",
         **kwargs,
     }
 

@@ -456,3 +456,120 @@ def test_http_hrefs_read_through_vsicurl(cogs, cog_server, t33uuu_dir):
     got = read_window(source, HandlePool(), 100, 200, 64, 64)
     assert np.array_equal(got, read_window(ref, HandlePool(), 100, 200, 64, 64))
     assert "/B8A.tif" in seen  # the pixels came over HTTP
+
+
+# ----------------------------------------------------------------------------------------------------------
+# explora-geo prepare from STAC
+# ----------------------------------------------------------------------------------------------------------
+
+def _prepare(tmp_path: Path, name: str, *args: str) -> tuple[int, dict, list[dict]]:
+    """Run ``explora-geo prepare`` in-process; return (status, store metadata, samples in store order)."""
+    from litdata import StreamingDataset
+
+    from explora_geo.cli import main
+
+    out = tmp_path / name
+    status = main(["prepare", *args, "--out", str(out), "--patches", "6", "--patch-size", "48", "--workers", "1",
+                   "--seed", "7"])
+    meta = json.loads((out / "explora-store.json").read_text())
+    return status, meta, [StreamingDataset(str(out))[i] for i in range(meta["counts"]["written"])]
+
+
+PREPARE_BANDS = "B02,B8A,B01,B11"
+
+
+@pytest.fixture(scope="module")
+def files_store(tmp_path_factory, t33uuu_dir):
+    """``prepare`` from the T33UUU JP2 files: (metadata, samples)."""
+    _, meta, samples = _prepare(tmp_path_factory.mktemp("files"), "files", "--data", str(t33uuu_dir), "--bands",
+                                PREPARE_BANDS)
+    return meta, samples
+
+
+@pytest.mark.slow
+def test_prepare_from_stac_gives_the_files_patches(tmp_path, cogs, files_store, capsys):
+    bands = PREPARE_BANDS
+    meta_files, want = files_store
+    key = save_catalog(tmp_path / "cat_key", [make_item("S2_key", cogs, "key", cloud=1.0)], relative=True)
+    es = tmp_path / "earth_search.json"
+    es.write_text(json.dumps(pystac.ItemCollection([
+        make_item("S2_es", cogs, "earth_search", cloud=2.0), make_item("S2_cloudy", cogs, "key", cloud=95.0),
+    ]).to_dict()))
+    for name, data in (("stac_key", key), ("stac_es", es)):
+        status, meta, got = _prepare(tmp_path, name, "--data", str(data), "--bands", bands, "--max-cloud", "50")
+        assert status == 0 and meta["counts"] == meta_files["counts"] and meta["bands"] == ["B02", "B8A", "B01", "B11"]
+        assert len(got) == len(want) == 6
+        for a, b in zip(got, want, strict=True):  # the same windows, the same raw pixels (10/20/60 m bands)
+            assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+            assert np.allclose(np.asarray(a["bounds"], dtype=float), np.asarray(b["bounds"], dtype=float))
+        assert meta["stats"]["mean"] == pytest.approx(meta_files["stats"]["mean"])
+        stac = meta["provenance"]["stac"]
+        assert stac["catalog"] == str(data) and stac["max_cloud"] == 50.0
+        assert stac["items"] == ["S2_key"] if name == "stac_key" else (stac["items"] == ["S2_es"]
+                                                                        and stac["skipped_cloudy"] == ["S2_cloudy"])
+    assert "skipped 1 item(s) with eo:cloud_cover above 50" in capsys.readouterr().err
+
+
+def test_prepare_stac_errors_are_one_line(tmp_path, cogs, capsys):
+    from explora_geo.cli import main
+
+    common = ["--bands", "B02,B8A", "--out", str(tmp_path / "out"), "--patches", "2", "--patch-size", "32"]
+    bad = tmp_path / "not_stac.json"
+    bad.write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps(make_item("short", cogs, "key", drop=("B8A",)).to_dict()))
+    cases = [
+        (["--data", str(bad)], "not_stac.json is not a STAC document"),
+        (["--data", str(short)], "STAC item short has no asset for band B8A"),
+        (["--stac-search", "http://127.0.0.1:9/", "--collection", "sentinel-2-l2a"],
+         "the STAC search of http://127.0.0.1:9/ (collection sentinel-2-l2a) failed"),
+        ([], "no input given; pass --data PATH... or --stac-search URL."),
+    ]
+    for argv, message in cases:
+        assert main(["prepare", *argv, *common]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("explora-geo prepare: error: ") and message in err and "\n" not in err, err
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_prepare_from_http_hrefs(tmp_path, cogs, cog_server, files_store):
+    base, seen = cog_server
+    path = tmp_path / "remote.json"
+    path.write_text(json.dumps(remote_item("remote", cogs, base).to_dict()))
+    _, want = files_store
+    status, meta, got = _prepare(tmp_path, "remote", "--data", str(path), "--bands", PREPARE_BANDS)
+    assert status == 0 and meta["files"] == sorted(f"/vsicurl/{base}/{b}.tif" for b in PREPARE_BANDS.split(","))
+    assert len(got) == len(want) == 6
+    for a, b in zip(got, want, strict=True):
+        assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+    assert "/B8A.tif" in seen
+
+
+def test_items_in_geographic_and_other_crs_keep_their_own_grids(tmp_path, cogs):
+    """An EPSG:4326 item is cut in its UTM zone at the catalog's GSD; a UTM item keeps its native grid."""
+    from rasterio.warp import Resampling, calculate_default_transform, reproject
+
+    geo = {}
+    for band in ("B02", "B8A"):
+        with rasterio.open(cogs[band]) as src:
+            transform, width, height = calculate_default_transform(src.crs, "EPSG:4326", src.width, src.height,
+                                                                   *src.bounds)
+            data = np.zeros((1, height, width), dtype=src.dtypes[0])
+            reproject(src.read(), data, src_transform=src.transform, src_crs=src.crs, dst_transform=transform,
+                      dst_crs="EPSG:4326", resampling=Resampling.nearest)
+        geo[band] = tmp_path / f"{band}.tif"
+        with rasterio.open(geo[band], "w", driver="COG", width=width, height=height, count=1,
+                           dtype=data.dtype, crs="EPSG:4326", transform=transform) as dst:
+            dst.write(data)
+    utm = make_item("utm", {b: cogs[b] for b in ("B02", "B8A")}, "key")
+    wgs = make_item("wgs84", geo, "key")
+    stac = catalog_from_items([utm, wgs], bands=["B02", "B8A"])
+    cat = stac.catalog
+    assert cat.crs.to_epsg() == 32633 and cat.gsd == (10.0, 10.0)
+    by_name = {s.name: s for s in cat.sources}
+    assert by_name["utm"].crs.to_epsg() == 32633 and by_name["utm"].transform.a == 10.0
+    assert by_name["wgs84"].crs.to_epsg() == 32633 and by_name["wgs84"].transform.a == pytest.approx(10.0)
+    assert any("geographic CRS read through their UTM zone" in n and "wgs84" in n for n in cat.notes)
+    patch = read_window(by_name["wgs84"], HandlePool(), 200, 200, 32, 32)
+    assert patch.shape == (2, 32, 32) and patch.std(axis=(1, 2)).min() > 0

@@ -83,7 +83,7 @@ def test_band_order_invariance(model: GroupChannelViT) -> None:
     ref = model.forward_features(x)
     perm = torch.randperm(10)
     names = [S2_BANDS[i] for i in perm]
-    out = model.forward_features(x[:, perm], band_names=names)
+    out = model.forward_features(model.select_input_bands(x[:, perm], names))
     assert torch.equal(out, ref)
     # extra bands and aliases are fine: 13-band L1C order with B8A after B08, lower-case alias names
     l1c = get_sensor("sentinel2").band_names
@@ -91,18 +91,18 @@ def test_band_order_invariance(model: GroupChannelViT) -> None:
     idx = [l1c.index(b) for b in S2_BANDS]
     full[:, idx] = x
     aliases = [b.lower().replace("b0", "b") for b in l1c]
-    assert torch.equal(model(full, band_names=aliases), model(x))
+    assert torch.equal(model(model.select_input_bands(full, aliases)), model(x))
     # a wrong order is not silently accepted as the same input
     assert not torch.allclose(model.forward_features(x[:, perm]), ref)
 
 
 def test_band_errors(model: GroupChannelViT) -> None:
     with pytest.raises(ExploraGeoError, match="lacks band"):
-        model(torch.randn(1, 2, 96, 96), band_names=["B02", "B03"])
+        model.select_input_bands(torch.randn(1, 2, 96, 96), ["B02", "B03"])
     with pytest.raises(ExploraGeoError, match="expects 10"):
         model(torch.randn(1, 3, 96, 96))
     with pytest.raises(ExploraGeoError, match="one name per channel"):
-        model(torch.randn(1, 10, 96, 96), band_names=S2_BANDS[:5])
+        model.select_input_bands(torch.randn(1, 10, 96, 96), S2_BANDS[:5])
 
 
 def test_dynamic_image_size(model: GroupChannelViT) -> None:
@@ -282,3 +282,91 @@ def test_grad_checkpointing_and_pruning() -> None:
     kept = m.prune_intermediate_layers(indices=[1])
     assert kept == [1] and len(m.blocks) == 2 and isinstance(m.head, torch.nn.Identity)
     assert m.forward_intermediates(x, indices=[1], intermediates_only=True)[0].shape == (2, 32, 4, 4)
+
+
+# ------------------------------------------------------------------------- timm first-class citizen
+
+ALL_VARIANTS = sorted(timm.list_models("group_channel_vit_*"))
+
+
+def test_every_variant_is_listed() -> None:
+    assert len(ALL_VARIANTS) == 8 and {n.rsplit("_", 2)[0] for n in ALL_VARIANTS} == {
+        f"group_channel_vit_{s}" for s in ("tiny", "small", "base", "large")}
+
+
+def _small_build(name: str, **kwargs) -> GroupChannelViT:
+    """The variant at its own width and heads, 2 blocks, a 2 x 2 patch grid (fast on CPU)."""
+    torch.manual_seed(0)
+    patch = 8 if "patch8" in name else 16
+    return timm.create_model(name, depth=2, img_size=2 * patch, num_classes=3, **kwargs).eval()
+
+
+@pytest.mark.parametrize("name", ALL_VARIANTS)
+def test_torchscript_matches_eager(name: str) -> None:
+    import warnings
+
+    model = _small_build(name)
+    x = torch.randn(2, 10, *model.img_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.compile / export
+        scripted = torch.jit.script(model)
+    torch.testing.assert_close(scripted(x), model(x), rtol=0, atol=0)
+    bigger = torch.randn(1, 10, 2 * model.img_size[0], model.img_size[1])  # another grid: pos_embed resampled
+    torch.testing.assert_close(scripted(bigger), model(bigger), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL_VARIANTS)
+def test_fx_feature_extraction(name: str) -> None:
+    from timm.models import create_feature_extractor, get_graph_node_names
+
+    model = _small_build(name)
+    x = torch.randn(2, 10, *model.img_size)
+    extractor = create_feature_extractor(model, return_nodes={"blocks.1": "last_block", "head": "logits"})
+    out = extractor(x)
+    torch.testing.assert_close(out["logits"], model(x))
+    torch.testing.assert_close(out["last_block"], model.blocks(model._embed(x)[0]))
+    assert any(n.startswith("blocks.0.") for n in get_graph_node_names(model)[1])
+    # the traced graph is not specialised to the example size: a larger image resamples pos_embed
+    y = torch.randn(1, 10, 2 * model.img_size[0], 2 * model.img_size[1])
+    torch.testing.assert_close(extractor(y)["logits"], model(y))
+
+
+@pytest.mark.parametrize("name", ALL_VARIANTS)
+def test_device_and_dtype_keywords(name: str) -> None:
+    """timm 1.0 passes device= / dtype= to the constructor: the full-size variant on the meta device (no
+    memory), and a small build directly in bfloat16."""
+    with torch.device("cpu"):
+        meta = timm.create_model(name, device="meta")
+    assert all(p.device.type == "meta" for p in meta.parameters())
+    assert meta.pos_embed.shape[1] == meta.grid_size[0] * meta.grid_size[1]
+    bf16 = _small_build(name, device="cpu", dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert bf16(torch.randn(1, 10, *bf16.img_size, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    bf16.reset_classifier(5)
+    assert bf16.head.weight.dtype == torch.bfloat16
+
+
+def test_forward_takes_only_the_tensor() -> None:
+    import inspect
+
+    for method in (GroupChannelViT.forward, GroupChannelViT.forward_features):
+        assert list(inspect.signature(method).parameters) == ["self", "x"]
+
+
+@pytest.mark.parametrize("name", ALL_VARIANTS)
+def test_default_cfg_follows_timm_conventions(name: str) -> None:
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(f"{name}.untrained").to_dict()
+    for key in ("url", "num_classes", "input_size", "pool_size", "crop_pct", "interpolation", "mean", "std",
+                "first_conv", "classifier", "license", "fixed_input_size"):
+        assert key in cfg, key
+    with torch.device("meta"):
+        model = timm.create_model(name, num_classes=4)
+    state = model.state_dict()
+    assert model.pretrained_cfg["tag"] == "untrained" and model.pretrained_cfg["architecture"] == name
+    assert cfg["input_size"] == (model.in_chans, *model.img_size)
+    assert len(cfg["mean"]) == len(cfg["std"]) == model.in_chans
+    assert all(f"{conv}.weight" in state for conv in cfg["first_conv"])
+    assert f"{cfg['classifier']}.weight" in state
+    assert cfg["fixed_input_size"] is False and not timm.is_model_pretrained(name)

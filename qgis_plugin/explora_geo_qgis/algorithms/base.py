@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from qgis.core import (
@@ -29,7 +30,7 @@ from qgis.core import (
 from ..core.bands import layer_band_label, parse_mapping, resolve_bands
 from ..core.errors import PluginError
 from ..core.model import DEVICES, OnnxModel
-from ..core.pipeline import Cancelled, RunSettings, TileResults, infer
+from ..core.pipeline import Cancelled, RunSettings, TileConsumer, TileResults, infer
 from ..core.tiling import TileGrid
 from .compat import FILE_BEHAVIOR, NUMBER_DOUBLE, NUMBER_INTEGER, SOURCE_POLYGON
 from .loading import OutputLayer, present_outputs
@@ -153,21 +154,27 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
             defaultValue=0, minValue=0, maxValue=1024))
 
     def run_model(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback,
-                  outputs: tuple[str, ...], need_classifier: bool = False) -> Run:
-        """Validate the parameters, build the working grid and run the model on every tile."""
+                  outputs: tuple[str, ...], need_classifier: bool = False,
+                  consumer: Callable[[OnnxModel], TileConsumer] | None = None) -> Run:
+        """Validate the parameters, build the working grid and run the model on every tile.
+
+        ``consumer(model)`` makes a :class:`~..core.pipeline.TileConsumer` that takes the outputs as they come
+        (they are then not stored per tile)."""
         try:
-            return self._run_model(parameters, context, feedback, outputs, need_classifier)
+            return self._run_model(parameters, context, feedback, outputs, need_classifier, consumer)
         except PluginError as err:
             raise QgsProcessingException(str(err)) from err
         except Cancelled as err:
             raise QgsProcessingException("cancelled by the user; no output was written.") from err
 
     def _run_model(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback,
-                   outputs: tuple[str, ...], need_classifier: bool) -> Run:
+                   outputs: tuple[str, ...], need_classifier: bool,
+                   consumer: Callable[[OnnxModel], TileConsumer] | None = None) -> Run:
         layer = self.raster_layer(parameters, self.INPUT, context)
         model = self.load_model(parameters, context, feedback, need_classifier)
         grid, mask_wkts = self.working_grid(layer, model, parameters, context, feedback)
-        results = self.infer_layer(layer, model, grid, mask_wkts, parameters, context, feedback, outputs)
+        results = self.infer_layer(layer, model, grid, mask_wkts, parameters, context, feedback, outputs,
+                                   consumer=consumer)
         return Run(results, grid, model)
 
     def raster_layer(self, parameters: dict, name: str, context: QgsProcessingContext) -> QgsRasterLayer:
@@ -189,6 +196,7 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
         if need_classifier and not model.info.is_classifier:
             raise PluginError(f"model {os.path.basename(model_path)} is an embedder (no classes); export it "
                               "with --head to classify, or use the embed algorithm.")
+        self.check_model(model, model_path)
         return model
 
     def working_grid(self, layer: QgsRasterLayer, model: OnnxModel, parameters: dict, context: QgsProcessingContext,
@@ -213,9 +221,10 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
 
     def infer_layer(self, layer: QgsRasterLayer, model: OnnxModel, grid: WorkingGrid, mask_wkts: list[str] | None,
                     parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback,
-                    outputs: tuple[str, ...], progress: tuple[float, float] = (0.0, 100.0)) -> TileResults:
+                    outputs: tuple[str, ...], progress: tuple[float, float] = (0.0, 100.0),
+                    consumer: Callable[[OnnxModel], TileConsumer] | None = None) -> TileResults:
         """Read ``layer`` on ``grid`` and run ``model`` on every tile, logging device, threads and speed;
-        progress goes from ``progress[0]`` to ``progress[1]`` percent."""
+        progress goes from ``progress[0]`` to ``progress[1]`` percent (``consumer``: see :meth:`run_model`)."""
         info = model.info
         bands = self._layer_bands(layer, info.bands, parameters, context, feedback)
         nodata = parameters.get(self.NODATA)
@@ -233,7 +242,8 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
         low, high = progress
         results = infer(reader, model, settings, outputs=outputs,
                         progress=lambda p: feedback.setProgress(low + (high - low) * p / 100.0),
-                        is_cancelled=feedback.isCanceled, source=reader.name)
+                        is_cancelled=feedback.isCanceled, source=reader.name,
+                        consumer=consumer(model) if consumer is not None else None)
         for note in results.notes:
             feedback.pushInfo(note)
         feedback.pushInfo(results.summary(device))
@@ -246,6 +256,9 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
         if parameters.get(name) in (None, ""):
             return default
         return self.parameterAsDouble(parameters, name, context)
+
+    def check_model(self, model: OnnxModel, path: str) -> None:
+        """Refuse a model this algorithm cannot use (:class:`PluginError`); every bundle by default."""
 
     def _layer_bands(self, layer: QgsRasterLayer, model_bands: tuple[str, ...], parameters: dict,
                      context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> list[int]:
