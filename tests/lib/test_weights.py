@@ -484,7 +484,7 @@ def test_layer_scale_folded_or_set_to_one_exactly(tmp_path: Path) -> None:
 def test_public_import_paths_survive_the_split() -> None:
     """``explora_geo.models.weights`` is a package (one module per source format); its public names still
     import from the package itself."""
-    import explora_geo.models.weights as weights
+    from explora_geo.models import weights
 
     for name in ("LoadReport", "SourceCheckpoint", "load_source_weights", "resolve_source", "read_checkpoint_file",
                  "unwrap_state_dict", "split_extra", "band_kernels", "infer_sensor", "match_layer_scale",
