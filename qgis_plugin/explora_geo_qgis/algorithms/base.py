@@ -154,7 +154,7 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
         if layer is None or not layer.isValid():
             raise PluginError("the input raster layer is missing or invalid; choose a readable raster.")
         model_path = self.parameterAsFile(parameters, self.MODEL, context)
-        model = OnnxModel(model_path)
+        model = OnnxModel.open(model_path)
         info = model.info
         if need_classifier and not info.is_classifier:
             raise PluginError(f"model {os.path.basename(model_path)} is an embedder (no classes); export it "
