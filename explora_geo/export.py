@@ -226,7 +226,11 @@ def _torchgeo_head(path: Path, class_colors: Sequence[str] | None,
     """The timm ``head`` of a torchgeo ``ClassificationTask`` checkpoint (acts on the pooled embedding)."""
     ckpt = ckpt if ckpt is not None else _read_task_checkpoint(path)
     state = ckpt.get("state_dict", {})
-    weight, bias = state.get("model.head.weight"), state.get("model.head.bias")
+    # the timm head, or the trained copy peft keeps for it in a mode="lora" ExploraClassificationTask
+    for prefix in ("model.head.", "model.base_model.model.head.modules_to_save.default."):
+        weight, bias = state.get(f"{prefix}weight"), state.get(f"{prefix}bias")
+        if weight is not None:
+            break
     if weight is None or bias is None or weight.ndim != 2:
         raise ExploraGeoError(f"{path} has no 'model.head.weight/bias' (not a timm ClassificationTask); "
                               "pass a torchgeo ClassificationTask checkpoint or a probe head.")

@@ -130,6 +130,40 @@ def test_water_and_land_from_examples(qgis_app: Any, bundle: dict, t33uuu_vrt: P
     np.testing.assert_allclose(_read(again["OUTPUT_PROBABILITY"]), _read(out["OUTPUT_PROBABILITY"]), atol=1e-5)
 
 
+def test_point_examples_label_the_cell_they_fall_in(qgis_app: Any, bundle: dict, t33uuu_vrt: Path,
+                                                    osm_examples: dict, tmp_path: Path) -> None:
+    """Points (one inside each training polygon): each labels exactly the 320 m cell it falls in."""
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(4326)  # examples in another CRS than the raster's
+    srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    utm = osr.SpatialReference()
+    utm.ImportFromEPSG(32633)
+    utm.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    to_wgs84 = osr.CoordinateTransformation(utm, srs)
+    ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(tmp_path / "points.gpkg"))
+    layer = ds.CreateLayer("points", srs, ogr.wkbPoint)
+    layer.CreateField(ogr.FieldDefn("cover", ogr.OFTString))
+    cells = {}
+    for _, label, wkt in osm_examples["train_rows"]:
+        point = ogr.CreateGeometryFromWkt(wkt).PointOnSurface()
+        cells.setdefault((int((SCENE[3] - point.GetY()) // 320), int((point.GetX() - SCENE[0]) // 320)), set()).add(label)
+        point.Transform(to_wgs84)
+        feature = ogr.Feature(layer.GetLayerDefn())
+        feature.SetGeometry(point)
+        feature.SetField("cover", label)
+        layer.CreateFeature(feature)
+    ds = None
+    feedback = Feedback.make()
+    out = _run("classify_from_examples", {
+        "INPUT": _layer(t33uuu_vrt), "MODEL": str(bundle["classifier"]), "EXAMPLES": str(tmp_path / "points.gpkg"),
+        "CLASS_FIELD": "cover", "BATCH_SIZE": 64, "OUTPUT_GRID": str(tmp_path / "g.gpkg"),
+        "OUTPUT_CLASSES": str(tmp_path / "c.tif"), "OUTPUT_PROBABILITY": str(tmp_path / "p.tif")}, feedback)
+    single = sum(1 for labels in cells.values() if len(labels) == 1)
+    assert out["TRAINING_TILES"] == single  # one cell per point, cells claimed by both classes left out
+    assert f"{len(cells) - single} tile(s) under examples of two classes" in "\n".join(feedback.infos)
+    assert _categories(out["OUTPUT_CLASSES"]) == ["land", "water"]
+
+
 def _one_line_error(params: dict, expected: str) -> None:
     from qgis.core import QgsProcessingException
 

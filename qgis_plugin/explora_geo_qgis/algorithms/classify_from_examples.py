@@ -172,10 +172,9 @@ class ClassifyFromExamplesAlgorithm(TiledModelAlgorithm):
         if source.fields().lookupField(field) < 0:
             raise PluginError(f"the examples have no field '{field}'; choose one of "
                               f"{', '.join(source.fields().names())}.")
-        examples_name = parameters.get(self.EXAMPLES)
-        examples_name = getattr(examples_name, "name", lambda: str(examples_name))() \
-            if not isinstance(examples_name, str) else os.path.basename(examples_name)
-        examples = read_examples(source, field, layer.crs(), layer.extent(), context, examples_name)
+        vector = self.parameterAsVectorLayer(parameters, self.EXAMPLES, context)
+        examples = read_examples(source, field, layer.crs(), layer.extent(), context,
+                                 vector.name() if vector is not None else "the examples")
         if examples.outside or examples.no_class:
             feedback.pushInfo(f"Examples: {examples.outside} outside the raster and {examples.no_class} without a "
                               f"value in '{field}' are not used.")
