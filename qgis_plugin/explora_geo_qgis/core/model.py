@@ -196,6 +196,7 @@ class OnnxModel:
         Creating a session costs 0.3-1 s for a ViT-S model (graph optimisation, weight packing); a user's second
         run on the same model skips it. ONNX Runtime sessions are safe to run from several threads at once.
         """
+        import_onnxruntime()  # says how to install it, also when a session is cached
         try:
             stat = Path(path).stat()
         except OSError:
