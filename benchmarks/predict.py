@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO / "qgis_plugin"))
 
-from qgis_inference import all_tiles, export_tiny_model, make_raster, time_forward
+from qgis_inference import all_tiles, export_bench_model, make_raster, time_forward
 
 
 def time_predict(raster: Path, model_path: Path, out: Path, batch: int) -> tuple[float, float, dict]:
@@ -62,7 +62,7 @@ def main() -> int:
         work = Path(tmp)
         t0 = time.perf_counter()
         raster = make_raster(work / "scene.tif", size)
-        model = args.model or export_tiny_model(work)
+        model = args.model or export_bench_model(work)
         print(f"prepared {size} x {size} px x 13 bands and the model in {time.perf_counter() - t0:.1f} s")
         tiles = all_tiles(raster, OnnxModel(model).info)
         end_to_end = forward = cpu_e2e = cpu_fwd = float("inf")
@@ -74,7 +74,7 @@ def main() -> int:
                 raise SystemExit(f"predict ran {n_tiles} tiles, the raster has {len(tiles)}")
             seconds, cpu = time_forward(model, tiles, n_tiles, args.batch_size)
             forward, cpu_fwd = min(forward, seconds), min(cpu_fwd, cpu)
-        print(f"tiles={n_tiles} batch={args.batch_size} provider={summary['device']}")
+        print(f"tiles={n_tiles} batch={args.batch_size} provider={summary['inputs'][0]['device']}")
         print(f"cpu_s: end_to_end={cpu_e2e:.2f} forward={cpu_fwd:.2f} (process CPU time, all threads)")
         print(f"end_to_end_s={end_to_end:.2f} forward_s={forward:.2f} "
               f"tiles_per_s={n_tiles / end_to_end:.1f} forward_tiles_per_s={n_tiles / forward:.1f}")
