@@ -1,16 +1,30 @@
-"""Patch sampling throughput: stock torchgeo vs explora-geo's fast path vs raw rasterio windowed reads.
+"""Patch throughput, cold and warm: stock torchgeo vs the on-the-fly path vs a prepared patch store.
 
-Generates (seeded) 4 tiled DEFLATE GeoTIFFs, 13-band uint16, SIZE x SIZE px (default 4096), two in UTM 32N and
-two in UTM 33N, into a temporary folder (removed at the end). With 224-px patches and 2 DataLoader workers,
-it measures patches/s of
+Data (generated, seeded, removed at the end): 4 tiled (512 px) DEFLATE GeoTIFFs, 13-band uint16, SIZE x SIZE
+px (default 4096), two in UTM 32N and two in UTM 33N.
 
-1. stock torchgeo: ``RasterDataset`` + ``RandomPatchSampler`` + ``stack_samples`` (files of the other zone warped);
-2. our fast path: ``PretrainDataModule(fast=True)``; epoch 1 fills the decoded-block cache and is reported
-   separately; the throughput is that of epoch 2 (the steady state of multi-epoch pre-training);
-3. a raw ceiling: plain ``rasterio`` windowed reads (per-worker handles) of the same windows as (2).
+1. **prepare**: ``explora_geo.data.prepare.prepare_store`` cuts PATCHES patches of 224 px (torchgeo samplers,
+   one per CRS) into a LitData store with ``workers`` processes; timed (patches/s) and sized (bytes per patch).
+2. The store's patch positions (each sample's CRS and bounds) are the patches of EVERY side, so all sides read
+   the same patches, bands, patch size, batch size and worker count:
 
-Last line: ``speedup_vs_torchgeo=<fast/stock> fraction_of_raw=<fast/raw>``.
-Usage: ``python benchmarks/sampling.py [--quick] [--patches N] [--size PX] [--workers N]``.
+   - **torchgeo**: stock ``torchgeo.datasets.RasterDataset`` over the folder (it takes the first file's CRS and
+     warps the other zone's files) indexed with each patch's box in its CRS (the other zone's patches: the
+     box of the same size around the patch centre, snapped to the dataset's pixel grid), ``stack_samples``;
+   - **on the fly**: ``explora_geo.data.sampling.PatchDataset`` (what ``PretrainDataModule`` reads with) on
+     the same windows of each file's own grid (a stored patch straddling two files of one CRS, which torchgeo
+     merges, becomes the window of the same size shifted inside the file holding its centre);
+   - **store**: the store streamed with LitData (``StreamingDataset`` + ``StreamingDataLoader``).
+
+   Every side yields float32 ``[B, 13, 224, 224]`` batches (the on-the-fly and store sides also fill nodata
+   and return the valid mask, as pre-training uses them).
+3. **cold**: before each cold pass the pages of every file that pass reads (source rasters, store chunks) are
+   evicted with ``posix_fadvise(DONTNEED)``; **warm**: the same pass again right after. On every side a pass
+   creates its loader inside the timed section, so worker start-up counts.
+
+Last line: ``store_cold_vs_torchgeo=<x> onthefly_cold_vs_torchgeo=<y> store_warm_vs_torchgeo=<z>`` (patches/s
+over stock torchgeo's patches/s, cold over cold, warm over warm). Targets: x >= 10, y >= 2.
+Usage: ``python benchmarks/sampling.py [--quick] [--size PX] [--patches N] [--workers N] [--batch N]``.
 """
 
 from __future__ import annotations
@@ -20,12 +34,13 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 BANDS = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"]
 MEANS = [1370, 1184, 1120, 1136, 1263, 1645, 1846, 1762, 1972, 582, 15, 1732, 1247]
@@ -46,7 +61,6 @@ def generate(folder: Path, size: int, seed: int = 0, block: int = 512) -> list[P
         profile = dict(driver="GTiff", width=size, height=size, count=13, dtype="uint16", crs=crs,
                        transform=from_origin(left, top, 10.0, 10.0), tiled=True, blockxsize=block,
                        blockysize=block, compress="deflate", interleave="pixel")
-        # separable low-frequency "landscape" per band: rows x cols terms, plus texture noise
         freqs = rng.uniform(0.002, 0.02, (13, 4))
         phases = rng.uniform(0, 6.28, (13, 4))
         with rasterio.open(path, "w", **profile) as dst:
@@ -67,60 +81,144 @@ def generate(folder: Path, size: int, seed: int = 0, block: int = 512) -> list[P
     return paths
 
 
-def disk_mib(folder: Path) -> float:
-    """MiB allocated by the ``.npy`` files of ``folder`` (the cache files are sparse until filled)."""
-    return sum(p.stat().st_blocks * 512 for p in folder.glob("*.npy")) / 2**20
+def evict(paths: Iterable[Path]) -> int:
+    """Drop the page-cache pages of ``paths`` (no root needed); returns the bytes concerned."""
+    total = 0
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            total += os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    return total
 
 
-def rate(loader: Any, count: int) -> tuple[float, float]:
-    """(patches/s, seconds) to iterate ``loader`` (workers started inside the timing)."""
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def timed_pass(make_loader: Any, count: int) -> tuple[float, float]:
+    """(patches/s, seconds) of one pass: the loader (and its workers) is created inside the timing."""
     start = time.perf_counter()
     seen = 0
-    for batch in loader:
-        seen += int(batch["image"].shape[0])
+    for batch in make_loader():
+        image = batch["image"]
+        assert image.dtype == torch.float32 and image.shape[1:] == (13, PATCH, PATCH), (image.dtype, image.shape)
+        seen += int(image.shape[0])
     elapsed = time.perf_counter() - start
     assert seen == count, (seen, count)
     return seen / elapsed, elapsed
 
 
-def stock_torchgeo(folder: Path, patches: int, patch: int, batch: int, workers: int, seed: int) -> float:
-    from torchgeo.datasets import RasterDataset, stack_samples
-    from torchgeo.samplers import RandomPatchSampler
-
-    dataset = RasterDataset(paths=folder)
-    sampler = RandomPatchSampler(dataset, size=patch, length=patches, generator=seed)
-    loader = DataLoader(dataset, sampler=sampler, batch_size=batch, num_workers=workers, collate_fn=stack_samples)
-    speed, secs = rate(loader, patches)
-    print(f"stock torchgeo: {speed:.1f} patches/s ({patches} patches in {secs:.1f} s)", flush=True)
-    return speed
+def cold_and_warm(name: str, make_loader: Any, count: int, files: list[Path]) -> tuple[float, float]:
+    evicted = evict(files)
+    cold, cold_s = timed_pass(make_loader, count)
+    warm, warm_s = timed_pass(make_loader, count)
+    print(f"{name}: cold {cold:.1f} patches/s ({cold_s:.1f} s, {evicted / 2**20:.0f} MiB evicted first); "
+          f"warm {warm:.1f} patches/s ({warm_s:.1f} s)", flush=True)
+    return cold, warm
 
 
-class RawWindows(Dataset):
-    """Plain rasterio windowed reads of given (path, row, col) windows; handles opened per worker process."""
+PATCH = 224
 
-    def __init__(self, windows: list[tuple[str, int, int]], patch: int) -> None:
-        self.windows, self.patch = windows, patch
-        self._pid, self._handles = -1, {}
+
+# ------------------------------------------------------------------------------------------------ positions
+def store_positions(store: Path) -> list[tuple[str, tuple[float, float, float, float]]]:
+    """``(crs, (xmin, ymin, xmax, ymax))`` of every stored patch, in store order."""
+    from litdata import StreamingDataset
+
+    ds = StreamingDataset(str(store))
+    out = []
+    for i in range(len(ds)):
+        item = ds[i]
+        out.append((str(item["crs"]), tuple(float(v) for v in np.asarray(item["bounds"]))))
+    return out
+
+
+def unit_windows(catalog: Any, positions: list[tuple[str, tuple[float, ...]]]) -> list[Any]:
+    """The on-the-fly windows (unit, row, col) of the stored patches."""
+    from rasterio.crs import CRS
+
+    from explora_geo.data.sampling import Window
+
+    windows = []
+    for crs, (xmin, ymin, xmax, ymax) in positions:
+        target = CRS.from_user_input(crs)
+        for k, source in enumerate(catalog.sources):
+            col, row = ~source.transform @ ((xmin + xmax) / 2, (ymin + ymax) / 2)  # the patch centre
+            if source.crs == target and 0 <= col < source.width and 0 <= row < source.height:
+                # torchgeo's patches may straddle two files of a CRS; ours stay in one (shifted inside it)
+                r = min(max(round(row - PATCH / 2), 0), source.height - PATCH)
+                c = min(max(round(col - PATCH / 2), 0), source.width - PATCH)
+                windows.append(Window(k, r, c, PATCH))
+                break
+        else:
+            raise AssertionError(f"no unit holds the stored patch {crs} {xmin, ymin, xmax, ymax}")
+    return windows
+
+
+def torchgeo_boxes(ds: Any, positions: list[tuple[str, tuple[float, ...]]]) -> list[tuple[slice, slice]]:
+    """Boxes of the stored patches in the stock dataset's CRS (centre mapped, snapped to its pixel grid)."""
+    from pyproj import CRS, Transformer
+
+    xres, yres = ds.res
+    xmin0, ymax0 = ds.bounds[0].start, ds.bounds[1].stop
+    boxes = []
+    transformers: dict[str, Any] = {}
+    for crs, (xmin, ymin, xmax, ymax) in positions:
+        cx, cy = (xmin + xmax) / 2, (ymin + ymax) / 2
+        if CRS.from_user_input(crs) != ds.crs:
+            if crs not in transformers:
+                transformers[crs] = Transformer.from_crs(CRS.from_user_input(crs), ds.crs, always_xy=True)
+            cx, cy = transformers[crs].transform(cx, cy)
+        left = xmin0 + round((cx - PATCH / 2 * xres - xmin0) / xres) * xres
+        top = ymax0 - round((ymax0 - (cy + PATCH / 2 * yres)) / yres) * yres
+        boxes.append((slice(left, left + PATCH * xres), slice(top - PATCH * yres, top)))
+    return boxes
+
+
+# ------------------------------------------------------------------------------------------------ sides
+class FixedWindows(torch.utils.data.Dataset):
+    """The on-the-fly dataset item (:meth:`PatchDataset.__getitem__`'s read, mask, fill) for given windows."""
+
+    def __init__(self, dataset: Any, windows: list[Any]) -> None:
+        self.dataset, self.windows = dataset, windows
 
     def __len__(self) -> int:
         return len(self.windows)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        import rasterio
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from explora_geo.data.nodata import fill_nodata, valid_mask
 
-        if self._pid != os.getpid():
-            self._pid, self._handles = os.getpid(), {}
-        path, row, col = self.windows[i]
-        src = self._handles.get(path) or self._handles.setdefault(path, rasterio.open(path))
-        data = src.read(window=((row, row + self.patch), (col, col + self.patch)))
-        return {"image": torch.from_numpy(data.astype(np.int32))}
+        raw = self.dataset.read(self.windows[i])
+        valid = valid_mask(raw, self.dataset.catalog.nodata)
+        return {"image": torch.from_numpy(fill_nodata(raw, valid)), "valid_mask": torch.from_numpy(valid)}
+
+
+def store_items(store: Path) -> Any:
+    """The store as a LitData ``StreamingDataset`` yielding float32 images with nodata filled (the store's
+    share of the work the other sides do)."""
+    from litdata import StreamingDataset
+
+    from explora_geo.data.nodata import fill_nodata
+
+    class StoreItems(StreamingDataset):
+        def __getitem__(self, index: Any) -> dict[str, Any]:
+            item = super().__getitem__(index)
+            valid = np.asarray(item["valid_mask"])
+            return {"image": torch.from_numpy(fill_nodata(np.asarray(item["image"]), valid)),
+                    "valid_mask": torch.from_numpy(valid)}
+
+    return StoreItems(str(store))
 
 
 def main() -> None:
+    global PATCH
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1024-px files and 96 patches (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="1024-px files and 64 patches (a smoke run)")
     parser.add_argument("--size", type=int, default=None, help="file side in pixels (default 4096; quick 1024)")
-    parser.add_argument("--patches", type=int, default=None, help="patches per reader (default 480; quick 96)")
+    parser.add_argument("--patches", type=int, default=None, help="patches per pass (default 480; quick 64)")
     parser.add_argument("--patch", type=int, default=224)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
@@ -128,45 +226,71 @@ def main() -> None:
     parser.add_argument("--tmpdir", default=None, help="where to generate (default: the system temp folder)")
     args = parser.parse_args()
     size = args.size or (1024 if args.quick else 4096)
-    patches = args.patches or (96 if args.quick else 480)
+    patches = args.patches or (64 if args.quick else 480)
+    PATCH = args.patch
+    workers, batch = args.workers, args.batch
+    print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())} ({os.cpu_count()} CPUs)")
 
-    from explora_geo.data import PretrainDataModule
+    from torchgeo.datasets import RasterDataset, stack_samples
+
+    from explora_geo.data.catalog import build_catalog
+    from explora_geo.data.prepare import prepare_store
+    from explora_geo.data.sampling import PatchDataset
 
     root = Path(tempfile.mkdtemp(prefix="explora-geo-bench-", dir=args.tmpdir))
     try:
-        data, cache = root / "data", root / "cache"
+        data, store = root / "data", root / "store"
         data.mkdir()
         t0 = time.perf_counter()
         files = generate(data, size, args.seed)
-        mb = sum(f.stat().st_size for f in files) / 2**20
-        raw_mb = 4 * 13 * size * size * 2 / 2**20
-        print(f"generated 4 x 13 x {size}^2 uint16 ({raw_mb:.0f} MiB raw, {mb:.0f} MiB DEFLATE) in "
-              f"{time.perf_counter() - t0:.1f} s", flush=True)
+        mib = sum(f.stat().st_size for f in files) / 2**20
+        raw_mib = 4 * 13 * size * size * 2 / 2**20
+        print(f"generated 4 x 13 x {size}^2 uint16 in two UTM zones ({raw_mib:.0f} MiB raw, {mib:.0f} MiB "
+              f"DEFLATE) in {time.perf_counter() - t0:.1f} s", flush=True)
 
-        stock = stock_torchgeo(data, patches, args.patch, args.batch, args.workers, args.seed)
+        catalog = build_catalog(data, bands=BANDS)
+        evict(files)
+        summary = prepare_store(catalog, store, patches=patches, patch_size=PATCH, workers=workers,
+                                seed=args.seed, progress=False, max_nodata_fraction=1.0)
+        written = int(summary["patches_written"])
+        assert written == patches, summary
+        chunks = [p for p in files_under(store) if p.suffix == ".bin"]
+        chunk_bytes = sum(p.stat().st_size for p in chunks)
+        print(f"prepare (cold sources, {workers} workers): {written / summary['seconds']:.1f} patches/s "
+              f"({summary['seconds']:.1f} s); store {summary['bytes'] / 2**20:.1f} MiB, "
+              f"{chunk_bytes / written / 1024:.0f} KiB of chunks per patch "
+              f"(raw pixels {13 * PATCH * PATCH * 2 / 1024:.0f} KiB)", flush=True)
 
-        dm = PretrainDataModule(data, bands=BANDS, patch_size=args.patch, batch_size=args.batch,
-                                num_workers=args.workers, samples_per_epoch=patches, normalization=None,
-                                seed=args.seed, cache_dir=cache)
-        loader = dm.train_dataloader()
-        loader.sampler.set_epoch(0)
-        cold, cold_s = rate(loader, patches)
-        print(f"fast path, epoch 1 (fills the cache): {cold:.1f} patches/s ({cold_s:.1f} s)", flush=True)
-        loader.sampler.set_epoch(1)
-        fast, fast_s = rate(loader, patches)
-        print(f"fast path, epoch 2 (cached): {fast:.1f} patches/s ({fast_s:.1f} s); "
-              f"cache on disk {disk_mib(cache):.0f} MiB", flush=True)
-        del loader
+        positions = store_positions(store)
+        zones = {crs for crs, _ in positions}
+        print(f"{len(positions)} stored patches in {len(zones)} CRS: every side reads these", flush=True)
 
-        assert dm.dataset is not None
-        windows = []
-        for i in range(patches):  # epoch-2 windows (no nodata here, so the first draw is always kept)
-            w = dm.dataset.windows.draw(np.random.default_rng([args.seed, 1, i, 0]))
-            windows.append((dm.catalog.sources[w.source].channels[0][0], w.row, w.col))  # type: ignore[union-attr]
-        raw_loader = DataLoader(RawWindows(windows, args.patch), batch_size=args.batch, num_workers=args.workers)
-        raw, raw_s = rate(raw_loader, patches)
-        print(f"raw rasterio windowed reads, same windows: {raw:.1f} patches/s ({raw_s:.1f} s)", flush=True)
-        print(f"speedup_vs_torchgeo={fast / stock:.2f} fraction_of_raw={fast / raw:.2f}")
+        stock = RasterDataset(paths=data)
+        boxes = torchgeo_boxes(stock, positions)
+
+        def torchgeo_loader() -> DataLoader:
+            return DataLoader(stock, sampler=boxes, batch_size=batch, num_workers=workers,
+                              collate_fn=stack_samples)
+
+        tg_cold, tg_warm = cold_and_warm("stock torchgeo", torchgeo_loader, written, files)
+
+        onthefly = PatchDataset(catalog, patch_size=PATCH, length=written, normalization=None)
+        fixed = FixedWindows(onthefly, unit_windows(catalog, positions))
+
+        def onthefly_loader() -> DataLoader:
+            return DataLoader(fixed, batch_size=batch, num_workers=workers)
+
+        otf_cold, _ = cold_and_warm("on the fly", onthefly_loader, written, files)
+
+        def store_loader() -> Any:
+            from litdata import StreamingDataLoader
+
+            return StreamingDataLoader(store_items(store), batch_size=batch, num_workers=workers)
+
+        st_cold, st_warm = cold_and_warm("store (LitData streaming)", store_loader, written, files_under(store))
+
+        print(f"store_cold_vs_torchgeo={st_cold / tg_cold:.2f} onthefly_cold_vs_torchgeo={otf_cold / tg_cold:.2f} "
+              f"store_warm_vs_torchgeo={st_warm / tg_warm:.2f}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -156,6 +156,21 @@ class Catalog:
         """Every file of the input, sorted."""
         return sorted({p for s in self.sources for p in s.files})
 
+    def crs_views(self) -> list[Catalog]:
+        """One catalog per CRS of the units' grids, in order of first appearance: its units, that CRS and
+        their pixel size (the GSD in that CRS's units), e.g. for one torchgeo dataset per CRS that reads every
+        file of a projected CRS on its own grid."""
+        import dataclasses
+
+        views: dict[str, Catalog] = {}
+        for source in self.sources:
+            key = source.crs.to_wkt()
+            if key not in views:
+                res = (abs(source.transform.a), abs(source.transform.e))
+                views[key] = dataclasses.replace(self, sources=[], crs=source.crs, res=res, notes=[])
+            views[key].sources.append(source)
+        return list(views.values())
+
     def describe(self) -> str:
         """A few lines for logs: files, CRS, resolution, bands, nodata, offset and the choices made."""
         files = self.files

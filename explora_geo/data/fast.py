@@ -32,7 +32,7 @@ import numpy as np
 from explora_geo.data.catalog import Source
 from explora_geo.errors import ExploraGeoError
 
-__all__ = ["HandlePool", "PatchReader", "default_max_open", "open_raster", "read_window"]
+__all__ = ["HandlePool", "PatchReader", "default_max_open", "open_raster", "read_window", "too_many_files_error"]
 
 
 def _nofile_limit() -> int:
@@ -60,6 +60,12 @@ def _too_many_files(path: str) -> bool:
     return False
 
 
+def too_many_files_error(path: str, cause: BaseException) -> ExploraGeoError | None:
+    """The one-line error for ``cause`` when it came from a descriptor shortage (checked by opening ``path``
+    again), else ``None``."""
+    return _emfile_error(path, cause) if _too_many_files(path) else None
+
+
 def _emfile_error(path: str, cause: BaseException) -> ExploraGeoError:
     soft = _nofile_limit()
     shown = "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
@@ -81,8 +87,9 @@ def open_raster(path: str) -> Any:
     try:
         return rasterio.open(path)
     except (RasterioError, OSError) as err:
-        if _too_many_files(path):
-            raise _emfile_error(path, err) from err
+        shortage = too_many_files_error(path, err)
+        if shortage is not None:
+            raise shortage from err
         raise ExploraGeoError(f"cannot read {path} ({err}); replace or remove the file.") from err
 
 

@@ -281,24 +281,37 @@ class PatchDataset(Dataset[dict[str, Any]]):
 
     def torchgeo_dataset(self, index: int) -> Any:
         """The torchgeo dataset that reads unit ``index``: every unit sharing its grid's CRS, in that CRS at
-        that unit's pixel size (so files already on such a grid are read without resampling)."""
-        source = self.catalog.sources[index]
-        key = source.crs.to_wkt()
+        the catalog's GSD (:meth:`Catalog.crs_views`), so files already on such a grid are not resampled."""
+        key = self.catalog.sources[index].crs.to_wkt()
         if key not in self._datasets:
             from explora_geo.data.datasets import open_dataset
 
-            units = [s for s in self.catalog.sources if s.crs == source.crs]
-            res = (abs(source.transform.a), abs(source.transform.e))
-            view = dataclasses.replace(self.catalog, sources=units, crs=source.crs, res=res)
+            view = next(v for v in self.catalog.crs_views() if v.crs.to_wkt() == key)
             self._datasets[key] = open_dataset(catalog=view)
         return self._datasets[key]
 
     def _read_torchgeo(self, window: Window) -> np.ndarray:
-        """torchgeo's sample for the bounds of ``window`` on its unit's grid, ``[C, size, size]`` float32."""
+        """torchgeo's sample for the bounds of ``window`` on its unit's grid, ``[C, size, size]`` float32.
+
+        torchgeo keeps open files in a process-wide cache; it is emptied whenever it holds more than
+        :func:`~explora_geo.data.fast.default_max_open` files, and running out of descriptors is reported as
+        such."""
+        from explora_geo.data.fast import default_max_open, too_many_files_error
+
         ds, source = self.torchgeo_dataset(window.source), self.catalog.sources[window.source]
         xres, yres = abs(source.transform.a), abs(source.transform.e)
         left, top = source.transform @ (window.col, window.row)
-        sample = ds[left:left + window.size * xres:xres, top - window.size * yres:top:yres]
+        cached = type(ds)._cached_load_warp_file
+        try:
+            sample = ds[left:left + window.size * xres:xres, top - window.size * yres:top:yres]
+        except Exception as err:
+            cached.cache_clear()
+            error = too_many_files_error(source.files[0], err)
+            if error is not None:
+                raise error from err
+            raise
+        if cached.cache_info().currsize > default_max_open():
+            cached.cache_clear()  # closes the handles (and their warped views) once nothing else holds them
         return sample["image"].numpy()
 
     def draw(self, epoch: int, i: int) -> tuple[Window, np.ndarray, np.ndarray, int]:

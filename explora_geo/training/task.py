@@ -97,7 +97,7 @@ class ExploraPretrainTask(BaseTask):
         unfreeze, rank, alpha: the ExPLoRA adapter.
         img_size, patch_size: input and patch size in px (default: the model's).
         normalization, stats: data scaling (``satmae``/``meanstd``/``reflectance``/``none``) and an optional
-            statistics JSON of ``explora-geo stats``.
+            statistics JSON of ``explora-geo stats`` (or its content, e.g. a URL store's statistics).
         lr: peak learning rate (``None``: the objective's recipe for the effective batch). warmup_steps: linear
             warm-up (``None``: 5 % of the run). min_lr: final cosine learning rate.
         seed: base seed of the per-step random state.
@@ -124,7 +124,7 @@ class ExploraPretrainTask(BaseTask):
         img_size: int | None = None,
         patch_size: int | None = None,
         normalization: str = "satmae",
-        stats: str | None = None,
+        stats: str | dict[str, Any] | None = None,
         lr: float | None = None,
         warmup_steps: int | None = None,
         min_lr: float = 0.0,

@@ -36,8 +36,13 @@ TASK_FIELDS = ("model", "model_kwargs", "bands", "sensor", "weights", "objective
 
 
 def task_settings(config: PretrainConfig) -> dict[str, Any]:
-    """The :class:`ExploraPretrainTask` arguments of ``config``."""
-    return {name: getattr(config, name) for name in TASK_FIELDS}
+    """The :class:`ExploraPretrainTask` arguments of ``config``; with a prepared store as data and no
+    ``stats``, the store's own statistics (:func:`explora_geo.data.store.store_stats_for`)."""
+    from explora_geo.data.store import store_stats_for
+
+    settings = {name: getattr(config, name) for name in TASK_FIELDS}
+    settings["stats"] = store_stats_for(config.data, config.stats, config.normalization, config.bands)
+    return settings
 
 
 def data_settings(config: PretrainConfig) -> dict[str, Any]:

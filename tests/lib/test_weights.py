@@ -479,3 +479,17 @@ def test_layer_scale_folded_or_set_to_one_exactly(tmp_path: Path) -> None:
     assert torch.equal(with_ls.blocks[0].ls1.gamma.data, torch.ones(32))
     assert "blocks.0.ls2.gamma" in report.loaded_keys
     torch.testing.assert_close(with_ls(x), no_ls(x))
+
+
+def test_public_import_paths_survive_the_split() -> None:
+    """``explora_geo.models.weights`` is a package (one module per source format); its public names still
+    import from the package itself."""
+    from explora_geo.models import weights
+
+    for name in ("LoadReport", "SourceCheckpoint", "load_source_weights", "resolve_source", "read_checkpoint_file",
+                 "unwrap_state_dict", "split_extra", "band_kernels", "infer_sensor", "match_layer_scale",
+                 "rgb_to_group_kernels"):
+        assert callable(getattr(weights, name)), name
+    from explora_geo.models import LoadReport, load_source_weights
+
+    assert LoadReport is weights.LoadReport and load_source_weights is weights.load_source_weights
