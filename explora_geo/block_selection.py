@@ -472,9 +472,10 @@ def pretrain_with_search(config: PretrainConfig, settings: SearchSettings | None
     """``pretrain --unfreeze auto``: :func:`select_blocks` (in ``out/block_search``), then the full run with the
     winner; ``summary.json`` records the search under ``block_search``.
 
-    ``--resume`` reuses the search already in ``out/block_search``. Default search: ``config.search_candidates`` (else :func:`default_candidates`), ``config.search_steps``
-    steps per candidate (else a tenth of ``max_steps``, at least 2), scored on ``config.holdout`` /
-    ``config.val_samples`` (else 0.2 and 64 patches)."""
+    ``--resume`` reuses the search already in ``out/block_search``. Default search:
+    ``config.search_candidates`` (else :func:`default_candidates`), ``config.search_steps`` steps per
+    candidate (else a tenth of ``max_steps``, at least 2), scored on ``config.holdout`` / ``config.val_samples``
+    (else 0.2 and 64 patches)."""
     if str(config.unfreeze).strip().lower() != "auto":
         raise ExploraGeoError(f"pretrain_with_search needs unfreeze='auto', got {config.unfreeze!r}.")
     out = Path(config.out)
