@@ -136,6 +136,15 @@ def test_pretrain_unfreeze_auto_searches_then_trains_the_winner(t33uuu_dir: Path
     assert json.loads((out / "backbone.json").read_text())["explora"]["unfreeze"] is not None
     assert (out / "block_search" / "search.png").is_file()
     assert search["holdout"] == 0.25 and search["val_samples"] == 8  # the run's held-out split scores the search
+    # --resume keeps the blocks the search chose (no new search: search.json untouched)
+    stamp = (out / "block_search" / "search.json").stat().st_mtime_ns
+    assert main(["pretrain", "--config", str(cfg), "--data", str(t33uuu_dir), "--bands", "B04,B03,B02",
+                 "--model", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--weights", "random",
+                 "--batch-size", "8", "--lr", "2e-3", "--accelerator", "cpu", "--unfreeze", "auto",
+                 "--max-steps", "4", "--search-steps", "2", "--rank", "2", "--out", str(out), "--resume"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["steps"] == 4 and again["block_search"]["best"] == search["best"]
+    assert (out / "block_search" / "search.json").stat().st_mtime_ns == stamp
 
 
 @pytest.mark.slow
