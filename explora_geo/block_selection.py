@@ -253,9 +253,11 @@ def _quiet(_: str) -> None:
 
 
 def _rung_worker(index: int, jobs: list[dict[str, Any]], results: list[str]) -> None:
-    """``torch.multiprocessing`` entry: job ``index`` on device ``index``; the result goes to a JSON file."""
+    """``torch.multiprocessing`` entry: job ``index`` on GPU ``index`` (one CPU process each on CPU); the
+    result goes to a JSON file."""
     job = dict(jobs[index])
-    job["config"] = dataclasses.replace(job["config"], devices=[index], strategy="auto")
+    cpu = str(job["config"].accelerator) == "cpu"
+    job["config"] = dataclasses.replace(job["config"], devices=1 if cpu else [index], strategy="auto")
     write_text_atomic(Path(results[index]), json.dumps(_run_rung(job)))
 
 
@@ -470,9 +472,10 @@ def pretrain_with_search(config: PretrainConfig, settings: SearchSettings | None
     """``pretrain --unfreeze auto``: :func:`select_blocks` (in ``out/block_search``), then the full run with the
     winner; ``summary.json`` records the search under ``block_search``.
 
-    Default search: ``config.search_candidates`` (else :func:`default_candidates`), ``config.search_steps``
-    steps per candidate (else a tenth of ``max_steps``, at least 2), scored on ``config.holdout`` /
-    ``config.val_samples`` (else 0.2 and 64 patches)."""
+    ``--resume`` reuses the search already in ``out/block_search``. Default search:
+    ``config.search_candidates`` (else :func:`default_candidates`), ``config.search_steps`` steps per
+    candidate (else a tenth of ``max_steps``, at least 2), scored on ``config.holdout`` / ``config.val_samples``
+    (else 0.2 and 64 patches)."""
     if str(config.unfreeze).strip().lower() != "auto":
         raise ExploraGeoError(f"pretrain_with_search needs unfreeze='auto', got {config.unfreeze!r}.")
     out = Path(config.out)
@@ -483,7 +486,12 @@ def pretrain_with_search(config: PretrainConfig, settings: SearchSettings | None
     from explora_geo.training.trainer import _resume_path
 
     _resume_path(config, out)  # refuse an --out that holds a run before searching
-    search = select_blocks(dataclasses.replace(config, unfreeze="L"), settings, out / "block_search", echo=echo)
+    previous = out / "block_search" / "search.json"
+    if config.resume and previous.is_file():  # a resumed run keeps the blocks its search chose
+        search = json.loads(previous.read_text())
+    else:
+        search = select_blocks(dataclasses.replace(config, unfreeze="L"), settings, out / "block_search",
+                               echo=echo)
     final = dataclasses.replace(config, unfreeze=search["best"])
     return run_pretraining(final, echo=echo, summary_extra={"block_search": search})
 

@@ -3,6 +3,7 @@ real T33UUU scene (tiny plain ViT on B04,B03,B02, CPU, few steps)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -135,3 +136,25 @@ def test_pretrain_unfreeze_auto_searches_then_trains_the_winner(t33uuu_dir: Path
     assert json.loads((out / "backbone.json").read_text())["explora"]["unfreeze"] is not None
     assert (out / "block_search" / "search.png").is_file()
     assert search["holdout"] == 0.25 and search["val_samples"] == 8  # the run's held-out split scores the search
+    # --resume keeps the blocks the search chose (no new search: search.json untouched)
+    stamp = (out / "block_search" / "search.json").stat().st_mtime_ns
+    assert main(["pretrain", "--config", str(cfg), "--data", str(t33uuu_dir), "--bands", "B04,B03,B02",
+                 "--model", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--weights", "random",
+                 "--batch-size", "8", "--lr", "2e-3", "--accelerator", "cpu", "--unfreeze", "auto",
+                 "--max-steps", "4", "--search-steps", "2", "--rank", "2", "--out", str(out), "--resume"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["steps"] == 4 and again["block_search"]["best"] == search["best"]
+    assert (out / "block_search" / "search.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_parallel_trial_processes_give_the_sequential_ranking(t33uuu_dir: Path, tmp_path: Path) -> None:
+    """The one-trial-per-device path (torch.multiprocessing processes; here two CPU processes standing in for
+    two GPUs) gives the same ranking and scores as trials run one after the other."""
+    settings = SearchSettings(candidates=["L", "1,L"], steps=2, val_samples=8)
+    serial = select_blocks(tiny(t33uuu_dir, tmp_path / "s"), settings, tmp_path / "s", echo=quiet)
+    parallel = select_blocks(tiny(t33uuu_dir, tmp_path / "p"), dataclasses.replace(settings, workers=2),
+                             tmp_path / "p", echo=quiet)
+    assert parallel["workers"] == 2 and serial["workers"] == 1
+    assert [(r["unfreeze"], r["score"]) for r in parallel["ranking"]] == \
+        [(r["unfreeze"], r["score"]) for r in serial["ranking"]]
