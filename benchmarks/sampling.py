@@ -24,7 +24,8 @@ px (default 4096), two in UTM 32N and two in UTM 33N.
 
 Last line: ``store_cold_vs_torchgeo=<x> onthefly_cold_vs_torchgeo=<y> store_warm_vs_torchgeo=<z>`` (patches/s
 over stock torchgeo's patches/s, cold over cold, warm over warm). Targets: x >= 10, y >= 2.
-Usage: ``python benchmarks/sampling.py [--quick] [--size PX] [--patches N] [--workers N] [--batch N]``.
+Usage: ``python benchmarks/sampling.py [--quick] [--size PX] [--patches N] [--workers N] [--batch N]
+[--no-store]`` (``--no-store``: torchgeo and on the fly only, on patches drawn by the on-the-fly sampler).
 """
 
 from __future__ import annotations
@@ -136,6 +137,22 @@ def store_positions(store: Path) -> list[tuple[str, tuple[float, float, float, f
     return out
 
 
+def drawn_positions(catalog: Any, count: int, seed: int) -> list[tuple[str, tuple[float, float, float, float]]]:
+    """``(crs, bounds)`` of ``count`` windows drawn by the on-the-fly sampler (for ``--no-store``)."""
+    from rasterio.windows import Window as RWindow
+    from rasterio.windows import bounds
+
+    from explora_geo.data.sampling import WindowSampler
+
+    sampler = WindowSampler(catalog.sources, PATCH)
+    out = []
+    for i in range(count):
+        w = sampler.draw(np.random.default_rng([seed, 0, i, 0]))
+        source = catalog.sources[w.source]
+        out.append((source.crs.to_string(), bounds(RWindow(w.col, w.row, w.size, w.size), source.transform)))
+    return out
+
+
 def unit_windows(catalog: Any, positions: list[tuple[str, tuple[float, ...]]]) -> list[Any]:
     """The on-the-fly windows (unit, row, col) of the stored patches."""
     from rasterio.crs import CRS
@@ -224,6 +241,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tmpdir", default=None, help="where to generate (default: the system temp folder)")
+    parser.add_argument("--no-store", action="store_true",
+                        help="skip the store (torchgeo and on-the-fly sides on patches drawn by the on-the-fly sampler)")
     args = parser.parse_args()
     size = args.size or (1024 if args.quick else 4096)
     patches = args.patches or (64 if args.quick else 480)
@@ -249,21 +268,24 @@ def main() -> None:
               f"DEFLATE) in {time.perf_counter() - t0:.1f} s", flush=True)
 
         catalog = build_catalog(data, bands=BANDS)
-        evict(files)
-        summary = prepare_store(catalog, store, patches=patches, patch_size=PATCH, workers=workers,
-                                seed=args.seed, progress=False, max_nodata_fraction=1.0)
-        written = int(summary["patches_written"])
-        assert written == patches, summary
-        chunks = [p for p in files_under(store) if p.suffix == ".bin"]
-        chunk_bytes = sum(p.stat().st_size for p in chunks)
-        print(f"prepare (cold sources, {workers} workers): {written / summary['seconds']:.1f} patches/s "
-              f"({summary['seconds']:.1f} s); store {summary['bytes'] / 2**20:.1f} MiB, "
-              f"{chunk_bytes / written / 1024:.0f} KiB of chunks per patch "
-              f"(raw pixels {13 * PATCH * PATCH * 2 / 1024:.0f} KiB)", flush=True)
-
-        positions = store_positions(store)
-        zones = {crs for crs, _ in positions}
-        print(f"{len(positions)} stored patches in {len(zones)} CRS: every side reads these", flush=True)
+        if args.no_store:
+            positions = drawn_positions(catalog, patches, args.seed)
+            print(f"--no-store: {len(positions)} patches drawn by the on-the-fly sampler; every side reads these")
+        else:
+            evict(files)
+            summary = prepare_store(catalog, store, patches=patches, patch_size=PATCH, workers=workers,
+                                    seed=args.seed, progress=False, max_nodata_fraction=1.0)
+            assert int(summary["patches_written"]) == patches, summary
+            chunks = [p for p in files_under(store) if p.suffix == ".bin"]
+            chunk_bytes = sum(p.stat().st_size for p in chunks)
+            print(f"prepare (cold sources, {workers} workers, start-up included): "
+                  f"{patches / summary['seconds']:.1f} patches/s ({summary['seconds']:.1f} s); store "
+                  f"{summary['bytes'] / 2**20:.1f} MiB, {chunk_bytes / patches / 1024:.0f} KiB of chunks per patch "
+                  f"(raw pixels {13 * PATCH * PATCH * 2 / 1024:.0f} KiB)", flush=True)
+            positions = store_positions(store)
+            zones = {crs for crs, _ in positions}
+            print(f"{len(positions)} stored patches in {len(zones)} CRS: every side reads these", flush=True)
+        written = len(positions)
 
         stock = RasterDataset(paths=data)
         boxes = torchgeo_boxes(stock, positions)
@@ -281,6 +303,10 @@ def main() -> None:
             return DataLoader(fixed, batch_size=batch, num_workers=workers)
 
         otf_cold, _ = cold_and_warm("on the fly", onthefly_loader, written, files)
+
+        if args.no_store:
+            print(f"onthefly_cold_vs_torchgeo={otf_cold / tg_cold:.2f} (no store: --no-store)")
+            return
 
         def store_loader() -> Any:
             from litdata import StreamingDataLoader
