@@ -14,7 +14,8 @@ px (default 4096), two in UTM 32N and two in UTM 33N.
    - **on the fly**: ``explora_geo.data.sampling.PatchDataset`` (what ``PretrainDataModule`` reads with) on
      the same windows of each file's own grid (a stored patch straddling two files of one CRS, which torchgeo
      merges, becomes the window of the same size shifted inside the file holding its centre);
-   - **store**: the store streamed with LitData (``StreamingDataset`` + ``StreamingDataLoader``).
+   - **store**: ``explora_geo.data.streaming.StoreDataModule`` (what ``pretrain --data STORE`` reads with:
+     LitData ``StreamingDataset`` + ``StreamingDataLoader``, shuffled).
 
    Every side yields float32 ``[B, 13, 224, 224]`` batches (the on-the-fly and store sides also fill nodata
    and return the valid mask, as pre-training uses them).
@@ -213,23 +214,6 @@ class FixedWindows(torch.utils.data.Dataset):
         return {"image": torch.from_numpy(fill_nodata(raw, valid)), "valid_mask": torch.from_numpy(valid)}
 
 
-def store_items(store: Path) -> Any:
-    """The store as a LitData ``StreamingDataset`` yielding float32 images with nodata filled (the store's
-    share of the work the other sides do)."""
-    from litdata import StreamingDataset
-
-    from explora_geo.data.nodata import fill_nodata
-
-    class StoreItems(StreamingDataset):
-        def __getitem__(self, index: Any) -> dict[str, Any]:
-            item = super().__getitem__(index)
-            valid = np.asarray(item["valid_mask"])
-            return {"image": torch.from_numpy(fill_nodata(np.asarray(item["image"]), valid)),
-                    "valid_mask": torch.from_numpy(valid)}
-
-    return StoreItems(str(store))
-
-
 def main() -> None:
     global PATCH
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -255,6 +239,7 @@ def main() -> None:
     from explora_geo.data.catalog import build_catalog
     from explora_geo.data.prepare import prepare_store
     from explora_geo.data.sampling import PatchDataset
+    from explora_geo.data.streaming import StoreDataModule
 
     root = Path(tempfile.mkdtemp(prefix="explora-geo-bench-", dir=args.tmpdir))
     try:
@@ -309,11 +294,10 @@ def main() -> None:
             return
 
         def store_loader() -> Any:
-            from litdata import StreamingDataLoader
+            return StoreDataModule(store, bands=BANDS, batch_size=batch, num_workers=workers,
+                                   seed=args.seed).train_dataloader()
 
-            return StreamingDataLoader(store_items(store), batch_size=batch, num_workers=workers)
-
-        st_cold, st_warm = cold_and_warm("store (LitData streaming)", store_loader, written, files_under(store))
+        st_cold, st_warm = cold_and_warm("store (StoreDataModule, LitData streaming)", store_loader, written, files_under(store))
 
         print(f"store_cold_vs_torchgeo={st_cold / tg_cold:.2f} onthefly_cold_vs_torchgeo={otf_cold / tg_cold:.2f} "
               f"store_warm_vs_torchgeo={st_warm / tg_warm:.2f}")
