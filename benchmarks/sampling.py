@@ -24,7 +24,9 @@ px (default 4096), two in UTM 32N and two in UTM 33N.
    creates its loader inside the timed section, so worker start-up counts.
 
 Last line: ``store_cold_vs_torchgeo=<x> onthefly_cold_vs_torchgeo=<y> store_warm_vs_torchgeo=<z>`` (patches/s
-over stock torchgeo's patches/s, cold over cold, warm over warm). Targets: x >= 10, y >= 2.
+over stock torchgeo's patches/s, cold over cold, warm over warm). Targets: x >= 10, y >= 2. Each pass also
+prints its CPU milliseconds per patch (this process plus its exited loader workers), which depend much less
+on other load than patches/s do.
 Usage: ``python benchmarks/sampling.py [--quick] [--size PX] [--patches N] [--workers N] [--batch N]
 [--no-store]`` (``--no-store``: torchgeo and on the fly only, on patches drawn by the on-the-fly sampler).
 """
@@ -32,6 +34,7 @@ Usage: ``python benchmarks/sampling.py [--quick] [--size PX] [--patches N] [--wo
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shutil
 import tempfile
@@ -100,25 +103,39 @@ def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
-def timed_pass(make_loader: Any, count: int) -> tuple[float, float]:
-    """(patches/s, seconds) of one pass: the loader (and its workers) is created inside the timing."""
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of its finished children (loader workers)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed_pass(make_loader: Any, count: int) -> tuple[float, float, float]:
+    """(patches/s, seconds, CPU ms per patch) of one pass: the loader (and its workers) is created inside
+    the timing; CPU time counts the workers once they have exited (the loader is released first)."""
+    cpu0 = cpu_seconds()
     start = time.perf_counter()
     seen = 0
-    for batch in make_loader():
+    loader = make_loader()
+    for batch in loader:
         image = batch["image"]
         assert image.dtype == torch.float32 and image.shape[1:] == (13, PATCH, PATCH), (image.dtype, image.shape)
         seen += int(image.shape[0])
     elapsed = time.perf_counter() - start
+    del loader, batch
+    gc.collect()
     assert seen == count, (seen, count)
-    return seen / elapsed, elapsed
+    return seen / elapsed, elapsed, (cpu_seconds() - cpu0) * 1000 / seen
 
 
 def cold_and_warm(name: str, make_loader: Any, count: int, files: list[Path]) -> tuple[float, float]:
     evicted = evict(files)
-    cold, cold_s = timed_pass(make_loader, count)
-    warm, warm_s = timed_pass(make_loader, count)
-    print(f"{name}: cold {cold:.1f} patches/s ({cold_s:.1f} s, {evicted / 2**20:.0f} MiB evicted first); "
-          f"warm {warm:.1f} patches/s ({warm_s:.1f} s)", flush=True)
+    cold, cold_s, cold_cpu = timed_pass(make_loader, count)
+    warm, warm_s, warm_cpu = timed_pass(make_loader, count)
+    print(f"{name}: cold {cold:.1f} patches/s ({cold_s:.1f} s, {cold_cpu:.0f} CPU ms/patch, "
+          f"{evicted / 2**20:.0f} MiB evicted first); warm {warm:.1f} patches/s ({warm_s:.1f} s, "
+          f"{warm_cpu:.0f} CPU ms/patch)", flush=True)
     return cold, warm
 
 
