@@ -38,8 +38,18 @@ from explora_geo.atomic import atomic_paths
 from explora_geo.errors import ExploraGeoError
 from explora_geo.sensors import get_sensor
 
-__all__ = ["ONNX_OPSET", "HeadSpec", "SegmenterSpec", "OnnxBundle", "SegmenterBundle", "load_head_spec",
-           "load_model", "load_segmenter", "bundle_metadata", "export_onnx"]
+__all__ = [
+    "ONNX_OPSET",
+    "HeadSpec",
+    "OnnxBundle",
+    "SegmenterBundle",
+    "SegmenterSpec",
+    "bundle_metadata",
+    "export_onnx",
+    "load_head_spec",
+    "load_model",
+    "load_segmenter",
+]
 
 #: ONNX opset of exported bundles.
 ONNX_OPSET = 17
@@ -216,7 +226,11 @@ def _torchgeo_head(path: Path, class_colors: Sequence[str] | None,
     """The timm ``head`` of a torchgeo ``ClassificationTask`` checkpoint (acts on the pooled embedding)."""
     ckpt = ckpt if ckpt is not None else _read_task_checkpoint(path)
     state = ckpt.get("state_dict", {})
-    weight, bias = state.get("model.head.weight"), state.get("model.head.bias")
+    # the timm head, or the trained copy peft keeps for it in a mode="lora" ExploraClassificationTask
+    for prefix in ("model.head.", "model.base_model.model.head.modules_to_save.default."):
+        weight, bias = state.get(f"{prefix}weight"), state.get(f"{prefix}bias")
+        if weight is not None:
+            break
     if weight is None or bias is None or weight.ndim != 2:
         raise ExploraGeoError(f"{path} has no 'model.head.weight/bias' (not a timm ClassificationTask); "
                               "pass a torchgeo ClassificationTask checkpoint or a probe head.")

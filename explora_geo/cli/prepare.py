@@ -45,7 +45,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Prepare the store; print the summary lines and one JSON line (the summary)."""
-    from explora_geo.data.prepare import catalog_skipping_unreadable, prepare_store
+    from explora_geo.data.prepare import catalog_skipping_unreadable, check_store_target, prepare_store
     from explora_geo.errors import ExploraGeoError
     from explora_geo.sensors import SENSORS, get_sensor
 
@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         raise ExploraGeoError(f"--dn-offset {args.dn_offset!r} is not 'auto' or a number.") from err
     if args.patches < 1:
         raise ExploraGeoError(f"--patches {args.patches}: a store needs at least 1 patch; pass e.g. --patches 10000.")
+    check_store_target(args.out, args.overwrite)  # before scanning the data
     band_names = [b.strip() for b in args.band_names.split(",")] if args.band_names else None
     provenance: dict[str, Any] = {"command": "explora-geo prepare", "data": [str(d) for d in args.data or []]}
     # STAC input (a catalog among --data, or --stac-search): explora_geo/cli/_stac.py

@@ -76,6 +76,9 @@ class PretrainDataModule(L.LightningDataModule):
         dn_offset: ``"auto"`` (detect the Sentinel-2 L2A +1000 DN offset) or DN to subtract.
         max_open_files: files kept open per worker by the fast reader (default: a quarter of ``ulimit -n``,
             at most 256; least recently used closed first).
+        holdout: fraction of every input's rows (its bottom) kept out of training; ``val_samples`` patches of
+            it, the same ones at every validation, form :meth:`val_dataloader` (no training patch overlaps one).
+        val_samples: held-out patches per validation (0: no validation).
     """
 
     def __init__(
@@ -99,8 +102,13 @@ class PretrainDataModule(L.LightningDataModule):
         band_names: Sequence[str] | None = None,
         dn_offset: float | str = "auto",
         max_open_files: int | None = None,
+        holdout: float = 0.0,
+        val_samples: int = 0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= holdout < 1.0 or val_samples < 0 or (val_samples > 0) != (holdout > 0):
+            raise ExploraGeoError(f"held-out fraction {holdout} / val_samples {val_samples}: give both (a "
+                                  "fraction in (0, 1) and a positive count) or neither.")
         if batch_size < 1 or num_workers < 0:
             raise ExploraGeoError(f"batch_size {batch_size} / num_workers {num_workers} must be >= 1 / >= 0.")
         self.data = data
@@ -121,8 +129,11 @@ class PretrainDataModule(L.LightningDataModule):
         self.band_names = band_names
         self.dn_offset = dn_offset
         self.max_open_files = max_open_files
+        self.holdout = float(holdout)
+        self.val_samples = int(val_samples)
         self.catalog: Catalog | None = None
         self.dataset: PatchDataset | None = None
+        self.val_dataset: PatchDataset | None = None
         self.rejected_count = 0
         self.samples_seen = 0
         self._position: dict[str, int] = {}  # last consumed position, for state_dict
@@ -139,15 +150,21 @@ class PretrainDataModule(L.LightningDataModule):
             res=self.res, crs=self.crs, dn_offset=self.dn_offset,
         )
         roi = load_roi(self.roi) if self.roi is not None else None
-        self.dataset = PatchDataset(
-            self.catalog, patch_size=self.patch_size, length=self.samples_per_epoch, seed=self.seed,
-            normalization=self.normalization, max_nodata_fraction=self.max_nodata_fraction, roi=roi,
-            fast=self.fast, max_open_files=self.max_open_files,
-        )
-        try:
-            self.dataset.draw(0, 0)  # raises a clear error for all-nodata data before workers start
-        finally:
-            self.dataset.close()  # no handle may be inherited by the workers
+        common = dict(patch_size=self.patch_size, normalization=self.normalization, roi=roi, fast=self.fast,
+                      max_nodata_fraction=self.max_nodata_fraction, max_open_files=self.max_open_files)
+        cut = 1.0 - self.holdout
+        self.dataset = PatchDataset(self.catalog, length=self.samples_per_epoch, seed=self.seed,
+                                    rows=(0.0, cut) if self.holdout else None, **common)
+        if self.holdout:
+            self.val_dataset = PatchDataset(self.catalog, length=self.val_samples, seed=self.seed + 7919,
+                                            rows=(cut, 1.0), **common)
+        for dataset in (self.dataset, self.val_dataset):
+            if dataset is None:
+                continue
+            try:
+                dataset.draw(0, 0)  # raises a clear error for all-nodata data before workers start
+            finally:
+                dataset.close()  # no handle may be inherited by the workers
 
     def train_dataloader(self) -> DataLoader:
         """Batches of ``samples_per_epoch`` patches; see the module docstring for the keys."""
@@ -160,6 +177,15 @@ class PretrainDataModule(L.LightningDataModule):
         )
         loader.module = self
         return loader
+
+    def val_dataloader(self) -> DataLoader | list[Any]:
+        """The ``val_samples`` held-out patches (epoch 0, the same at every validation); none without a
+        hold-out."""
+        self.setup()
+        if self.val_dataset is None:
+            return []
+        return DataLoader(self.val_dataset, batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     # ------------------------------------------------------------------ bookkeeping
     def _observe(self, batch: dict[str, Any]) -> None:
@@ -198,6 +224,8 @@ class PretrainDataModule(L.LightningDataModule):
         else:
             reader = "torchgeo (one dataset per CRS, same windows)"
         roi = f"; roi: {Path(self.roi).name}" if self.roi else ""
+        if self.holdout:
+            roi += f"; bottom {self.holdout:.0%} of rows held out ({self.val_samples} validation patches)"
         return (f"{self.catalog.describe()}\nreader: {reader}; patch {self.patch_size} px; "
                 f"{self.samples_per_epoch} samples/epoch{roi}\n"
                 f"rejected patches so far: {self.rejected_count} of "

@@ -59,7 +59,7 @@ from explora_geo.data.store import (
 )
 from explora_geo.errors import ExploraGeoError
 
-__all__ = ["catalog_skipping_unreadable", "default_workers", "prepare_store"]
+__all__ = ["catalog_skipping_unreadable", "check_store_target", "default_workers", "prepare_store"]
 
 #: torchgeo keeps open file handles per process in an LRU of 128; a worker clears it beyond this many.
 MAX_OPEN_FILES = 32
@@ -206,7 +206,37 @@ def _plan(catalog: Catalog, patches: int, patch_size: int, sampler: str, roi: An
                 group.boxes = group.boxes[mine]
     else:
         raise ExploraGeoError(f"sampler {sampler!r} is not 'random' or 'grid'; pass one of them.")
+    for group in groups:
+        _snap(group)
     return groups, too_small
+
+
+def _snap(group: _Group) -> None:
+    """Move each box (by less than a pixel) onto the grid of the unit under its centre.
+
+    torchgeo's samplers round positions to the grid of the union's bounds, which is not a file's own grid when
+    files are offset or a warped footprint sets the union's corner; snapped, the centre file is read without
+    resampling.
+    """
+    import shapely
+
+    boxes = group.boxes
+    if boxes is None or not len(boxes):
+        return
+    index = group.dataset.index
+    by_path = {s.channels[0][0]: s for s in group.sources}
+    centres = shapely.points((boxes[:, 0] + boxes[:, 1]) / 2, (boxes[:, 2] + boxes[:, 3]) / 2)
+    hit_box, hit_file = index.sindex.query(centres, predicate="intersects")
+    first = {}
+    for b, f in zip(hit_box.tolist(), hit_file.tolist(), strict=True):
+        first.setdefault(b, f)
+    for b, f in first.items():
+        t = by_path[str(index.iloc[f]["filepath"])].transform
+        xres, yres = abs(t.a), abs(t.e)
+        width, height = boxes[b, 1] - boxes[b, 0], boxes[b, 3] - boxes[b, 2]
+        left = t.c + round((boxes[b, 0] - t.c) / xres) * xres
+        top = t.f - round((t.f - boxes[b, 3]) / yres) * yres
+        boxes[b] = (left, left + width, top - height, top)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -310,7 +340,8 @@ class _ShardWriter:
             patch_id = shard_id * self.shard_size + j
             acc.add(raw, valid, self.offset, np.random.default_rng([self.seed, patch_id]))
             written += 1
-            yield {"image": raw, "valid_mask": valid, "source": source,
+            # the path as UTF-8 bytes: LitData would read a str ending in .tif as an image file
+            yield {"image": raw, "valid_mask": valid, "source": source.encode(),
                    "source_index": self._file_index.get(source, -1), "crs": self.crs[g],
                    "bounds": np.array([box[0], box[2], box[1], box[3]], dtype=np.float64), "patch_id": patch_id}
         tmp = os.path.join(self.reports, f".shard-{shard_id:08d}.{os.getpid()}.npz")
@@ -331,7 +362,8 @@ def _to_dtype(pixels: np.ndarray, dtype: np.dtype) -> np.ndarray:
 # The entry point
 # ----------------------------------------------------------------------------------------------------------
 
-def _check_out(out: str, overwrite: bool, storage_options: dict[str, Any] | None) -> None:
+def check_store_target(out: str, overwrite: bool, storage_options: dict[str, Any] | None = None) -> None:
+    """Refuse an existing store or a non-empty folder at ``out`` unless ``overwrite`` (an unreachable URL too)."""
     if is_url(out):
         if url_exists(out.rstrip("/") + "/" + METADATA_FILE, storage_options) and not overwrite:
             raise ExploraGeoError(f"store {out} already exists; pass --overwrite or another --out.")
@@ -464,7 +496,7 @@ def prepare_store(
     if int(os.environ.get("DATA_OPTIMIZER_NUM_NODES", "1")) > 1:
         raise ExploraGeoError("several prepare nodes (DATA_OPTIMIZER_NUM_NODES > 1) are not supported by this "
                               "version; prepare on one machine (all its cores through --workers).")
-    _check_out(out, overwrite, storage_options)
+    check_store_target(out, overwrite, storage_options)
     groups, too_small = _plan(catalog, int(patches), int(patch_size), sampler, roi, seed)
 
     shards: list[tuple[int, int, np.ndarray]] = []
@@ -510,7 +542,7 @@ def prepare_store(
                 f"nodata (value {catalog.nodata}) and {counts['unreadable']} were unreadable; check the files, "
                 "--nodata, --max-nodata-fraction or the ROI."
             )
-        res = groups[0].res
+        gsd = tuple(catalog.gsd) if catalog.gsd and min(catalog.gsd) > 0 else groups[0].res
         stats = acc.to_stats(bands=catalog.bands, patches=counts["written"], patch_size=int(patch_size),
                              rejected=counts["rejected"], nodata=catalog.nodata, dn_offset=catalog.offset,
                              files=len(catalog.files), seed=seed)
@@ -519,7 +551,7 @@ def prepare_store(
         meta = {
             "format": STORE_FORMAT, "format_version": STORE_VERSION,
             "bands": list(catalog.bands), "patch_size": int(patch_size),
-            "gsd": res[0] if abs(res[0] - res[1]) < 1e-9 * res[0] else list(res),
+            "gsd_m": gsd[0] if abs(gsd[0] - gsd[1]) < 1e-9 * gsd[0] else list(gsd),
             "sensor": catalog.sensor.name if catalog.sensor is not None else None,
             "nodata": catalog.nodata, "dn_offset": catalog.offset, "kind": catalog.kind,
             "sampler": sampler, "seed": seed, "max_nodata_fraction": max_nodata_fraction,

@@ -76,12 +76,15 @@ class WindowSampler:
         sources: the units.
         size: patch side in pixels.
         roi: optional one-row GeoSeries (see :func:`load_roi`), reprojected to each unit's CRS.
+        rows: optional ``(start, stop)`` fractions of every unit's height: whole patches lie inside that band
+            of rows (a pixel margin keeps patches of ``(0, f)`` and ``(f, 1)`` disjoint: a held-out split).
 
     Raises:
-        ExploraGeoError: the patch is larger than every unit, or the ROI misses the data.
+        ExploraGeoError: the patch is larger than every unit, or the ROI (or the band of rows) misses the data.
     """
 
-    def __init__(self, sources: Sequence[Source], size: int, roi: Any = None) -> None:
+    def __init__(self, sources: Sequence[Source], size: int, roi: Any = None, *,
+                 rows: tuple[float, float] | None = None) -> None:
         import shapely
         from shapely import affinity
 
@@ -103,6 +106,13 @@ class WindowSampler:
                 geom = roi.to_crs(source.crs).iloc[0]
                 pix = affinity.affine_transform(geom, [inv.a, inv.b, inv.d, inv.e, inv.c, inv.f])
                 region = region.intersection(pix)
+            if rows is not None and not region.is_empty:
+                # patch rows [y - size/2, y + size/2) inside [top, bottom), one pixel of margin each side
+                top, bottom = round(rows[0] * source.height), round(rows[1] * source.height)
+                lo_y = top + size / 2 + (1 if top > 0 else -0.5)
+                hi_y = bottom - size / 2 - (1 if bottom < source.height else -0.5)
+                band = shapely.box(-1.0, lo_y, source.width + 1.0, hi_y) if hi_y >= lo_y else shapely.Polygon()
+                region = region.intersection(band)
             shapely.prepare(region)
             self.regions.append(region)
             weights.append(region.area if not region.is_empty else 0.0)
@@ -113,6 +123,11 @@ class WindowSampler:
                 raise ExploraGeoError(
                     f"patch size {size} px is larger than every input (largest: {largest.name}, "
                     f"{largest.width} x {largest.height} px); use a smaller patch size."
+                )
+            if rows is not None:
+                raise ExploraGeoError(
+                    f"no whole {size} px patch fits in rows {rows[0]:g}-{rows[1]:g} of any input (the held-out "
+                    "split); lower the held-out fraction, use a smaller patch size or larger inputs."
                 )
             raise ExploraGeoError(
                 "the region of interest does not overlap the data; check the ROI file and its CRS."
@@ -220,6 +235,7 @@ class PatchDataset(Dataset[dict[str, Any]]):
             torchgeo datasets.
         max_open_files: files the fast reader keeps open per process (default: a quarter of ``ulimit -n``).
         max_draws: draws before giving up on a sample (then the data is declared nodata).
+        rows: optional band of rows (fractions of each unit's height) the patches lie in (:class:`WindowSampler`).
 
     Each item: ``image`` float32 ``[C, H, W]`` (filled, normalised), ``valid_mask`` bool ``[H, W]``,
     ``index`` int64 ``[2]`` = (epoch, i), ``rejected`` int64 (redraws needed), ``source`` int64 (unit).
@@ -227,7 +243,8 @@ class PatchDataset(Dataset[dict[str, Any]]):
 
     def __init__(self, catalog: Catalog, *, patch_size: int, length: int, seed: int = 0,
                  normalization: Normalization | None = None, max_nodata_fraction: float = 0.5, roi: Any = None,
-                 fast: bool = True, max_open_files: int | None = None, max_draws: int = 100) -> None:
+                 fast: bool = True, max_open_files: int | None = None, max_draws: int = 100,
+                 rows: tuple[float, float] | None = None) -> None:
         if not 0.0 <= max_nodata_fraction <= 1.0:
             raise ExploraGeoError(f"max_nodata_fraction {max_nodata_fraction} is not in [0, 1].")
         if length < 1:
@@ -240,7 +257,7 @@ class PatchDataset(Dataset[dict[str, Any]]):
         self.max_nodata_fraction = max_nodata_fraction
         self.max_draws = max_draws
         self.fast = fast
-        self.windows = WindowSampler(catalog.sources, patch_size, roi)
+        self.windows = WindowSampler(catalog.sources, patch_size, roi, rows=rows)
         self._reader: Any = None
         self._datasets: dict[str, Any] = {}
         if fast:

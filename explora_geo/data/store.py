@@ -10,7 +10,8 @@ plus two JSON files beside the index:
   interrupted prepare) and is refused.
 
 Each sample is a dict: ``image`` ``[C, H, W]`` in the file's dtype (raw digital numbers, bands in the store's
-order), ``valid_mask`` bool ``[H, W]``, ``source`` (the file's path), ``source_index`` (its position in the
+order), ``valid_mask`` bool ``[H, W]``, ``source`` (the file's path as UTF-8 bytes, read back as a ``memoryview``:
+``bytes(x).decode()``; LitData would read a ``str`` ending in ``.tif`` as an image file), ``source_index`` (its position in the
 metadata's ``files``), ``crs`` (e.g. ``"EPSG:32633"``), ``bounds`` float64 ``[4]`` (left, bottom, right, top
 in ``crs``) and ``patch_id`` (unique in the store).
 """
@@ -38,6 +39,8 @@ __all__ = [
     "looks_like_store",
     "read_store_metadata",
     "store_band_indexes",
+    "store_stats_for",
+    "url_exists",
     "write_store_file",
 ]
 
@@ -75,9 +78,49 @@ def _join(store: str, name: str) -> str:
 
 
 def _provider(url: str, storage_options: dict[str, Any] | None) -> Any:
+    """An object-store client with ``exists`` / ``download_file`` / ``upload_file``.
+
+    ``s3://`` uses boto3 with few retries and short timeouts, so an unreachable store fails in seconds (LitData's
+    own S3 client retries up to 1000 times); ``gs://`` and ``r2://`` use LitData's providers.
+    """
+    if url.startswith("s3://"):
+        return _S3(storage_options or {})
     from litdata.streaming.fs_provider import _get_fs_provider
 
     return _get_fs_provider(url, storage_options or {})
+
+
+class _S3:
+    """The three S3 calls a store needs, through boto3 (``storage_options`` are ``boto3.client`` arguments)."""
+
+    def __init__(self, storage_options: dict[str, Any]) -> None:
+        import boto3
+        from botocore.config import Config
+
+        config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+        self.client = boto3.client("s3", config=config, **storage_options)
+
+    @staticmethod
+    def _split(url: str) -> tuple[str, str]:
+        bucket, _, key = url[len("s3://"):].partition("/")
+        return bucket, key
+
+    def exists(self, url: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self._split(url)[0], Key=self._split(url)[1])
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
+
+    def download_file(self, url: str, local: str) -> None:
+        self.client.download_file(*self._split(url), local)
+
+    def upload_file(self, local: str, url: str) -> None:
+        self.client.upload_file(local, *self._split(url))
 
 
 def _unreachable(url: str, err: BaseException) -> ExploraGeoError:
@@ -178,3 +221,27 @@ def store_band_indexes(meta: dict[str, Any], bands: Sequence[str], store: str) -
             f"({','.join(missing)} missing); prepare a store with those bands or pass --bands matching the store."
         )
     return [have.index(b) for b in want]
+
+
+def store_stats_for(data: Any, stats: Any, normalization: str, bands: Any = None) -> Any:
+    """The statistics a pre-training on ``data`` uses: ``stats`` when given; for a prepared store with
+    ``satmae`` / ``meanstd`` scaling, the store's own (the path of its ``stats.json``, or for a URL the
+    statistics themselves); else ``None``.
+
+    Also checks a store early (before any model is built): unreachable, incomplete, or (when ``bands`` lists
+    band names) lacking some of ``bands``.
+
+    Raises:
+        ExploraGeoError: see :func:`read_store_metadata` and :func:`store_band_indexes`.
+    """
+    if data is None or not looks_like_store(data):
+        return stats
+    store = os.fspath(data[0] if isinstance(data, (list, tuple)) else data)
+    meta = read_store_metadata(store)
+    from explora_geo.sensors import SENSORS
+
+    if isinstance(bands, str) and bands.strip().lower().replace("-", "_") not in SENSORS:
+        store_band_indexes(meta, [b.strip() for b in bands.split(",") if b.strip()], store)
+    if stats is not None or normalization not in ("satmae", "meanstd"):
+        return stats
+    return meta["stats"] if is_url(store) else str(Path(store) / STATS_FILE)

@@ -20,10 +20,10 @@ from torch import Tensor, nn
 from torchgeo.tasks import SemanticSegmentation
 
 import explora_geo.models  # noqa: F401  (registers our timm models)
-from explora_geo.downstream.tasks import ExploraTaskMixin, Mode, configure_finetuning
+from explora_geo.downstream.tasks import LORA_TARGETS, ExploraTaskMixin, Mode, configure_finetuning, merge_lora
 from explora_geo.errors import ExploraGeoError
 
-__all__ = ["ViTSegmenter", "ExploraSegmentationTask", "is_segmentation_checkpoint", "segmenter_from_checkpoint"]
+__all__ = ["ExploraSegmentationTask", "ViTSegmenter", "is_segmentation_checkpoint", "segmenter_from_checkpoint"]
 
 
 class ViTSegmenter(nn.Module):
@@ -72,8 +72,10 @@ class ExploraSegmentationTask(ExploraTaskMixin, SemanticSegmentation):
             ``model``) or ``None`` (random).
         in_channels: ``None`` takes the backbone's number of bands (another number is an error).
         num_classes: classes of the masks (for mask folders: ``len(classes) + 1`` with ``ignore_index=0``).
-        mode: ``full``, ``lora`` (LoRA-r8 on Q, V + decoder) or ``linear_probe`` (frozen backbone, decoder
-            only).
+        mode: ``full``, ``lora`` (peft LoRA-r8 on every block's ``qkv`` + decoder; see
+            :func:`~explora_geo.downstream.tasks.configure_finetuning`) or ``linear_probe`` (frozen backbone,
+            decoder only).
+        lora_rank, lora_alpha, lora_targets: LoRA rank, scale numerator and peft ``target_modules``.
         n_blocks, decoder_dim: decoder inputs and width.
         backbone_meta: the backbone sidecar; filled in automatically.
         task, num_labels, labels, loss, class_weights, pos_weight, ignore_index, lr, patience: as in
@@ -90,6 +92,7 @@ class ExploraSegmentationTask(ExploraTaskMixin, SemanticSegmentation):
         mode: Mode = "full",
         lora_rank: int = 8,
         lora_alpha: float = 1.0,
+        lora_targets: tuple[str, ...] = LORA_TARGETS,
         n_blocks: int = 4,
         decoder_dim: int = 128,
         task: Literal["binary", "multiclass", "multilabel"] = "multiclass",
@@ -119,11 +122,17 @@ class ExploraSegmentationTask(ExploraTaskMixin, SemanticSegmentation):
             pretrained=self.weights is True))
         self.model = ViTSegmenter(backbone, self._num_outputs(), n_blocks=self.hparams["n_blocks"],
                                   decoder_dim=self.hparams["decoder_dim"])
-        configure_finetuning(backbone, self.hparams["mode"], head=self.model.decoder,
-                             lora_rank=self.hparams["lora_rank"], lora_alpha=self.hparams["lora_alpha"])
+        self.model.backbone = configure_finetuning(
+            backbone, self.hparams["mode"], head=self.model.decoder, lora_rank=self.hparams["lora_rank"],
+            lora_alpha=self.hparams["lora_alpha"], lora_targets=self.hparams["lora_targets"])
+
+    def lora_backbone(self) -> nn.Module:
+        """The backbone inside the segmenter (a ``peft.PeftModel`` in ``mode="lora"``)."""
+        return self.model.backbone
 
 
-_TASK_KWARGS = ("model", "num_classes", "labels", "mode", "lora_rank", "lora_alpha", "n_blocks", "decoder_dim",
+_TASK_KWARGS = ("model", "num_classes", "labels", "mode", "lora_rank", "lora_alpha", "lora_targets", "n_blocks",
+                "decoder_dim",
                 "task", "num_labels", "loss", "ignore_index", "lr", "patience", "in_channels")
 
 
@@ -148,7 +157,8 @@ def segmenter_from_checkpoint(
         ``(segmenter, backbone sidecar, task hyper-parameters)``.
 
     Raises:
-        ExploraGeoError: a missing file, a checkpoint of another task, or one without explora-geo backbone metadata.
+        ExploraGeoError: a missing file, a checkpoint of another task, one without explora-geo backbone metadata,
+            or a binary / multilabel task.
     """
     path = Path(path)
     if ckpt is None:
@@ -164,13 +174,14 @@ def segmenter_from_checkpoint(
     if not meta:
         raise ExploraGeoError(f"{path} has no explora-geo backbone metadata (it was not trained with "
                               "ExploraSegmentationTask and an explora-geo backbone file); train it with one.")
+    if hparams.get("task", "multiclass") != "multiclass":
+        raise ExploraGeoError(f"{path} is a {hparams['task']} segmentation task; only multiclass tasks (softmax over "
+                              "classes) can be exported: train with task 'multiclass' and num_classes >= 2.")
     kwargs = {k: hparams[k] for k in _TASK_KWARGS if k in hparams}
     task = ExploraSegmentationTask(weights=None, backbone_meta=meta, **kwargs)
     task.load_state_dict(ckpt["state_dict"], strict=True)
     segmenter = task.model
     if task.hparams["mode"] == "lora":
-        from explora_geo.adapter import merge_explora
-
-        segmenter.backbone = merge_explora(segmenter.backbone)
+        segmenter.backbone = merge_lora(segmenter.backbone)
     sidecar = {k: v for k, v in meta.items() if k != "weights_file"}
     return segmenter.eval(), sidecar, hparams

@@ -8,15 +8,20 @@
   timm name registered with :func:`register_backbone` (``weights=True``), or torchgeo's own forms; backbone
   files are loaded with a check (never a silent ``strict=False``) and the backbone's sidecar is stored in the
   hyper-parameters, so a checkpoint can be rebuilt, probed and exported without the original file;
-- fine-tunes in one of three modes: ``full`` (every parameter), ``lora`` (the paper's "LoRA-r8": LoRA of rank
-  ``lora_rank`` on the Q and V projections of every block, via :func:`explora_geo.adapter.apply_explora`,
-  plus the head), ``linear_probe`` (frozen backbone, head only).
+- fine-tunes in one of three modes: ``full`` (every parameter), ``lora`` (the paper's "LoRA-r8" baseline:
+  ordinary LoRA of rank ``lora_rank`` through peft, on ``lora_targets`` = timm's fused attention projection
+  ``qkv`` of every block by default, plus the head), ``linear_probe`` (frozen backbone, head only). A
+  ``lora`` run ends with a standard peft adapter (``adapter_config.json`` + ``adapter_model.safetensors``)
+  that ``peft.PeftModel.from_pretrained(backbone, folder)`` loads onto the backbone.
+
+ExPLoRA's own pre-training adapter (:mod:`explora_geo.adapter`, LoRA on the Q and V rows only, unfrozen
+blocks, norms) is a different thing and stays there: see docs/adapter.md.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +38,9 @@ __all__ = [
     "ExploraTaskMixin",
     "ExploraClassificationTask",
     "configure_finetuning",
+    "LORA_TARGETS",
+    "merge_lora",
+    "save_lora_adapter",
     "resolve_backbone_meta",
     "build_backbone",
     "backbone_from_checkpoint",
@@ -40,6 +48,9 @@ __all__ = [
 
 Mode = Literal["full", "lora", "linear_probe"]
 MODES: tuple[str, ...] = ("full", "lora", "linear_probe")
+#: peft ``target_modules`` of ``mode="lora"``: timm's fused ``attn.qkv`` of every block (one low-rank pair on
+#: Q, K and V together: ordinary LoRA on the attention projection, what peft does on a timm ViT).
+LORA_TARGETS: tuple[str, ...] = ("qkv",)
 
 
 def _is_backbone_path(weights: Any) -> bool:
@@ -57,29 +68,90 @@ def check_mode(mode: str) -> None:
 
 
 def configure_finetuning(model: nn.Module, mode: str, *, head: nn.Module | None = None, lora_rank: int = 8,
-                         lora_alpha: float = 1.0) -> None:
-    """Set which parameters of a backbone ``model`` (and its task ``head``) train, in place.
+                         lora_alpha: float = 1.0, lora_targets: Sequence[str] = LORA_TARGETS) -> nn.Module:
+    """Set which parameters of a backbone ``model`` (and its task ``head``) train; returns the model to use.
 
     ``full``: all. ``linear_probe``: only ``head`` (default: the classifier, ``model.get_classifier()``).
-    ``lora``: LoRA of rank ``lora_rank`` (scale ``lora_alpha / lora_rank``) on the Q and V rows of every
-    block's fused ``qkv`` (:func:`explora_geo.adapter.apply_explora` with no unfrozen block, no norms, no
-    embeddings), plus ``head``.
+    ``lora``: ``peft.get_peft_model`` with ``LoraConfig(r=lora_rank, lora_alpha=lora_alpha,
+    target_modules=lora_targets)`` (scale ``lora_alpha / lora_rank``); the model's own classifier is a peft
+    ``modules_to_save`` (it trains and is saved with the adapter), an external ``head`` (a segmentation
+    decoder) just trains. Everything else is frozen. The returned model is then a ``peft.PeftModel`` (timm
+    methods such as ``forward_features`` pass through to the backbone); the other modes return ``model``.
 
     Raises:
-        ExploraGeoError: unknown mode.
+        ExploraGeoError: unknown mode, or ``lora_targets`` matching no module of the model.
     """
     check_mode(mode)
-    head = model.get_classifier() if head is None else head
-    if mode == "full":
-        model.requires_grad_(True)
-    elif mode == "lora":
-        from explora_geo.adapter import ExploraConfig, apply_explora
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
 
-        apply_explora(model, ExploraConfig(unfreeze="", rank=lora_rank, alpha=lora_alpha, targets=("q", "v"),
-                                           train_norms=False, train_cls_token=False, train_embeddings=False))
-    else:
-        model.requires_grad_(False)
+        own_head = head is None and any(True for _ in model.get_classifier().parameters())
+        classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=list(lora_targets), lora_dropout=0.0,
+                            bias="none", modules_to_save=[classifier] if own_head else None)
+        try:
+            model = get_peft_model(model, config)
+        except ValueError as err:
+            raise ExploraGeoError(f"LoRA targets {list(lora_targets)} do not fit {type(model).__name__} ({err}); "
+                                  "use module names such as qkv, proj, fc1, fc2.") from None
+        if head is not None:
+            head.requires_grad_(True)
+        return model
+    head = model.get_classifier() if head is None else head
+    model.requires_grad_(mode == "full")
     head.requires_grad_(True)
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """A plain copy of ``model``: a peft model's LoRA merged into the weights (``merge_and_unload``, the trained
+    classifier kept), or a deep copy of any other model. ``model`` is not changed."""
+    import copy
+
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return copy.deepcopy(model).merge_and_unload()
+    return copy.deepcopy(model)
+
+
+def save_lora_adapter(model: nn.Module, folder: str | os.PathLike[str], *,
+                      base_model: str | None = None) -> tuple[Path, Path]:
+    """Save a ``mode="lora"`` backbone as a standard peft adapter: ``folder/adapter_config.json`` +
+    ``folder/adapter_model.safetensors`` (both moved into place together, atomically). Load it with
+    ``peft.PeftModel.from_pretrained(backbone, folder)`` onto a backbone built from the same backbone file.
+
+    Args:
+        model: the ``peft.PeftModel`` of :func:`configure_finetuning`.
+        folder: output folder (created).
+        base_model: recorded as the adapter's ``base_model_name_or_path`` (e.g. the backbone file).
+
+    Raises:
+        ExploraGeoError: ``model`` is not a peft model (not fine-tuned with ``mode="lora"``).
+    """
+    import shutil
+    import tempfile
+
+    from peft import PeftModel
+
+    from explora_geo.atomic import atomic_paths
+
+    if not isinstance(model, PeftModel):
+        raise ExploraGeoError(f"{type(model).__name__} has no LoRA adapter; fine-tune with mode='lora' to save one.")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if base_model is not None:
+        model.peft_config["default"].base_model_name_or_path = str(base_model)
+    names = ("adapter_config.json", "adapter_model.safetensors")
+    scratch = Path(tempfile.mkdtemp(prefix=".peft-", dir=folder))
+    try:
+        model.save_pretrained(scratch, save_embedding_layers=False)  # a ViT has no token embeddings
+        with atomic_paths(*(folder / n for n in names)) as temps:
+            for name, temp in zip(names, temps, strict=True):
+                os.replace(scratch / name, temp)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return folder / names[0], folder / names[1]
 
 
 def resolve_backbone_meta(weights: Any, backbone_meta: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -164,6 +236,18 @@ class ExploraTaskMixin:
         scheduler = ReduceLROnPlateau(optimizer, patience=self.hparams["patience"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor}}
 
+    def lora_backbone(self) -> nn.Module:
+        """The backbone (a ``peft.PeftModel`` in ``mode="lora"``)."""
+        return self.model
+
+    def on_fit_end(self) -> None:
+        """``mode="lora"``: save the peft adapter to ``<log dir>/lora_adapter/`` (see :func:`save_lora_adapter`)."""
+        if self.hparams.get("mode") != "lora" or self.hparams.get("freeze_backbone") or not self.trainer.is_global_zero:
+            return
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "lora_adapter"
+        weights = (self._backbone_meta or {}).get("weights_file")
+        save_lora_adapter(self.lora_backbone(), folder, base_model=weights)
+
     def on_fit_start(self) -> None:
         """Take the class names from the datamodule (``classes``) when none were given; store them as
         ``class_names`` too (what ``explora-geo export --head task.ckpt`` reads)."""
@@ -188,7 +272,8 @@ class ExploraClassificationTask(ExploraTaskMixin, Classification):
         num_classes: number of classes.
         labels: class names (stored in the checkpoint; filled from the datamodule's ``classes`` if absent).
         mode: ``full``, ``lora`` or ``linear_probe`` (see :func:`configure_finetuning`).
-        lora_rank, lora_alpha: LoRA rank and scale numerator for ``mode="lora"``.
+        lora_rank, lora_alpha: LoRA rank and scale numerator (scale ``lora_alpha / lora_rank``) for ``mode="lora"``.
+        lora_targets: peft ``target_modules`` for ``mode="lora"`` (default :data:`LORA_TARGETS`: ``qkv``).
         backbone_meta: the backbone sidecar; filled in automatically and saved with the hyper-parameters.
         task, num_labels, loss, class_weights, pos_weight, ignore_index, lr, patience: as in
             ``torchgeo.tasks.Classification``.
@@ -205,6 +290,7 @@ class ExploraClassificationTask(ExploraTaskMixin, Classification):
         mode: Mode = "full",
         lora_rank: int = 8,
         lora_alpha: float = 1.0,
+        lora_targets: tuple[str, ...] = LORA_TARGETS,
         task: Literal["binary", "multiclass", "multilabel"] = "multiclass",
         num_labels: int | None = None,
         loss: Literal["ce", "bce", "jaccard", "focal", "dice"] = "ce",
@@ -233,16 +319,13 @@ class ExploraClassificationTask(ExploraTaskMixin, Classification):
 
         self.model = self._build_backbone(self._num_outputs(), timm_model)
         mode = "linear_probe" if self.hparams["freeze_backbone"] else self.hparams["mode"]
-        configure_finetuning(self.model, mode, lora_rank=self.hparams["lora_rank"],
-                             lora_alpha=self.hparams["lora_alpha"])
+        self.model = configure_finetuning(self.model, mode, lora_rank=self.hparams["lora_rank"],
+                                          lora_alpha=self.hparams["lora_alpha"],
+                                          lora_targets=self.hparams["lora_targets"])
 
     def merged_backbone(self) -> nn.Module:
         """A plain copy of the fine-tuned backbone (LoRA merged, no classifier)."""
-        import copy
-
-        from explora_geo.adapter import merge_explora
-
-        model = merge_explora(self.model) if self.hparams["mode"] == "lora" else copy.deepcopy(self.model)
+        model = merge_lora(self.model)
         model.reset_classifier(0)
         return model.eval()
 
@@ -267,7 +350,7 @@ def backbone_from_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, d
         raise ExploraGeoError(f"{path} has no explora-geo backbone metadata (it was not trained with "
                               "explora_geo.downstream.tasks.ExploraClassificationTask and a backbone file).")
     kwargs = {k: hparams[k] for k in ("model", "num_classes", "labels", "mode", "lora_rank", "lora_alpha",
-                                      "loss", "lr", "patience", "in_channels") if k in hparams}
+                                      "lora_targets", "loss", "lr", "patience", "in_channels") if k in hparams}
     task = ExploraClassificationTask(weights=None, backbone_meta=meta, **kwargs)
     task.load_state_dict(ckpt["state_dict"], strict=True)
     sidecar = {k: v for k, v in meta.items() if k != "weights_file"}

@@ -2,7 +2,7 @@
 
 An :class:`Objective` wraps the backbone it trains (an ExPLoRA-adapted ViT), owns its own heads / decoder /
 teacher and its loss, and states its optimiser preferences. The Lightning module
-(:class:`explora_geo.training.module.ExploraPretrainModule`) owns the loop-independent rest: optimiser, schedules,
+(:class:`explora_geo.training.task.ExploraPretrainTask`) owns the loop-independent rest: optimiser, schedules,
 logging, checkpoints.
 """
 

@@ -46,6 +46,9 @@ class PretrainConfig:
         overwrite: start afresh in an ``out`` that already holds a run (its checkpoints are deleted; logs get a
             new version folder; the final outputs are replaced when the new run ends).
         max_nodata_fraction: patches with more nodata are redrawn.
+        holdout, val_samples: fraction of every raster's rows (its bottom) kept out of training, and the number
+            of held-out patches whose objective loss is measured (``val_loss``; 0 = no validation).
+        val_every: optimiser steps between validations (``None``: once, at the end).
     """
 
     out: str = "runs/pretrain"
@@ -84,6 +87,9 @@ class PretrainConfig:
     resume: Any = False
     overwrite: bool = False
     max_nodata_fraction: float = 0.5
+    holdout: float = 0.0
+    val_samples: int = 0
+    val_every: int | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "the config") -> PretrainConfig:

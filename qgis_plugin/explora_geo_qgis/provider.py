@@ -7,13 +7,18 @@ from pathlib import Path
 from qgis.core import QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
 
+from .algorithms.change import ChangeAlgorithm
 from .algorithms.classify import ClassifyAlgorithm
+from .algorithms.classify_from_examples import ClassifyFromExamplesAlgorithm
+from .algorithms.cluster import ClusterAlgorithm
 from .algorithms.embed import EmbedAlgorithm
+from .algorithms.segment import SegmentAlgorithm
 from .algorithms.similarity import SimilarityAlgorithm
 
 
 class ExploraGeoProvider(QgsProcessingProvider):
-    """Provides ``explora_geo:classify``, ``explora_geo:embed`` and ``explora_geo:similarity``."""
+    """Provides ``explora_geo:classify``, ``classify_from_examples``, ``embed``, ``similarity``, ``segment``,
+    ``cluster`` and ``change``."""
 
     def id(self) -> str:
         return "explora_geo"
@@ -28,5 +33,6 @@ class ExploraGeoProvider(QgsProcessingProvider):
         return QIcon(str(Path(__file__).with_name("icon.png")))
 
     def loadAlgorithms(self) -> None:
-        for algorithm in (ClassifyAlgorithm(), EmbedAlgorithm(), SimilarityAlgorithm()):
+        for algorithm in (ClassifyAlgorithm(), ClassifyFromExamplesAlgorithm(), EmbedAlgorithm(), SegmentAlgorithm(),
+                          SimilarityAlgorithm(), ClusterAlgorithm(), ChangeAlgorithm()):
             self.addAlgorithm(algorithm)

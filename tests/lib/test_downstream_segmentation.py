@@ -128,7 +128,8 @@ def test_segmentation_fit_on_real_masks(osm_masks: Path, tmp_path: Path) -> None
 @pytest.mark.slow
 def test_torchgeo_fit_segmentation_config(t33uuu_root: Path, tmp_path: Path) -> None:
     """`torchgeo fit --config configs/torchgeo_segmentation.yaml` makes the masks from the OSM polygons and
-    trains one quick pass on CPU."""
+    trains one quick pass on CPU; `explora-geo export --segmenter` turns its checkpoint into a segmenter bundle
+    with the 8 land-use classes (the ignored 'unlabelled' channel left out)."""
     weights = str(make_backbone(tmp_path / "bb", depth=1, img_size=64))
     cmd = [str(Path(sys.executable).with_name("torchgeo")), "fit",
            "--config", str(REPO / "configs" / "torchgeo_segmentation.yaml"),
@@ -136,8 +137,20 @@ def test_torchgeo_fit_segmentation_config(t33uuu_root: Path, tmp_path: Path) -> 
            "--data.init_args.root", str(tmp_path / "masks"),
            "--data.init_args.vector", str(t33uuu_root / OSM),
            "--data.init_args.raster", str(t33uuu_root / "IMG_DATA"), "--data.init_args.min_labelled", "0.6",
-           "--trainer.fast_dev_run", "true", "--trainer.accelerator", "cpu",
-           "--trainer.default_root_dir", str(tmp_path / "run")]
+           "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+           "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "run")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "masks" / "classes.json").is_file()
+    (ckpt,) = (tmp_path / "run").rglob("*.ckpt")
+    from explora_geo.cli import main
+
+    out = tmp_path / "segmenter.onnx"
+    assert main(["export", "--checkpoint", str(ckpt), "--segmenter", "--out", str(out)]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["model_type"] == "segmenter" and meta["segmentation"]["ignore_index"] == 0
+    assert meta["class_names"] == ["farm", "forest", "grass", "meadow", "residential", "scrub", "water", "wetland"]
+    import onnxruntime as ort
+
+    logits = ort.InferenceSession(str(out)).run(["logits"], {"image": np.zeros((2, 10, 64, 64), np.float32)})[0]
+    assert logits.shape == (2, 8, 64, 64)

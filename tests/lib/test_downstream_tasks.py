@@ -99,9 +99,11 @@ def test_fine_tuning_modes(tmp_path: Path) -> None:
     lora = ExploraClassificationTask(weights=weights, num_classes=3, mode="lora", lora_rank=8)
     trainable = _trainable(lora)
     lora_params = {n: v for n, v in trainable.items() if "lora" in n}
-    # Q and V of 2 blocks, rank 8, D = 192: A [8, 192] and B [192, 8] for each of Q and V
-    assert sum(lora_params.values()) == 2 * 2 * 8 * (192 + 192)
-    assert set(trainable) - set(lora_params) == {"head.weight", "head.bias"}
+    # peft LoRA on the fused qkv of 2 blocks, rank 8, D = 192: A [8, 192] and B [576, 8] per block
+    assert sum(lora_params.values()) == 2 * 8 * (192 + 3 * 192)
+    assert all(".attn.qkv.lora_" in n for n in lora_params)
+    assert {n.rsplit(".", 3)[-3:][0] for n in set(trainable) - set(lora_params)} == {"modules_to_save"}
+    assert sum(v for n, v in trainable.items() if "lora" not in n) == 192 * 3 + 3  # the classifier
     with pytest.raises(ExploraGeoError, match="unknown fine-tuning mode"):
         ExploraClassificationTask(weights=weights, num_classes=3, mode="adapter")
     with pytest.raises(ExploraGeoError, match="takes 10 bands"):
@@ -120,17 +122,31 @@ def test_lora_fit_keeps_frozen_weights_and_checkpoint_gives_merged_backbone(tmp_
                       enable_progress_bar=False, default_root_dir=tmp_path)
     trainer.fit(task, datamodule=data)
     after = task.model.state_dict()
-    frozen = [k for k in before if "lora" not in k and not k.startswith("head.")]
+    frozen = [k for k in before if "lora" not in k and "modules_to_save" not in k]
     assert all(torch.equal(before[k], after[k]) for k in frozen)
     assert any(not torch.equal(before[k], after[k]) for k in before if "lora_B" in k)
     assert task.hparams["class_names"] == ["a", "b", "c"]
 
     ckpt = tmp_path / "task.ckpt"
     trainer.save_checkpoint(ckpt)
-    backbone, sidecar = backbone_from_checkpoint(ckpt)
-    assert not any("lora" in k for k in backbone.state_dict())
+    # A standard peft adapter was saved at the end of fit; peft puts it onto a fresh backbone.
+    from peft import PeftModel
+
+    from explora_geo.checkpoint import load_backbone
+
+    adapter = tmp_path / "lora_adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8 and config["target_modules"] == ["qkv"]
+    assert config["modules_to_save"] == ["head"] and config["base_model_name_or_path"] == weights
+    assert (adapter / "adapter_model.safetensors").is_file()
+    fresh, _ = load_backbone(weights, num_classes=3)
+    restored = PeftModel.from_pretrained(fresh, adapter).eval()
     x = torch.randn(2, 10, 32, 32)
     task.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), task.model(x), rtol=1e-5, atol=1e-5)
+    backbone, sidecar = backbone_from_checkpoint(ckpt)
+    assert not any("lora" in k for k in backbone.state_dict())
     with torch.no_grad():
         expected = task.model.forward_head(task.model.forward_features(x), pre_logits=True)
         assert torch.allclose(backbone(x), expected, atol=1e-5)

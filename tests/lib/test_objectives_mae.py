@@ -205,3 +205,31 @@ def test_no_decoder_in_the_source_is_said_and_the_decoder_trains_fully() -> None
 
 def test_norm_pix_loss_is_on_by_default() -> None:
     assert MAEConfig().norm_pix_loss is True
+
+
+def test_m_1l_r32_parameter_accounting_of_the_docs() -> None:
+    """docs/adapter.md's account of M-[1,L]-r32 (paper: 29.7M): the encoder alone is 28.94M; with the MAE
+    decoder's trainable parts other than its prediction layers (LoRA r8 on Q,V, norms, decoder_embed, mask
+    token) it is 29.61M; every trainable decoder tensor included it is 29.94M."""
+    from explora_geo.adapter import count_parameters
+    from explora_geo.objectives.mae import DecoderReport, _adapt_decoder
+
+    with torch.device("meta"):
+        encoder = apply_explora(timm.create_model("group_channel_vit_large_patch8_96"),
+                                ExploraConfig(unfreeze="1,L", rank=32))
+        decoder = MAEDecoder(1024, 512, 8, 16, 8, [4, 4, 2])
+        loaded = {k: "mismatched" if k.startswith("pred.") else "loaded" for k in decoder.state_dict()}
+        _adapt_decoder(decoder, 8, DecoderReport(True, loaded))  # an official MAE ViT-L decoder, RGB pred
+    counts = count_parameters(encoder)
+    assert counts["trainable"] == 28_939_008
+    cats = {k: v["trainable"] for k, v in counts["by_category"].items()}
+    assert (cats["blocks_unfrozen"], cats["lora"], cats["norms"], cats["embeddings"]) == (
+        25_192_448, 2_883_584, 92_160, 770_816)
+    parts: dict[str, int] = {}
+    for name, p in decoder.named_parameters():
+        if p.requires_grad:
+            key = "lora" if "lora_" in name else "norms" if "norm" in name else name.split(".")[0]
+            parts[key] = parts.get(key, 0) + p.numel()
+    assert parts == {"lora": 131_072, "norms": 17_408, "embed": 524_800, "mask_token": 512, "pred": 328_320}
+    assert counts["trainable"] + sum(v for k, v in parts.items() if k != "pred") == 29_612_800
+    assert counts["trainable"] + sum(parts.values()) == 29_941_120

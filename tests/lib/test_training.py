@@ -249,22 +249,21 @@ def test_bf16_mixed_precision_runs(t33uuu_dir: Path, tmp_path: Path, objective: 
     assert all(torch.isfinite(torch.tensor(v)) for _, v in summary["loss_history"])
 
 
-class NoData(L.LightningDataModule):
-    """Stands in for the data: :func:`prepare_run` only builds the model and the objective here."""
-
-
 @pytest.mark.parametrize(("img_size", "global_px", "local_px"), [(None, 224, 98), (112, 112, 56)])
 def test_dinov2_default_input_is_the_papers_224_and_98(tmp_path: Path, img_size, global_px, local_px) -> None:
     """A DINOv2 timm model (timm default 518 px) without --img-size trains on 224 px global / 98 px local
     crops, the paper's recipe; an explicit --img-size wins."""
-    from explora_geo.training.setup import prepare_run
+    from explora_geo.training import ExploraPretrainTask
+    from explora_geo.training.setup import echo_to
+    from explora_geo.training.trainer import task_settings
 
     config = PretrainConfig.from_dict(dict(
         out=str(tmp_path / "run"), bands="B04,B03,B02", model="vit_small_patch14_dinov2", objective="dinov2",
         model_kwargs={"depth": 1}, weights="random", img_size=img_size, unfreeze="L", rank=2,
         dinov2=dict(head_hidden_dim=16, head_bottleneck_dim=8, num_prototypes=16)))
-    run = prepare_run(config, datamodule=NoData(), echo=quiet)
-    assert run.backbone.patch_embed.img_size == (global_px, global_px)
-    crops = run.weights_report["objective"]
+    with echo_to(quiet):
+        task = ExploraPretrainTask(**task_settings(config))  # builds the model and the objective, no data
+    assert task.model.patch_embed.img_size == (global_px, global_px)
+    crops = task.weights_report["objective"]
     assert (crops["global_crop_px"], crops["local_crop_px"]) == (global_px, local_px)
     assert crops["solarize"] is True  # RGB input: DINOv2's solarisation on global crop 2

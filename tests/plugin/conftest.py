@@ -3,7 +3,7 @@
 - ``qgis_app``: one headless QGIS for the session, with Processing and the explora_geo provider registered;
   all layers are removed before ``exitQgis()`` (QGIS segfaults otherwise).
 - ``bundle``: a tiny backbone + probe head built with the library's ``.venv`` and exported by the real
-  ``explora-geo export`` CLI, as a classifier and as an embedder.
+  ``explora-geo export`` CLI, as a classifier and as an embedder; ``segmenter_bundle``: a segmenter likewise.
 - ``t33uuu_vrt``: the real T33UUU scene as a 13-band VRT stack at 10 m whose bands are described B01..B12.
 """
 
@@ -81,6 +81,18 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     assert json.loads(line)["model_type"] == "classifier"
     _run([str(LIB_CLI), "export", "--checkpoint", str(backbone), "--out", str(out / "embedder.onnx")])
     return {"classifier": out / "classifier.onnx", "embedder": out / "embedder.onnx", "dir": out}
+
+
+@pytest.fixture(scope="session")
+def segmenter_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A segmenter ONNX bundle (2 classes: water, land) exported by ``explora-geo export --segmenter`` from a
+    Lightning checkpoint of a tiny ExploraSegmentationTask trained during this run."""
+    out = tmp_path_factory.mktemp("segmenter")
+    _run([str(LIB_PYTHON), str(Path(__file__).with_name("make_tiny_bundle.py")), str(out), "--segmenter"])
+    line = _run([str(LIB_CLI), "export", "--checkpoint", str(out / "segmenter.ckpt"), "--segmenter",
+                 "--out", str(out / "segmenter.onnx")]).strip().splitlines()[-1]
+    assert json.loads(line)["model_type"] == "segmenter"
+    return out / "segmenter.onnx"
 
 
 def build_vrt(band_files: list[str], path: Path, descriptions: list[str]) -> Path:

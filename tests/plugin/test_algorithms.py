@@ -78,8 +78,9 @@ def test_provider_registered(qgis_app: Any) -> None:
 
     provider = QgsApplication.processingRegistry().providerById("explora_geo")
     assert provider is not None
-    assert sorted(a.id() for a in provider.algorithms()) == ["explora_geo:classify", "explora_geo:embed",
-                                                              "explora_geo:similarity"]
+    assert sorted(a.id() for a in provider.algorithms()) == [
+        "explora_geo:change", "explora_geo:classify", "explora_geo:classify_from_examples", "explora_geo:cluster",
+        "explora_geo:embed", "explora_geo:segment", "explora_geo:similarity"]
 
 
 def test_classify_whole_scene(qgis_app: Any, bundle: dict, t33uuu_vrt: Path, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from explora_geo_qgis.core.writers import CLASS_NODATA, FLOAT_NODATA
 def _windows(grid: TileGrid, field: np.ndarray, skip: set[tuple[int, int]] = frozenset()):
     """Row-major windows of a global logit field ``[K, H + pad, W + pad]`` given on raster rows/cols starting
     at ``-margin`` (so windows may reach beyond the raster)."""
-    t, s, m = grid.tile, grid.stride, grid.margin
+    t, s = grid.tile, grid.stride
     for r in range(grid.n_rows):
         for c in range(grid.n_cols):
             if (r, c) in skip:

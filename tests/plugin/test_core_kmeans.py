@@ -66,6 +66,11 @@ def test_duplicates_and_bad_k_give_one_line_errors() -> None:
     with pytest.raises(PluginError, match=r"cannot make 4 clusters from 3 distinct .*choose at most 3") as err:
         kmeans(x, 4)
     assert "\n" not in str(err.value)
+    # distinct points far from the origin: the distance expansion leaves rounding residue, not exact zeros
+    far = np.repeat(np.random.default_rng(0).normal(size=(4, 64)) + 300.0, 3, axis=0)
+    assert kmeans(far, 4).sizes.tolist() == [3, 3, 3, 3]
+    with pytest.raises(PluginError, match="cannot make 5 clusters from 4 distinct"):
+        kmeans(far, 5)
     with pytest.raises(PluginError, match="at least 2"):
         kmeans(x, 1)
     with pytest.raises(PluginError, match="not finite"):

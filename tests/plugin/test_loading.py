@@ -86,9 +86,8 @@ def test_embed_and_similarity_outputs_named(project: Any, bundle: dict, t33uuu_v
 
 
 def test_stack_in_rank_order_moves_nodes_without_losing_layers(project: Any) -> None:
-    from qgis.core import QgsVectorLayer
-
     from explora_geo_qgis.algorithms.loading import stack_in_rank_order
+    from qgis.core import QgsVectorLayer
 
     layers = [QgsVectorLayer("Point?crs=EPSG:4326", name, "memory") for name in ("c", "user", "a", "b")]
     for lay in layers:

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
+    QgsCsException,
     QgsFeatureRequest,
     QgsProcessingAlgorithm,
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeatureSource,
     QgsProcessingFeedback,
+    QgsProcessingParameterEnum,
     QgsProcessingParameterExtent,
     QgsProcessingParameterFeatureSource,
     QgsProcessingParameterFile,
@@ -26,11 +29,11 @@ from qgis.core import (
 
 from ..core.bands import layer_band_label, parse_mapping, resolve_bands
 from ..core.errors import PluginError
-from ..core.model import OnnxModel
-from ..core.pipeline import Cancelled, RunSettings, TileResults, infer
+from ..core.model import DEVICES, OnnxModel
+from ..core.pipeline import Cancelled, RunSettings, TileConsumer, TileResults, infer
 from ..core.tiling import TileGrid
-from .loading import OutputLayer, present_outputs
 from .compat import FILE_BEHAVIOR, NUMBER_DOUBLE, NUMBER_INTEGER, SOURCE_POLYGON
+from .loading import OutputLayer, present_outputs
 from .raster_source import LayerReader, WorkingGrid, make_grid, working_crs
 
 
@@ -75,6 +78,15 @@ def geometries_as_wkt(source: QgsProcessingFeatureSource, crs: QgsCoordinateRefe
     return out
 
 
+#: labels of the DEVICE choices, in the order of ``core.model.DEVICES``
+DEVICE_LABELS = ("Automatic: CUDA (GPU) when ONNX Runtime offers it, else CPU", "CPU", "CUDA (GPU)")
+
+
+def threads_text(threads: int) -> str:
+    """``"4 threads"``, or onnxruntime's default for 0."""
+    return f"{threads} thread{'s' if threads != 1 else ''}" if threads else "default threads"
+
+
 def device_name(provider: str) -> str:
     """``"CUDAExecutionProvider"`` -> ``"GPU (CUDA)"``, ``"CPUExecutionProvider"`` -> ``"CPU"``."""
     return {"CUDAExecutionProvider": "GPU (CUDA)", "CPUExecutionProvider": "CPU"}.get(provider, provider)
@@ -94,6 +106,8 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
     NODATA = "NODATA"
     SCALE = "SCALE"
     OFFSET = "OFFSET"
+    DEVICE = "DEVICE"
+    THREADS = "THREADS"
 
     def group(self) -> str:
         return "ExPLoRA models"
@@ -101,9 +115,11 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
     def groupId(self) -> str:
         return "explora_models"
 
-    def add_common_parameters(self) -> None:
-        """Input raster, model, band mapping, area, overlap, batch size and nodata handling."""
-        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Input raster"))
+    def add_common_parameters(self, with_input: bool = True) -> None:
+        """Input raster (unless ``with_input`` is False: the algorithm adds its own), model, band mapping, area,
+        overlap, batch size, nodata handling, input scale, device and threads."""
+        if with_input:
+            self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Input raster"))
         self.addParameter(QgsProcessingParameterFile(
             self.MODEL, "Model (.onnx exported by explora-geo)", FILE_BEHAVIOR,
             extension="onnx"))
@@ -131,65 +147,118 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
             "reflectance)", NUMBER_DOUBLE, defaultValue=1.0, optional=True))
         self.addParameter(QgsProcessingParameterNumber(
             self.OFFSET, "Input offset (see SCALE)", NUMBER_DOUBLE, defaultValue=0.0, optional=True))
+        self.addParameter(QgsProcessingParameterEnum(
+            self.DEVICE, "Device (ONNX Runtime execution provider)", list(DEVICE_LABELS), defaultValue=0))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.THREADS, "CPU threads (0 = ONNX Runtime's default: one per physical core)", NUMBER_INTEGER,
+            defaultValue=0, minValue=0, maxValue=1024))
 
     def run_model(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback,
-                  outputs: tuple[str, ...], need_classifier: bool = False) -> Run:
-        """Validate the parameters, build the working grid and run the model on every tile."""
+                  outputs: tuple[str, ...], need_classifier: bool = False,
+                  consumer: Callable[[OnnxModel], TileConsumer] | None = None) -> Run:
+        """Validate the parameters, build the working grid and run the model on every tile.
+
+        ``consumer(model)`` makes a :class:`~..core.pipeline.TileConsumer` that takes the outputs as they come
+        (they are then not stored per tile)."""
         try:
-            return self._run_model(parameters, context, feedback, outputs, need_classifier)
+            return self._run_model(parameters, context, feedback, outputs, need_classifier, consumer)
         except PluginError as err:
             raise QgsProcessingException(str(err)) from err
         except Cancelled as err:
             raise QgsProcessingException("cancelled by the user; no output was written.") from err
 
     def _run_model(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback,
-                   outputs: tuple[str, ...], need_classifier: bool) -> Run:
-        layer: QgsRasterLayer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+                   outputs: tuple[str, ...], need_classifier: bool,
+                   consumer: Callable[[OnnxModel], TileConsumer] | None = None) -> Run:
+        layer = self.raster_layer(parameters, self.INPUT, context)
+        model = self.load_model(parameters, context, feedback, need_classifier)
+        grid, mask_wkts = self.working_grid(layer, model, parameters, context, feedback)
+        results = self.infer_layer(layer, model, grid, mask_wkts, parameters, context, feedback, outputs,
+                                   consumer=consumer)
+        return Run(results, grid, model)
+
+    def raster_layer(self, parameters: dict, name: str, context: QgsProcessingContext) -> QgsRasterLayer:
+        """The raster layer parameter ``name``, or a :class:`PluginError` when it is missing or unreadable."""
+        layer: QgsRasterLayer = self.parameterAsRasterLayer(parameters, name, context)
         if layer is None or not layer.isValid():
-            raise PluginError("the input raster layer is missing or invalid; choose a readable raster.")
+            what = "input" if name == self.INPUT else name
+            raise PluginError(f"the {what} raster layer is missing or invalid; choose a readable raster.")
+        return layer
+
+    def load_model(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback,
+                   need_classifier: bool = False) -> OnnxModel:
+        """The ``MODEL`` on the chosen ``DEVICE`` with ``THREADS`` intra-op threads."""
         model_path = self.parameterAsFile(parameters, self.MODEL, context)
-        model = OnnxModel(model_path)
-        info = model.info
-        if need_classifier and not info.is_classifier:
+        device = DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)]
+        model = OnnxModel(model_path, device=device, threads=self.parameterAsInt(parameters, self.THREADS, context))
+        if model.device_note:
+            feedback.pushInfo(f"Device: {model.device_note}")
+        if need_classifier and not model.info.is_classifier:
             raise PluginError(f"model {os.path.basename(model_path)} is an embedder (no classes); export it "
                               "with --head to classify, or use the embed algorithm.")
-        bands = self._layer_bands(layer, info.bands, parameters, context, feedback)
-        crs, area, mask_wkts = self._area(layer, parameters, context, feedback)
-        grid = make_grid(crs, area, info.gsd_m)
+        self.check_model(model, model_path)
+        return model
+
+    def working_grid(self, layer: QgsRasterLayer, model: OnnxModel, parameters: dict, context: QgsProcessingContext,
+                     feedback: QgsProcessingFeedback, other: QgsRasterLayer | None = None,
+                     ) -> tuple[WorkingGrid, list[str] | None]:
+        """The model-resolution grid over ``layer`` (cut by EXTENT, MASK and the extent of ``other``) and the
+        mask polygons as WKT in its CRS."""
+        crs, area, mask_wkts = self._area(layer, parameters, context, feedback, other)
+        grid = make_grid(crs, area, model.info.gsd_m)
         if grid.width < 1 or grid.height < 1:
-            raise PluginError(f"the area to process is empty at the model's {info.gsd_m:g} m resolution; choose a "
-                              "larger extent.")
-        nodata = parameters.get(self.NODATA)
-        reader = LayerReader(layer, bands, grid, nodata=None if nodata in (None, "") else
-                             self.parameterAsDouble(parameters, self.NODATA, context), mask_wkts=mask_wkts)
-        settings = RunSettings(
+            raise PluginError(f"the area to process is empty at the model's {model.info.gsd_m:g} m resolution; "
+                              "choose a larger extent.")
+        return grid, mask_wkts
+
+    def run_settings(self, parameters: dict, context: QgsProcessingContext) -> RunSettings:
+        return RunSettings(
             overlap=self.parameterAsDouble(parameters, self.OVERLAP, context) / 100.0,
             batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
             min_valid=self.parameterAsDouble(parameters, self.MIN_VALID, context),
             scale=self._number(parameters, self.SCALE, context, 1.0),
             offset=self._number(parameters, self.OFFSET, context, 0.0))
+
+    def infer_layer(self, layer: QgsRasterLayer, model: OnnxModel, grid: WorkingGrid, mask_wkts: list[str] | None,
+                    parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback,
+                    outputs: tuple[str, ...], progress: tuple[float, float] = (0.0, 100.0),
+                    consumer: Callable[[OnnxModel], TileConsumer] | None = None) -> TileResults:
+        """Read ``layer`` on ``grid`` and run ``model`` on every tile, logging device, threads and speed;
+        progress goes from ``progress[0]`` to ``progress[1]`` percent (``consumer``: see :meth:`run_model`)."""
+        info = model.info
+        bands = self._layer_bands(layer, info.bands, parameters, context, feedback)
+        nodata = parameters.get(self.NODATA)
+        reader = LayerReader(layer, bands, grid, nodata=None if nodata in (None, "") else
+                             self.parameterAsDouble(parameters, self.NODATA, context), mask_wkts=mask_wkts)
+        settings = self.run_settings(parameters, context)
         tiles = TileGrid.from_overlap(grid.width, grid.height, info.tile_size, settings.overlap)
         ep = model.execution_provider
-        feedback.pushInfo(f"ONNX Runtime execution provider: {ep} ({device_name(ep)}); "
-                          f"{tiles.n_tiles} tiles of {info.tile_size} px at {info.gsd_m:g} m, "
-                          f"stride {tiles.stride} px, grid {grid.width} x {grid.height} px.")
+        device = f"{device_name(ep)} ({ep}, {threads_text(model.threads)})"
+        feedback.pushInfo(f"ONNX Runtime on {device}; {tiles.n_tiles} tiles of {info.tile_size} px at "
+                          f"{info.gsd_m:g} m, stride {tiles.stride} px, grid {grid.width} x {grid.height} px.")
         if (settings.scale, settings.offset) != (1.0, 0.0):
             feedback.pushInfo(f"Input transform: value*{settings.scale:g}+{settings.offset:g} before the model's "
                               f"{info.scaler.scheme} normalisation.")
-        results = infer(reader, model, settings, outputs=outputs, progress=feedback.setProgress,
-                        is_cancelled=feedback.isCanceled, source=reader.name)
+        low, high = progress
+        results = infer(reader, model, settings, outputs=outputs,
+                        progress=lambda p: feedback.setProgress(low + (high - low) * p / 100.0),
+                        is_cancelled=feedback.isCanceled, source=reader.name,
+                        consumer=consumer(model) if consumer is not None else None)
         for note in results.notes:
             feedback.pushInfo(note)
-        feedback.pushInfo(results.summary(f"{device_name(ep)} ({ep})"))
+        feedback.pushInfo(results.summary(device))
         if feedback.isCanceled():
             raise Cancelled()
-        return Run(results, grid, model)
+        return results
 
     def _number(self, parameters: dict, name: str, context: QgsProcessingContext, default: float) -> float:
         """An optional number parameter (``default`` when unset)."""
         if parameters.get(name) in (None, ""):
             return default
         return self.parameterAsDouble(parameters, name, context)
+
+    def check_model(self, model: OnnxModel, path: str) -> None:
+        """Refuse a model this algorithm cannot use (:class:`PluginError`); every bundle by default."""
 
     def _layer_bands(self, layer: QgsRasterLayer, model_bands: tuple[str, ...], parameters: dict,
                      context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> list[int]:
@@ -203,11 +272,20 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
         return bands
 
     def _area(self, layer: QgsRasterLayer, parameters: dict, context: QgsProcessingContext,
-              feedback: QgsProcessingFeedback) -> tuple[QgsCoordinateReferenceSystem, QgsRectangle,
-                                                         list[str] | None]:
-        """Working CRS, processing area in it (layer extent cut by EXTENT and the MASK's bbox), and the mask
-        polygons as WKT in the working CRS."""
+              feedback: QgsProcessingFeedback, other: QgsRasterLayer | None = None,
+              ) -> tuple[QgsCoordinateReferenceSystem, QgsRectangle, list[str] | None]:
+        """Working CRS, processing area in it (layer extent cut by the extent of ``other``, by EXTENT and the
+        MASK's bbox), and the mask polygons as WKT in the working CRS."""
         area = QgsRectangle(layer.extent())
+        if other is not None:
+            try:
+                to_layer = QgsCoordinateTransform(other.crs(), layer.crs(), context.transformContext())
+                area = area.intersect(to_layer.transformBoundingBox(other.extent()))
+            except QgsCsException:  # the other layer lies where the layer's CRS is undefined: no overlap
+                area = QgsRectangle()
+            if area.isEmpty():
+                raise PluginError(f"'{layer.name()}' and '{other.name()}' do not overlap; choose two rasters of the "
+                                  "same place.")
         if parameters.get(self.EXTENT):
             area = area.intersect(self.parameterAsExtent(parameters, self.EXTENT, context, layer.crs()))
         mask_source = self.parameterAsSource(parameters, self.MASK, context)

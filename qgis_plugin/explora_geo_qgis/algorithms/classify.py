@@ -12,8 +12,9 @@ from qgis.core import (
     QgsProcessingParameterVectorDestination,
 )
 
+from ..core.model import ModelInfo
 from ..core.outputs import write_classification
-from .base import TiledModelAlgorithm
+from .base import Run, TiledModelAlgorithm
 from .loading import OutputLayer
 from .styling import class_style, save_grid_style
 
@@ -58,17 +59,27 @@ class ClassifyAlgorithm(TiledModelAlgorithm):
         class_path = self.parameterAsOutputLayer(parameters, self.OUTPUT_CLASSES, context)
         prob_path = self.parameterAsOutputLayer(parameters, self.OUTPUT_PROBABILITY, context)
         run = self.run_model(parameters, context, feedback, ("probabilities",), need_classifier=True)
-        info = run.model.info
         self.check_cancel(feedback)
-        result = write_classification(run.results, info, grid_path=grid_path, class_path=class_path,
-                                      prob_path=prob_path)
-        save_grid_style(grid_path, info.class_names, info.class_colors, feedback)
-        style = class_style(info.class_names, info.class_colors)
-        # the class map on top, the grey probability raster at the bottom
-        self.present_outputs(parameters, context, [OutputLayer(class_path, "classes", style),
-                                                   OutputLayer(grid_path, "tile grid", style),
-                                                   OutputLayer(prob_path, "probability")])
-        counts = np.bincount(result.class_id[run.results.ran].astype(np.int64), minlength=len(info.class_names))
-        feedback.pushInfo("Tiles per class: " + ", ".join(f"{n}={c}" for n, c in zip(info.class_names, counts)))
-        return {self.OUTPUT_GRID: grid_path, self.OUTPUT_CLASSES: class_path, self.OUTPUT_PROBABILITY: prob_path,
-                **run.stats()}
+        return write_classifier_outputs(self, run, run.model.info, parameters, context, feedback,
+                                        grid_path=grid_path, class_path=class_path, prob_path=prob_path)
+
+
+def write_classifier_outputs(alg: TiledModelAlgorithm, run: Run, info: ModelInfo, parameters: dict,
+                             context: QgsProcessingContext, feedback: QgsProcessingFeedback, *, grid_path: str,
+                             class_path: str, prob_path: str) -> dict:
+    """Write what ``classify`` writes from ``run.results.outputs["probabilities"]`` with ``info``'s classes
+    (``core.outputs.write_classification``: the tile grid, the class and probability rasters), store the grid's
+    style, name, style and stack the layers Processing loads, log the tiles per class; returns the algorithm's
+    result dict. Shared with classify_from_examples."""
+    result = write_classification(run.results, info, grid_path=grid_path, class_path=class_path,
+                                  prob_path=prob_path)
+    save_grid_style(grid_path, info.class_names, info.class_colors, feedback)
+    style = class_style(info.class_names, info.class_colors)
+    # the class map on top, the grey probability raster at the bottom
+    alg.present_outputs(parameters, context, [OutputLayer(class_path, "classes", style),
+                                              OutputLayer(grid_path, "tile grid", style),
+                                              OutputLayer(prob_path, "probability")])
+    counts = np.bincount(result.class_id[run.results.ran].astype(np.int64), minlength=len(info.class_names))
+    feedback.pushInfo("Tiles per class: " + ", ".join(f"{n}={c}" for n, c in zip(info.class_names, counts)))
+    return {ClassifyAlgorithm.OUTPUT_GRID: grid_path, ClassifyAlgorithm.OUTPUT_CLASSES: class_path,
+            ClassifyAlgorithm.OUTPUT_PROBABILITY: prob_path, **run.stats()}

@@ -10,9 +10,11 @@ from typing import Any
 
 from qgis.core import (
     Qgis,
+    QgsColorRampShader,
     QgsProcessing,
     QgsProcessingParameterFile,
     QgsProcessingParameterNumber,
+    QgsRasterBandStats,
     QgsRasterDataProvider,
     QgsUnitTypes,
 )
@@ -43,3 +45,6 @@ RESAMPLE_BILINEAR = pick((Qgis, "RasterResamplingMethod.Bilinear"),
                          (QgsRasterDataProvider, "ResamplingMethod.Bilinear"))
 RESAMPLE_AVERAGE = pick((Qgis, "RasterResamplingMethod.Average"),
                         (QgsRasterDataProvider, "ResamplingMethod.Average"))
+STATS_MIN_MAX = (pick((Qgis, "RasterBandStatistic.Min"), (QgsRasterBandStats, "Stats.Min"))
+                 | pick((Qgis, "RasterBandStatistic.Max"), (QgsRasterBandStats, "Stats.Max")))
+RAMP_INTERPOLATED = pick((Qgis, "ShaderInterpolationMethod.Linear"), (QgsColorRampShader, "Type.Interpolated"))

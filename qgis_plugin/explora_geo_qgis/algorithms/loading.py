@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from qgis.core import (
     QgsLayerTreeGroup,
@@ -92,10 +93,10 @@ class OutputPostProcessor(QgsProcessingLayerPostProcessorInterface):
     pattern); the class keeps the most recent ones.
     """
 
-    _alive: list[OutputPostProcessor] = []
+    _alive: ClassVar[list[OutputPostProcessor]] = []
     _KEEP = 64
     #: run id -> [(rank, layer id)] of the layers of that run loaded so far
-    _loaded: dict[str, list[tuple[int, str]]] = {}
+    _loaded: ClassVar[dict[str, list[tuple[int, str]]]] = {}
 
     def __init__(self, run: str, rank: int, name: str, style: Style | None) -> None:
         super().__init__()

@@ -1,5 +1,5 @@
-"""Class colours for class outputs: a categorized style stored in the GeoPackage (its default style) and
-applied to the layers Processing loads, and a paletted renderer for class rasters."""
+"""Styles of loaded outputs: class colours (a categorized style stored in the GeoPackage as its default and
+applied to the layers Processing loads, a paletted renderer for class rasters) and a colour ramp for scores."""
 
 from __future__ import annotations
 
@@ -7,15 +7,21 @@ from collections.abc import Callable, Sequence
 
 from qgis.core import (
     QgsCategorizedSymbolRenderer,
+    QgsColorRampShader,
     QgsFillSymbol,
     QgsMapLayer,
     QgsPalettedRasterRenderer,
     QgsProcessingFeedback,
     QgsRasterLayer,
+    QgsRasterShader,
     QgsRendererCategory,
+    QgsSingleBandPseudoColorRenderer,
+    QgsStyle,
     QgsVectorLayer,
 )
 from qgis.PyQt.QtGui import QColor
+
+from .compat import RAMP_INTERPOLATED, STATS_MIN_MAX
 
 
 def grid_renderer(class_names: Sequence[str], class_colors: Sequence[str]) -> QgsCategorizedSymbolRenderer:
@@ -59,5 +65,25 @@ def class_style(class_names: Sequence[str], class_colors: Sequence[str]) -> Call
             layer.setRenderer(grid_renderer(names, colors))
         elif isinstance(layer, QgsRasterLayer):
             layer.setRenderer(raster_renderer(layer, names, colors))
+
+    return apply
+
+
+def ramp_style(ramp: str = "Reds") -> Callable[[QgsMapLayer], None]:
+    """A style callback colouring band 1 of a score raster with the QGIS colour ramp ``ramp`` stretched over
+    its valid values (low = light, high = dark for ``Reds``)."""
+
+    def apply(layer: QgsMapLayer) -> None:
+        if not isinstance(layer, QgsRasterLayer):
+            return
+        stats = layer.dataProvider().bandStatistics(1, STATS_MIN_MAX)
+        color_ramp = QgsStyle.defaultStyle().colorRamp(ramp)
+        if color_ramp is None or not stats.maximumValue > stats.minimumValue:
+            return  # no such ramp, or a constant / all-nodata raster: QGIS's default grey is as good
+        function = QgsColorRampShader(stats.minimumValue, stats.maximumValue, color_ramp, RAMP_INTERPOLATED)
+        function.classifyColorRamp(5, 1)
+        shader = QgsRasterShader()
+        shader.setRasterShaderFunction(function)
+        layer.setRenderer(QgsSingleBandPseudoColorRenderer(layer.dataProvider(), 1, shader))
 
     return apply

@@ -132,3 +132,44 @@ class LogitBlender:
         out_prob = self.probability[r0:r1]
         out_ids[covered] = probs.argmax(axis=0)
         out_prob[covered] = probs.max(axis=0)
+
+
+class SegmentationConsumer:
+    """Receives a tiled run's windows as they come and blends them (the tiled run's ``consumer`` hook), so a
+    segmenter's ``[K, T, T]`` logits are never stored per tile.
+
+    ``start(grid)`` is called before the run; ``strip(row, valid)`` by the reader thread with each strip's
+    ``[T, strip_width]`` valid mask (kept as the raster's ``[H, W]`` valid mask); ``batch(rows, cols, values)``
+    with each batch's outputs; ``finish()`` after the last batch. The results are ``blender.class_id`` and
+    ``blender.probability`` on the working raster's pixels.
+
+    Args:
+        n_classes: K.
+        output: the model output holding the logits.
+    """
+
+    def __init__(self, n_classes: int, output: str = "logits") -> None:
+        self.n_classes = n_classes
+        self.output = output
+        self.grid: TileGrid | None = None
+        self.valid: np.ndarray | None = None
+        self.blender: LogitBlender | None = None
+
+    def start(self, grid: TileGrid) -> None:
+        self.grid = grid
+        self.valid = np.zeros((grid.height, grid.width), bool)
+        self.blender = LogitBlender(grid, self.n_classes, valid=self.valid)
+
+    def strip(self, row: int, valid: np.ndarray) -> None:
+        g = self.grid
+        r0, _, c0, _ = g.strip_window(row)
+        top, left = max(r0, 0), max(c0, 0)
+        bottom, right = min(r0 + valid.shape[0], g.height), min(c0 + valid.shape[1], g.width)
+        if bottom > top and right > left:
+            self.valid[top:bottom, left:right] = valid[top - r0:bottom - r0, left - c0:right - c0]
+
+    def batch(self, rows: np.ndarray, cols: np.ndarray, values: dict[str, np.ndarray]) -> None:
+        self.blender.add(rows, cols, values[self.output])
+
+    def finish(self) -> None:
+        self.blender.finish()

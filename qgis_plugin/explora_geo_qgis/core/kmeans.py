@@ -56,9 +56,12 @@ def _nearest(x: np.ndarray, x_sq: np.ndarray, centres: np.ndarray) -> tuple[np.n
 def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """``k`` starting centres ``[k, D]`` drawn from the rows of ``x`` by k-means++ (float64 ``x``)."""
     x_sq = np.einsum("nd,nd->n", x, x)
+    # |x|^2 - 2 x.c + |c|^2 leaves rounding residue where x == c: below this, a point is one of the centres
+    same = 1e-10 * max(float(x_sq.max()), 1e-300)
     centres = [x[rng.integers(len(x))]]
     _, dist = _nearest(x, x_sq, np.asarray(centres))
     for _ in range(1, k):
+        dist[dist <= same] = 0.0
         total = dist.sum()
         if total <= 0:  # every point coincides with a chosen centre: fewer distinct points than k
             raise PluginError(f"cannot make {k} clusters from {len(centres)} distinct tile embedding(s) "

@@ -1,6 +1,6 @@
-"""The products of a run written to files: what ``classify``, ``embed`` and ``similarity`` write, in one place
-for every front end (the QGIS algorithms and ``explora-geo predict`` write the same files from the same
-:class:`~.pipeline.TileResults`).
+"""The products of a run written to files: what ``classify``, ``embed``, ``similarity``, ``cluster`` and
+``change`` write, in one place for every front end (the QGIS algorithms and ``explora-geo predict`` write the
+same files from the same :class:`~.pipeline.TileResults`).
 
 Nodata everywhere: cells whose tile did not run are 255 (or -1 beyond 255 classes) in the class raster,
 -9999 in float rasters, ``class_id = -1`` / NULL probabilities / status ``nodata`` in the grid. A run with no
@@ -9,6 +9,7 @@ processed tile writes valid, all-nodata files.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,8 @@ import numpy as np
 from .errors import PluginError
 from .model import ModelInfo
 from .pipeline import TileResults
-from .products import Classification, attribute_columns, classify
-from .writers import FLOAT_NODATA, write_geotiff, write_tile_grid
+from .products import STATUS_NODATA, STATUS_OK, STATUS_PARTIAL, Classification, attribute_columns, classify
+from .writers import CLASS_NODATA, FLOAT_NODATA, write_geotiff, write_tile_grid
 
 
 def _georef(results: TileResults) -> tuple[tuple[float, ...], str]:
@@ -55,3 +56,34 @@ def write_float_map(results: TileResults, values: np.ndarray, path: str | Path, 
     out = np.where(results.ran & np.isfinite(values), values, FLOAT_NODATA).astype(np.float32)
     gt, wkt = _georef(results)
     return write_geotiff(path, out[None], gt, wkt, nodata=FLOAT_NODATA, descriptions=[description])
+
+
+def write_class_map(results: TileResults, labels: np.ndarray, path: str | Path, class_names: Sequence[str],
+                    class_colors: Sequence[str], description: str = "class") -> Path:
+    """Write per-cell class ids ``[R, K]`` (-1, or a cell whose tile did not run, = no class) as a class raster
+    with category names and a colour table: uint8 with nodata 255, or int16 with nodata -1 beyond 255 classes."""
+    dtype, nodata = (np.uint8, CLASS_NODATA) if len(class_names) < CLASS_NODATA else (np.int16, -1)
+    out = np.where(results.ran & (labels >= 0), labels, nodata).astype(dtype)
+    gt, wkt = _georef(results)
+    return write_geotiff(path, out[None], gt, wkt, nodata=nodata, descriptions=[description],
+                         class_names=class_names, class_colors=class_colors)
+
+
+def write_change(before: TileResults, after: TileResults, score: np.ndarray, path: str | Path,
+                 grid_path: str | Path | None = None) -> Path:
+    """Write the per-cell change ``score`` ``[R, K]`` (NaN = nodata in either date) as a float32 GeoTIFF and,
+    optionally, a tile grid GeoPackage with ``tile_row``, ``tile_col``, ``change`` (NULL = nodata),
+    ``valid_frac_before``, ``valid_frac_after`` and ``status`` (``ok``, ``partial`` in either date, ``nodata``)."""
+    both = before.ran & after.ran & np.isfinite(score)
+    gt, wkt = _georef(before)
+    if grid_path is not None:
+        rows, cols = np.indices(score.shape)
+        full = (before.valid_fraction >= 1.0) & (after.valid_fraction >= 1.0)
+        write_tile_grid(grid_path, gt, wkt, {
+            "tile_row": rows.astype(np.int32), "tile_col": cols.astype(np.int32),
+            "change": np.where(both, score, np.nan).astype(np.float32),
+            "valid_frac_before": before.valid_fraction.astype(np.float32),
+            "valid_frac_after": after.valid_fraction.astype(np.float32),
+            "status": np.where(~both, STATUS_NODATA, np.where(full, STATUS_OK, STATUS_PARTIAL)).astype(object)})
+    out = np.where(both, score, FLOAT_NODATA).astype(np.float32)
+    return write_geotiff(path, out[None], gt, wkt, nodata=FLOAT_NODATA, descriptions=["change_score"])

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -60,6 +61,23 @@ class RunSettings:
     offset: float = 0.0
     check_scale: bool = True
     prefetch: int = 3
+
+
+class TileConsumer(Protocol):
+    """Takes a tiled run's outputs as they come instead of storing them per tile (e.g. per-pixel logits,
+    blended into a map by :class:`~.blending.SegmentationConsumer`)."""
+
+    def start(self, grid: TileGrid) -> None:
+        """Called once, before the first strip is read."""
+
+    def strip(self, row: int, valid: np.ndarray) -> None:
+        """Tile row ``row``'s ``[T, strip_width]`` valid mask; called in the reader thread, in row order."""
+
+    def batch(self, rows: np.ndarray, cols: np.ndarray, values: dict[str, np.ndarray]) -> None:
+        """The outputs ``[n, ...]`` of tiles ``(rows[i], cols[i])``, in row-major order."""
+
+    def finish(self) -> None:
+        """Called once after the last batch (not when the run failed or was cancelled)."""
 
 
 @dataclass
@@ -144,6 +162,7 @@ def infer(
     progress: Callable[[float], None] | None = None,
     is_cancelled: Callable[[], bool] | None = None,
     source: str = "the raster",
+    consumer: TileConsumer | None = None,
 ) -> TileResults:
     """Check the value scale, then run ``model`` on every tile of ``reader`` (see the module docstring).
 
@@ -155,6 +174,7 @@ def infer(
         progress: called with percent done (0..100).
         is_cancelled: polled between batches; when it returns True the run stops with :class:`Cancelled`.
         source: the raster's name, for messages.
+        consumer: takes the outputs as they come instead of storing them per tile (see :class:`TileConsumer`).
 
     Raises:
         PluginError: bad settings, or a value scale clearly different from the model's (with the fix).
@@ -169,7 +189,7 @@ def infer(
                                        offset=settings.offset, source=source))
     result = run_tiles(reader, grid, model, outputs=outputs, batch_size=settings.batch_size,
                        min_valid=settings.min_valid, progress=progress, is_cancelled=is_cancelled,
-                       prefetch=settings.prefetch, scaler=scaler)
+                       prefetch=settings.prefetch, scaler=scaler, consumer=consumer)
     result.seconds = time.perf_counter() - start
     result.geotransform = grid.cell_geotransform(reader.geotransform)
     result.crs_wkt = reader.crs_wkt
@@ -229,6 +249,7 @@ def run_tiles(
     is_cancelled: Callable[[], bool] | None = None,
     prefetch: int = 3,
     scaler: Scaler | None = None,
+    consumer: TileConsumer | None = None,
 ) -> TileResults:
     """Run ``model`` on every tile of ``grid`` whose valid fraction is at least ``min_valid`` (and above 0).
 
@@ -245,6 +266,8 @@ def run_tiles(
         is_cancelled: polled between batches; when it returns True the run stops with :class:`Cancelled`.
         prefetch: strips read ahead by the reader thread.
         scaler: the input scaling (default: the model's).
+        consumer: receives the strips' valid masks and the batches' outputs as they come (see
+            :class:`TileConsumer`); its outputs are then not stored per tile in ``TileResults.outputs``.
 
     Raises:
         Cancelled: when ``is_cancelled()`` became true.
@@ -260,7 +283,7 @@ def run_tiles(
     n_bands = len(model.info.bands)
     shape = (grid.n_rows, grid.n_cols)
     result = TileResults(grid, np.zeros(shape, np.float32), np.zeros(shape, bool), min_valid=min_valid)
-    for name in outputs:
+    for name in outputs if consumer is None else ():  # a consumer takes the outputs as they come
         result.outputs[name] = np.full((*shape, *model.output_shape(name)), np.nan, np.float32)
     stop = threading.Event()
     strips: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
@@ -271,6 +294,8 @@ def run_tiles(
                 if stop.is_set():
                     return
                 data, valid = read_strip(reader, grid, row, n_bands)
+                if consumer is not None:
+                    consumer.strip(row, valid)
                 item = prepare_strip(data, valid, grid, scaler, min_valid, row)
                 while not stop.is_set():
                     try:
@@ -281,6 +306,8 @@ def run_tiles(
         except BaseException as err:  # handed to the consumer, which re-raises it
             strips.put(err)
 
+    if consumer is not None:
+        consumer.start(grid)
     thread = threading.Thread(target=produce, name="explora-geo-reader", daemon=True)
     thread.start()
     pending: list[tuple[int, np.ndarray, np.ndarray]] = []
@@ -296,7 +323,7 @@ def run_tiles(
                 n_pending += item.cols.size
             last = done == grid.n_rows - 1
             while n_pending >= batch_size or (last and n_pending):
-                n_pending -= _run_batch(model, pending, batch_size, outputs, result)
+                n_pending -= _run_batch(model, pending, batch_size, outputs, result, consumer)
                 if is_cancelled is not None and is_cancelled():
                     raise Cancelled()
             if is_cancelled is not None and is_cancelled():
@@ -306,12 +333,14 @@ def run_tiles(
     finally:
         stop.set()
         thread.join(timeout=10)
+    if consumer is not None:
+        consumer.finish()
     result.seconds = time.perf_counter() - start
     return result
 
 
 def _run_batch(model: OnnxModel, pending: list[tuple[int, np.ndarray, np.ndarray]], batch_size: int,
-               outputs: Sequence[str], result: TileResults) -> int:
+               outputs: Sequence[str], result: TileResults, consumer: TileConsumer | None = None) -> int:
     """Take up to ``batch_size`` tiles from the front of ``pending``, run them, store the outputs."""
     rows, cols, chunks, taken = [], [], [], 0
     while pending and taken < batch_size:
@@ -330,6 +359,9 @@ def _run_batch(model: OnnxModel, pending: list[tuple[int, np.ndarray, np.ndarray
     values = model.run(batch, outputs)
     result.forward_seconds += time.perf_counter() - t0
     r, c = np.concatenate(rows), np.concatenate(cols)
+    if consumer is not None:
+        consumer.batch(r, c, values)
+        values = {}
     for name, value in values.items():
         result.outputs[name][r, c] = value
     result.ran[r, c] = True
