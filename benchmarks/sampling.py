@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -126,6 +127,7 @@ def timed_pass(make_loader: Any, count: int) -> tuple[float, float, float]:
     del loader, batch
     gc.collect()
     assert seen == count, (seen, count)
+    assert not multiprocessing.active_children(), "loader workers still running: their CPU time would be missed"
     return seen / elapsed, elapsed, (cpu_seconds() - cpu0) * 1000 / seen
 
 
