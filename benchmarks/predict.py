@@ -74,7 +74,7 @@ def main() -> int:
                 raise SystemExit(f"predict ran {n_tiles} tiles, the raster has {len(tiles)}")
             seconds, cpu = time_forward(model, tiles, n_tiles, args.batch_size)
             forward, cpu_fwd = min(forward, seconds), min(cpu_fwd, cpu)
-        print(f"tiles={n_tiles} batch={args.batch_size} provider={summary['device']}")
+        print(f"tiles={n_tiles} batch={args.batch_size} provider={summary['inputs'][0]['device']}")
         print(f"cpu_s: end_to_end={cpu_e2e:.2f} forward={cpu_fwd:.2f} (process CPU time, all threads)")
         print(f"end_to_end_s={end_to_end:.2f} forward_s={forward:.2f} "
               f"tiles_per_s={n_tiles / end_to_end:.1f} forward_tiles_per_s={n_tiles / forward:.1f}")

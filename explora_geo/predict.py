@@ -16,8 +16,10 @@ raster, a scene of per-band files, or a STAC item. Each gives, in ``out``:
 - segmenters: ``<stem>_segmentation.tif`` (per-pixel classes at the model's GSD, windows blended by the core's
   ``SegmentationConsumer``; names and colours), as the plugin's ``segment``.
 
-``out/predict-run.json`` records the bundle (SHA-256), the settings and the finished inputs: a rerun skips
-those, and a folder holding a run of another bundle or settings is refused.
+``out/predict-run.json`` records the bundle (SHA-256) and the settings, ``out/done/<stem>.json`` each finished
+input: a rerun skips those, and a folder holding a run of another bundle or settings is refused. With
+``devices``/``num_nodes`` above one, Lightning's predict loop spreads the inputs over processes (DDP), each
+writing its own inputs' files and records, and rank 0 merges the records at the end.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +42,7 @@ from explora_geo.errors import ExploraGeoError
 __all__ = ["RUN_FILE", "PredictSettings", "SourceReader", "catalog_at_gsd", "open_bundle", "predict"]
 
 RUN_FILE = "predict-run.json"
+DONE_DIR = "done"  # one record per finished input: <stem>.json
 _FORMAT = "explora-geo-predict-run"
 
 
@@ -208,9 +212,8 @@ def _open_run(out: Path, record: dict[str, Any]) -> dict[str, Any]:
     if out.exists() and any(out.iterdir()):
         raise ExploraGeoError(f"--out {out} is not empty and holds no predict run; choose an empty or new folder.")
     out.mkdir(parents=True, exist_ok=True)
-    run = {**record, "done": {}}
-    write_text_atomic(path, json.dumps(run, indent=2))
-    return run
+    write_text_atomic(path, json.dumps(record, indent=2))
+    return record
 
 
 def _roi_mask(roi: str | os.PathLike[str] | None, source: Source) -> np.ndarray | None:
@@ -236,6 +239,8 @@ def predict(
     model: Any = None,
     progress: Callable[[str, float], None] | None = None,
     log: Callable[[str], None] = print,
+    devices: int = 1,
+    num_nodes: int = 1,
 ) -> dict[str, Any]:
     """Run ``bundle`` on every unit of ``catalog`` and write the plugin's products into ``out``.
 
@@ -248,6 +253,8 @@ def predict(
         model: the bundle already opened by :func:`open_bundle` (else it is opened here).
         progress: ``progress(input_name, percent)`` during each input.
         log: receives one line per input (and the engine's notes).
+        devices, num_nodes: processes per node and nodes: above 1 x 1, Lightning's predict loop runs the inputs
+            over ranks (DDP; see :func:`_run_distributed`), and rank 0 merges the ranks' records.
 
     Returns:
         a summary: ``{"out", "bundle", "model_type", "inputs": [{"name", "files", "tiles_run", "tiles",
@@ -264,7 +271,8 @@ def predict(
     from explora_geo_qgis.core.writers import write_geotiff
 
     bundle, out = Path(bundle), Path(out)
-    model = model if model is not None else open_bundle(bundle, settings.device)
+    if model is None:  # distributed: every process opens its own session on its device (see _run_distributed)
+        model = open_bundle(bundle, "cpu" if devices * num_nodes > 1 else settings.device)
     info = model.info
     segmenter = info.model_type == "segmenter"
     if info.model_type not in ("classifier", "embedder", "segmenter") or (
@@ -279,25 +287,31 @@ def predict(
     record = {"format": _FORMAT, "format_version": 1, "bundle": str(bundle.resolve()),
               "bundle_sha256": _sha256(bundle), "model_type": info.model_type,
               "settings": {**settings.to_dict(), "stride": stride, "roi": str(roi) if roi else None}}
-    run = _open_run(out, record)
+    _open_run(out, record)
     outputs = ("probabilities",) if info.is_classifier else ("logits",) if segmenter else ("embedding",)
     run_settings = pipeline.RunSettings(overlap=1.0 - stride / info.tile_size, batch_size=settings.batch_size,
                                         min_valid=settings.min_valid, scale=settings.scale, offset=settings.offset)
-    summary: dict[str, Any] = {"out": str(out), "bundle": str(bundle), "model_type": info.model_type,
-                               "device": model.execution_provider, "inputs": []}
-    if model.device_note:
-        log(model.device_note)
-    for source, stem in zip(catalog.sources, _stems(catalog.sources), strict=True):
+    stems = _stems(catalog.sources)
+    (out / DONE_DIR).mkdir(exist_ok=True)
+    opened = {"model": model}
+
+    def run_one(k: int, prefix: str = "") -> dict[str, Any]:
+        """Input ``k``: skipped when an earlier run finished it, else run and written, then recorded."""
+        source, stem = catalog.sources[k], stems[k]
         files = _outputs(stem, info.model_type)
-        done = run["done"].get(stem)
-        if done is not None and all((out / f).exists() for f in files.values()):
-            summary["inputs"].append({"name": source.name, "files": files, "skipped": True})
-            log(f"{source.name}: finished in an earlier run, skipped")
-            continue
+        record_path = out / DONE_DIR / f"{stem}.json"
+        if record_path.exists() and all((out / f).exists() for f in files.values()):
+            log(f"{prefix}{source.name}: finished in an earlier run, skipped")
+            return {"name": source.name, "files": files, "skipped": True}
+        if opened["model"] is None:
+            opened["model"] = open_bundle(bundle, settings.device)
+            if opened["model"].device_note:
+                log(prefix + opened["model"].device_note)
+        engine = opened["model"]
         reader = SourceReader(source, nodata=settings.nodata, mask=_roi_mask(roi, source))
         consumer = SegmentationConsumer(len(info.class_names)) if segmenter else None
         try:
-            results = pipeline.infer(reader, model, run_settings, outputs=outputs, source=source.name,
+            results = pipeline.infer(reader, engine, run_settings, outputs=outputs, source=source.name,
                                      progress=(lambda p, n=source.name: progress(n, p)) if progress else None,
                                      consumer=consumer)
             if info.is_classifier:
@@ -315,14 +329,82 @@ def predict(
         finally:
             reader.close()
         for note in results.notes:
-            log(f"{source.name}: {note}")
-        log(f"{source.name}: {results.summary(model.execution_provider)}")
+            log(f"{prefix}{source.name}: {note}")
+        log(f"{prefix}{source.name}: {results.summary(engine.execution_provider)}")
         entry = {"name": source.name, "files": files, "tiles_run": results.tiles_run,
                  "tiles": int(results.ran.size), "tiles_partial": results.tiles_partial,
-                 "seconds": round(results.seconds, 3)}
-        run["done"][stem] = entry
-        write_text_atomic(out / RUN_FILE, json.dumps(run, indent=2))
-        summary["inputs"].append({**entry, "skipped": False})
-    summary["finished"] = sum(not i["skipped"] for i in summary["inputs"])
-    summary["skipped"] = sum(i["skipped"] for i in summary["inputs"])
+                 "seconds": round(results.seconds, 3), "device": engine.execution_provider}
+        write_text_atomic(record_path, json.dumps(entry))
+        return {**entry, "skipped": False}
+
+    summary: dict[str, Any] = {"out": str(out), "bundle": str(bundle), "model_type": info.model_type, "rank": 0}
+    if devices * num_nodes > 1:
+        started = time.time()
+        entries, rank = _run_distributed(run_one, len(stems), devices, num_nodes, settings.device, opened)
+        summary["rank"] = rank
+        if rank != 0:
+            summary.update(inputs=entries, finished=sum(not e["skipped"] for e in entries))
+            return summary
+        # the merge step (rank 0, after every rank finished): the inputs as recorded by all ranks
+        mine = {e["name"]: e for e in entries}
+        entries = []
+        for source, stem in zip(catalog.sources, stems, strict=True):
+            path = out / DONE_DIR / f"{stem}.json"
+            if source.name in mine:
+                entries.append(mine[source.name])
+            elif path.exists():  # another rank's: finished now, or in an earlier run (then skipped)
+                entries.append({**json.loads(path.read_text()), "skipped": path.stat().st_mtime < started})
+            else:
+                raise ExploraGeoError(f"{source.name} was not finished by any rank; rerun the same command to "
+                                      "resume.")
+    else:
+        if model is not None and model.device_note:
+            log(model.device_note)
+        entries = [run_one(k) for k in range(len(stems))]
+    summary["inputs"] = entries
+    summary["finished"] = sum(not e["skipped"] for e in entries)
+    summary["skipped"] = sum(e["skipped"] for e in entries)
     return summary
+
+
+def _run_distributed(run_one: Callable[..., dict[str, Any]], n_inputs: int, devices: int, num_nodes: int,
+                     device: str, opened: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
+    """Run the inputs over ``devices`` x ``num_nodes`` processes with Lightning's predict loop (DDP: Lightning
+    launches the processes, or joins those torchrun/SLURM started). Rank ``r`` of ``w`` takes inputs ``r, r + w,
+    ...``; each writes its own files and done records. Returns this rank's entries and its global rank, after a
+    barrier (every rank done).
+
+    ONNX Runtime does the compute; Lightning only places the processes (CPU accelerator, gloo). With a CUDA
+    device, each process sees only its local GPU (``CUDA_VISIBLE_DEVICES``), set before its session is made.
+    """
+    import lightning as L
+    import torch
+
+    class _Inputs(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.entries: list[dict[str, Any]] = []
+
+        def setup(self, stage: str) -> None:
+            if device != "cpu" and self.trainer.world_size > 1:
+                visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+                gpus = visible.split(",") if visible else [str(i) for i in range(devices)]
+                os.environ["CUDA_VISIBLE_DEVICES"] = gpus[self.trainer.local_rank % len(gpus)]
+            opened["model"] = None  # opened by this process, on its device, at its first input
+
+        def predict_dataloader(self) -> Any:
+            mine = list(range(n_inputs))[self.trainer.global_rank::self.trainer.world_size]
+            return torch.utils.data.DataLoader(mine, batch_size=None)
+
+        def predict_step(self, batch: Any, batch_idx: int) -> None:
+            self.entries.append(run_one(int(batch), prefix=f"[rank {self.trainer.global_rank}] "))
+
+        def on_predict_end(self) -> None:
+            self.trainer.strategy.barrier("explora-geo predict: every rank done")
+
+    module = _Inputs()
+    trainer = L.Trainer(accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy="ddp", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False)
+    trainer.predict(module, return_predictions=False)
+    return module.entries, trainer.global_rank

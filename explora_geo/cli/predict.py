@@ -34,6 +34,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--offset", type=float, default=0.0, help="see --scale")
     p.add_argument("--band-names", default=None, metavar="B1,B2,...",
                    help="names of the bands of every multi-band file, in file order (when they carry none)")
+    p.add_argument("--devices", type=int, default=1, help="processes per node (e.g. one per GPU): above 1, "
+                   "Lightning's predict loop (DDP) spreads the inputs over them")
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes (torchrun/SLURM start them; see --devices)")
     add_stac_arguments(p)
     p.set_defaults(func=run)
 
@@ -47,7 +50,11 @@ def run(args: argparse.Namespace) -> int:
     from explora_geo.predict import PredictSettings, catalog_at_gsd, open_bundle, predict
     from explora_geo.sensors import get_sensor
 
-    model = open_bundle(args.bundle, args.device)
+    if args.devices < 1 or args.num_nodes < 1:
+        raise ExploraGeoError(f"--devices {args.devices} / --num-nodes {args.num_nodes} must be at least 1.")
+    distributed = args.devices * args.num_nodes > 1
+    # distributed: each process opens the bundle on its own device later; here only its metadata is needed
+    model = open_bundle(args.bundle, "cpu" if distributed else args.device)
     info = model.info
     s2 = get_sensor("sentinel2")
     sensor = "sentinel2" if all(s2.canonical(b) for b in info.bands) else None
@@ -77,9 +84,12 @@ def run(args: argparse.Namespace) -> int:
         bar.update(position["base"] + percent - bar.n)
 
     try:
-        summary = predict(args.bundle, catalog, args.out, settings, roi=args.roi, model=model, progress=progress,
-                          log=lambda line: bar.write(line, file=sys.stderr))
+        summary = predict(args.bundle, catalog, args.out, settings, roi=args.roi,
+                          model=None if distributed else model, progress=progress,
+                          log=lambda line: bar.write(line, file=sys.stderr), devices=args.devices,
+                          num_nodes=args.num_nodes)
     finally:
         bar.close()
-    print(json.dumps(summary))
+    if summary["rank"] == 0:
+        print(json.dumps(summary))
     return 0

@@ -276,7 +276,14 @@ def _asset_bands(asset: Any) -> list[dict[str, Any]]:
     return [b for b in bands if isinstance(b, dict)]
 
 
-def _is_raster(asset: Any) -> bool:
+# Rendered products (8-bit true colour, previews): never a source of a band's values.
+_RENDERED_ROLES = {"visual", "overview", "thumbnail"}
+_RENDERED_KEYS = {"visual", "tci", "rendered_preview", "preview"}
+
+
+def _is_raster(asset: Any, key: str = "") -> bool:
+    if key.lower() in _RENDERED_KEYS or _RENDERED_ROLES & set(asset.roles or ()):
+        return False
     media = (asset.media_type or "").lower()
     if media:
         return "tiff" in media or "jp2" in media or "jpeg2000" in media or "vrt" in media
@@ -299,12 +306,13 @@ def match_band_assets(item: Any, bands: Sequence[str], sensor: Sensor | None) ->
     the asset's ``eo:bands`` (``bands`` in STAC 1.1), or by its ``common_name`` when exactly one raster asset
     of the item carries that common name (``rededge`` shared by three assets matches none). Names go through
     the sensor's aliases (``nir08`` is ``B8A`` for Sentinel-2). Only raster assets (GeoTIFF, JPEG2000, VRT)
-    are considered; when several assets name the same band, a cloud-optimised GeoTIFF is preferred.
+    are considered, and never rendered ones (the 8-bit ``visual``/TCI true colour, previews, thumbnails);
+    when several assets name the same band, a cloud-optimised GeoTIFF is preferred.
 
     Raises:
         ExploraGeoError: naming the item and the first band it has no asset for.
     """
-    assets = {k: a for k, a in item.assets.items() if _is_raster(a)}
+    assets = {k: a for k, a in item.assets.items() if _is_raster(a, k)}
     by_key: dict[str, list[tuple[str, int]]] = {}
     by_name: dict[str, list[tuple[str, int]]] = {}
     by_common: dict[str, list[tuple[str, int]]] = {}
@@ -492,7 +500,7 @@ def catalog_from_items(
     else:
         offset, offset_origin = float(dn_offset), "user"
     file_bands = tuple(sorted({_label(k, preset) for item in kept for k, a in item.assets.items()
-                               if _is_raster(a) and (preset is None or preset.canonical(k))}))
+                               if _is_raster(a, k) and (preset is None or preset.canonical(k))}))
     catalog = Catalog("band_files", wanted, file_bands, sources, target_crs, target_res, value, origin, offset,
                       offset_origin, preset, notes, gsd=gsd)
     record = dict(provenance or {})

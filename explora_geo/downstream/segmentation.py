@@ -157,7 +157,8 @@ def segmenter_from_checkpoint(
         ``(segmenter, backbone sidecar, task hyper-parameters)``.
 
     Raises:
-        ExploraGeoError: a missing file, a checkpoint of another task, or one without explora-geo backbone metadata.
+        ExploraGeoError: a missing file, a checkpoint of another task, one without explora-geo backbone metadata,
+            or a binary / multilabel task.
     """
     path = Path(path)
     if ckpt is None:
@@ -173,6 +174,9 @@ def segmenter_from_checkpoint(
     if not meta:
         raise ExploraGeoError(f"{path} has no explora-geo backbone metadata (it was not trained with "
                               "ExploraSegmentationTask and an explora-geo backbone file); train it with one.")
+    if hparams.get("task", "multiclass") != "multiclass":
+        raise ExploraGeoError(f"{path} is a {hparams['task']} segmentation task; only multiclass tasks (softmax over "
+                              "classes) can be exported: train with task 'multiclass' and num_classes >= 2.")
     kwargs = {k: hparams[k] for k in _TASK_KWARGS if k in hparams}
     task = ExploraSegmentationTask(weights=None, backbone_meta=meta, **kwargs)
     task.load_state_dict(ckpt["state_dict"], strict=True)

@@ -22,12 +22,12 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from torch import nn
 from timm.layers import PatchEmbed, calculate_drop_path_rates, register_notrace_function, resample_abs_pos_embed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, named_apply
 from timm.models.vision_transformer import Block, global_pool_nlc, init_weights_vit_timm
+from torch import nn
 
 from explora_geo.errors import ExploraGeoError
 from explora_geo.models.pos_embed import sincos_1d, sincos_2d

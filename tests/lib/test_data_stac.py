@@ -178,6 +178,9 @@ def test_bands_matched_by_eo_bands_name_and_unique_common_name(cogs):
     for k in ("e1", "e2"):
         item.add_asset(k, pystac.Asset(path, media_type=pystac.MediaType.GEOTIFF,
                                        extra_fields={"eo:bands": [{"name": k, "common_name": "rededge"}]}))
+    item.add_asset("visual", pystac.Asset(path, media_type=pystac.MediaType.COG, roles=["visual"], extra_fields={
+        "eo:bands": [{"name": "red", "common_name": "red"}, {"name": "green", "common_name": "green"},
+                     {"name": "blue", "common_name": "blue"}]}))
     item.add_asset("blue", pystac.Asset(path.replace(".tif", ".jp2"), media_type="image/jp2"))
     item.add_asset("B02", pystac.Asset(path, media_type=pystac.MediaType.COG))
     from explora_geo.sensors import get_sensor
@@ -186,7 +189,8 @@ def test_bands_matched_by_eo_bands_name_and_unique_common_name(cogs):
     assert match_band_assets(item, ["B8A", "B11", "B03", "B04"], s2) == [
         ("band_a", 1), ("band_b", 1), ("rgb", 2), ("rgb", 1)]
     assert match_band_assets(item, ["blue"], s2) == [("B02", 1)]  # two assets are B02: the COG wins
-    with pytest.raises(ExploraGeoError, match="STAC item x has no asset for band B05"):
+    with pytest.raises(ExploraGeoError, match=r"STAC item x has no asset for band B05 \(raster assets: B02, "
+                                              r"band_a, band_b, blue, e1, e2, rgb\)"):
         match_band_assets(item, ["B05"], s2)  # "rededge" is shared by two assets: ambiguous, not matched
 
 

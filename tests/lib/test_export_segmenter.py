@@ -91,10 +91,10 @@ def test_segmenter_bundle_matches_torch(files: dict[str, Path], tmp_path: Path, 
     np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0)
     assert np.abs(logits[:, 0] - logits[:, 1]).max() > 1e-3  # the classes are told apart, not a constant map
     # the embedding is the fine-tuned (LoRA-merged) backbone's, not the original file's
-    from explora_geo.adapter import merge_explora
+    from explora_geo.downstream.tasks import merge_lora
 
     with torch.no_grad():
-        want_emb = merge_explora(task.model.backbone)(torch.from_numpy(x)).numpy()
+        want_emb = merge_lora(task.model.backbone)(torch.from_numpy(x)).numpy()
         stale = load_backbone(files["backbone"])[0].eval()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(emb, want_emb, atol=1e-4, rtol=0)
     assert np.abs(emb - stale).max() > 1e-3
@@ -168,6 +168,10 @@ def test_segmenter_cli_errors(files: dict[str, Path], tmp_path: Path, capsys: py
     ckpt["hyper_parameters"]["labels"] = ckpt["hyper_parameters"]["class_names"] = ["only"]
     torch.save(ckpt, tmp_path / "labels.ckpt")
     with pytest.raises(ExploraGeoError, match="names 1 classes for 3 output channels"):
+        export_onnx(tmp_path / "labels.ckpt", tmp_path / "y.onnx")
+    ckpt["hyper_parameters"]["task"] = "multilabel"  # sigmoid outputs: not a softmax class map
+    torch.save(ckpt, tmp_path / "labels.ckpt")
+    with pytest.raises(ExploraGeoError, match="multilabel segmentation task; only multiclass"):
         export_onnx(tmp_path / "labels.ckpt", tmp_path / "y.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.ckpt", "cls.ckpt", "labels.ckpt"]
     # the CLI's JSON line for a good export

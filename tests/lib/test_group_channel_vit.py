@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -311,6 +312,10 @@ def test_torchscript_matches_eager(name: str) -> None:
         warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.compile / export
         scripted = torch.jit.script(model)
     torch.testing.assert_close(scripted(x), model(x), rtol=0, atol=0)
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.jit.load(buffer)(x), model(x), rtol=0, atol=0)  # a deployable artefact
     bigger = torch.randn(1, 10, 2 * model.img_size[0], model.img_size[1])  # another grid: pos_embed resampled
     torch.testing.assert_close(scripted(bigger), model(bigger), rtol=1e-6, atol=1e-6)
 

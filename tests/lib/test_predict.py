@@ -134,3 +134,46 @@ def test_errors_are_one_line(bundles, t33uuu_dir, tmp_path, capsys):
         assert status == 2 and err.startswith("explora-geo predict: error: ") and message in err, err
     assert sorted(p.name for p in used.iterdir()) == before and not (tmp_path / "a").exists()
     assert [p.name for p in stray.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_inputs(bundles, t33uuu_dir, tmp_path):
+    """``--devices 2``: Lightning's predict loop (DDP, gloo on CPU) runs the inputs on two ranks; rank 0 merges
+    the records and prints one summary; the files equal a single-process run's."""
+    import os
+    import subprocess
+
+    import rasterio
+    from affine import Affine
+
+    from explora_geo.data.catalog import build_catalog
+    from explora_geo.data.fast import HandlePool, read_window
+
+    bands = ["B02", "B03", "B04", "B08", "B05", "B06", "B07", "B8A", "B11", "B12"]
+    (scene,) = build_catalog(t33uuu_dir, bands=bands).sources
+    data = tmp_path / "rasters"
+    data.mkdir()
+    for k, col in enumerate((0, 256, 512)):
+        pixels = read_window(scene, HandlePool(), 128, col, 256, 256)
+        transform = scene.transform @ Affine.translation(col, 128)
+        with rasterio.open(data / f"part{k}.tif", "w", driver="GTiff", width=256, height=256, count=len(bands),
+                           dtype=pixels.dtype, crs=scene.crs, transform=transform) as dst:
+            dst.write(pixels)
+            dst.descriptions = tuple(bands)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "qgis_plugin")])}
+
+    def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "explora_geo", "predict", "--bundle", str(bundles["embedder"]), "--data",
+               str(data), "--out", str(out), *extra]
+        return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600, env=env)
+
+    two, one = run(tmp_path / "two", "--devices", "2"), run(tmp_path / "one")
+    assert two.returncode == 0 and one.returncode == 0, two.stderr[-3000:] + one.stderr[-2000:]
+    lines = [json.loads(line) for line in two.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1 and lines[0]["finished"] == 3  # one summary (rank 0), every input
+    assert "[rank 0] part0" in two.stderr and "[rank 1] part1" in two.stderr and "[rank 0] part2" in two.stderr
+    for k in range(3):
+        a = _read(tmp_path / "two" / f"part{k}_embedding.tif")
+        np.testing.assert_array_equal(a, _read(tmp_path / "one" / f"part{k}_embedding.tif"))
+    again = run(tmp_path / "two", "--devices", "2")
+    assert again.returncode == 0 and json.loads(again.stdout.splitlines()[-1])["skipped"] == 3

@@ -484,7 +484,7 @@ def test_layer_scale_folded_or_set_to_one_exactly(tmp_path: Path) -> None:
 def test_public_import_paths_survive_the_split() -> None:
     """``explora_geo.models.weights`` is a package (one module per source format); its public names still
     import from the package itself."""
-    import explora_geo.models.weights as weights
+    from explora_geo.models import weights
 
     for name in ("LoadReport", "SourceCheckpoint", "load_source_weights", "resolve_source", "read_checkpoint_file",
                  "unwrap_state_dict", "split_extra", "band_kernels", "infer_sensor", "match_layer_scale",
@@ -493,3 +493,23 @@ def test_public_import_paths_survive_the_split() -> None:
     from explora_geo.models import LoadReport, load_source_weights
 
     assert LoadReport is weights.LoadReport and load_source_weights is weights.load_source_weights
+
+
+def test_official_dinov2_mask_token_reaches_the_ibot_objective(tmp_path: Path) -> None:
+    """The official file's mask_token (which timm's DINOv2 conversion drops) starts the objective's iBOT mask
+    token, and the objective's report says where it came from; without one it is reported new."""
+    from explora_geo.adapter import ExploraConfig, apply_explora
+    from explora_geo.training.setup import build_objective
+
+    sd = _dinov2_official()
+    path = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(sd, path)
+    model = _vit(img_size=56, patch_size=14, dynamic_img_size=True)
+    report = load_source_weights(model, str(path))
+    apply_explora(model, ExploraConfig(unfreeze="L", rank=2))
+    settings = dict(head_hidden_dim=16, head_bottleneck_dim=8, num_prototypes=16)
+    objective = build_objective("dinov2", model, settings, report.extra, report.source)
+    assert torch.equal(objective.mask_token.detach(), sd["mask_token"])
+    assert objective.report()["mask_token"] == f"loaded from {path}"
+    fresh = apply_explora(_vit(img_size=56, patch_size=14, dynamic_img_size=True), ExploraConfig(rank=2))
+    assert build_objective("dinov2", fresh, settings).report()["mask_token"].startswith("new (zeros)")

@@ -126,3 +126,30 @@ def test_classifier_bundle_is_refused(qgis_app: Any, bundle: dict, t33uuu_vrt: P
     message = str(err.value)
     assert "classifier.onnx is a classifier, not a segmenter" in message and "\n" not in message
     assert not (tmp_path / "c.tif").exists()
+
+
+def test_segment_geographic_layer(qgis_app: Any, segmenter_bundle: Path, t33uuu_vrt: Path, tmp_path: Path) -> None:
+    """A float32 EPSG:4326 copy with NaN outside its footprint: the map comes out in the UTM zone at the model's
+    10 m, NaN corners nodata, the rest classified, over the original's footprint."""
+    gdal.Translate(str(tmp_path / "utm.tif"), str(t33uuu_vrt), srcWin=[300, 200, 160, 96]).FlushCache()
+    gdal.Warp(str(tmp_path / "geo.tif"), str(tmp_path / "utm.tif"), dstSRS="EPSG:4326", outputType=gdal.GDT_Float32,
+              dstNodata=float("nan"), resampleAlg="bilinear")
+    geo = _run("segment", {"INPUT": _layer(tmp_path / "geo.tif", "geo"), "MODEL": str(segmenter_bundle),
+                           "MIN_VALID": 0.3, "OUTPUT_CLASSES": str(tmp_path / "geo_classes.tif")})
+    ds = gdal.Open(geo["OUTPUT_CLASSES"])
+    assert ds.GetSpatialRef().GetAuthorityCode(None) == "32633"
+    gt = ds.GetGeoTransform()
+    assert gt[1] == pytest.approx(10.0) and gt[5] == pytest.approx(-10.0)
+    classes = ds.GetRasterBand(1).ReadAsArray()
+    ds = None
+    done = classes != 255
+    assert 0.6 < done.mean() < 1.0  # the NaN corners of the rotated footprint are nodata
+    # the classified pixels lie over the original's footprint
+    src = gdal.Open(str(tmp_path / "utm.tif"))
+    x0, px, _, y0, _, py = src.GetGeoTransform()
+    w, h = src.RasterXSize, src.RasterYSize
+    src = None
+    rows, cols = np.nonzero(done)
+    xs, ys = gt[0] + (cols + 0.5) * gt[1], gt[3] + (rows + 0.5) * gt[5]
+    assert (xs > x0 - 20).all() and (xs < x0 + w * px + 20).all()
+    assert (ys < y0 + 20).all() and (ys > y0 + h * py - 20).all()
