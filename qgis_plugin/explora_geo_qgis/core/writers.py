@@ -1,5 +1,9 @@
 """Writers for the per-tile outputs: GeoTIFF rasters and a GeoPackage grid, via GDAL/OGR (``osgeo``).
 
+Rasters are tiled, DEFLATE-compressed GeoTIFFs; with ``cog=True`` (``explora-geo predict``) they are
+Cloud-Optimized GeoTIFFs (GDAL's COG driver: tiled, overviews, IFDs first), the same pixels, georeferencing,
+category names and colour table. :func:`write_cog` turns any GDAL raster (a GeoTIFF, a VRT over parts) into one.
+
 Every writer writes to a hidden temporary name in the destination folder and renames it into place only when
 complete (``os.replace``), so a failure or a cancel never leaves a half-written output.
 """
@@ -73,6 +77,7 @@ def write_geotiff(
     descriptions: Sequence[str] = (),
     class_names: Sequence[str] = (),
     class_colors: Sequence[str] = (),
+    cog: bool = False,
 ) -> Path:
     """Write ``bands`` ``[B, H, W]`` (uint8, int16, int32 or float32) as a tiled, compressed GeoTIFF.
 
@@ -83,6 +88,7 @@ def write_geotiff(
         nodata: nodata value of every band.
         descriptions: one description per band.
         class_names, class_colors: for a single-band class raster, category names and a colour table.
+        cog: write a Cloud-Optimized GeoTIFF (see :func:`write_cog`; class rasters get MODE overviews).
     """
     gdal, _, _ = _gdal()
     types = {np.dtype(np.uint8): gdal.GDT_Byte, np.dtype(np.int16): gdal.GDT_Int16,
@@ -93,6 +99,18 @@ def write_geotiff(
     options = ["COMPRESS=DEFLATE", "TILED=YES", "BIGTIFF=IF_SAFER"]
     if n > 1:
         options.append("INTERLEAVE=BAND")
+    if cog:  # the GeoTIFF as a hidden temporary, then its COG copy into place
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fd, plain = tempfile.mkstemp(prefix=f".{Path(path).stem}.", suffix=".plain.tif", dir=Path(path).parent)
+        os.close(fd)
+        try:
+            write_geotiff(plain, bands, geotransform, crs_wkt, nodata=nodata, descriptions=descriptions,
+                          class_names=class_names, class_colors=class_colors)
+            return write_cog(plain, path, categorical=bool(class_names))
+        finally:
+            for leftover in (plain, f"{plain}.aux.xml"):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
     with atomic_path(path) as tmp:
         ds = gdal.GetDriverByName("GTiff").Create(tmp, w, h, n, types[bands.dtype], options)
         ds.SetGeoTransform(tuple(float(v) for v in geotransform))
@@ -113,6 +131,24 @@ def write_geotiff(
             band.SetColorTable(table)
             band.SetColorInterpretation(gdal.GCI_PaletteIndex)
         ds.FlushCache()
+        ds = None
+    return Path(path)
+
+
+def write_cog(source: str | Path, path: str | Path, *, categorical: bool = False) -> Path:
+    """Copy the raster ``source`` (any GDAL dataset: a GeoTIFF, a VRT mosaic of parts) to ``path`` as a
+    Cloud-Optimized GeoTIFF, atomically: DEFLATE, 512 px tiles, overviews down to one tile (``MODE`` resampling
+    for class rasters, so an overview pixel is a class that occurs under it, else ``AVERAGE``; nodata is left
+    out of both). Nodata and the colour table go into the file, band descriptions and category names into its
+    ``.aux.xml`` (as for any GeoTIFF). Pixel values and georeferencing are those of ``source``."""
+    gdal, _, _ = _gdal()
+    options = ["COMPRESS=DEFLATE", "BIGTIFF=IF_SAFER", "OVERVIEWS=AUTO",
+               f"RESAMPLING={'MODE' if categorical else 'AVERAGE'}"]
+    with atomic_path(path) as tmp:
+        ds = gdal.Translate(tmp, str(source), format="COG", creationOptions=options)
+        if ds is None:
+            raise PluginError(f"GDAL could not write the Cloud-Optimized GeoTIFF {path}; check the folder is "
+                              "writable.")
         ds = None
     return Path(path)
 
@@ -150,6 +186,7 @@ def write_tile_grid(
     *,
     layer_name: str = "tiles",
     where: np.ndarray | None = None,
+    row0: int = 0,
 ) -> Path:
     """Write one polygon per output cell to a GeoPackage, with one attribute per entry of ``columns``.
 
@@ -164,12 +201,13 @@ def write_tile_grid(
         columns: field name -> ``[R, K]`` array (int, float or str values; NaN floats become NULL).
         layer_name: GeoPackage layer name.
         where: ``[R, K]`` bool; only these cells are written (all when ``None``).
+        row0: grid row of the columns' first row (a band of a larger grid: polygons where that band lies).
     """
     gdal, _, _ = _gdal()
     arrays = {name: np.asarray(values) for name, values in columns.items()}
     shape = next(iter(arrays.values())).shape
     rows, cols = np.nonzero(np.ones(shape, bool) if where is None else where)
-    names, types, values = ["WKB"], ['"WKT"'], [polygon_hex_wkb(geotransform, rows, cols)]
+    names, types, values = ["WKB"], ['"WKT"'], [polygon_hex_wkb(geotransform, rows + row0, cols)]
     for name, array in arrays.items():
         picked = array[rows, cols]
         if array.dtype.kind in "iub":
