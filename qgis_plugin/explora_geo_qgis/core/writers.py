@@ -153,6 +153,80 @@ def write_cog(source: str | Path, path: str | Path, *, categorical: bool = False
     return Path(path)
 
 
+def mosaic_rows(parts: Sequence[tuple[str | Path, int]], path: str | Path) -> Path:
+    """Stack raster parts that are bands of rows of one raster into the Cloud-Optimized GeoTIFF ``path``.
+
+    Args:
+        parts: ``(file, first_row)`` per part, each part as wide as the whole, together covering its rows (e.g.
+            the per-rank parts of ``explora-geo predict``). The first part's georeferencing, data type, nodata,
+            band descriptions, colour table and category names are the whole raster's, its top-left corner the
+            whole's; each part's pixels are copied unchanged to its ``first_row`` (integer offsets, no
+            resampling).
+    """
+    gdal, _, _ = _gdal()
+    parts = sorted(((str(f), int(r)) for f, r in parts), key=lambda p: p[1])
+    first = gdal.Open(parts[0][0])
+    bands = [first.GetRasterBand(i + 1) for i in range(first.RasterCount)]
+    names = [b.GetDescription() for b in bands]  # (reading a description first loads GDAL's side file)
+    categories, table = bands[0].GetCategoryNames(), bands[0].GetColorTable()
+    nodata, dtype = bands[0].GetNoDataValue(), bands[0].DataType
+    width = first.RasterXSize
+    height = 0
+    for file, row in parts:
+        ds = gdal.Open(file)
+        if ds.RasterXSize != width or ds.RasterCount != len(bands):
+            raise PluginError(f"raster part {file} is {ds.RasterXSize} px wide with {ds.RasterCount} bands, not "
+                              f"{width} px with {len(bands)} like {parts[0][0]}; delete the parts and rerun.")
+        height = max(height, row + ds.RasterYSize)
+        ds = None
+    options = ["COMPRESS=DEFLATE", "TILED=YES", "BIGTIFF=IF_SAFER"] + (["INTERLEAVE=BAND"] if len(bands) > 1 else [])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd, plain = tempfile.mkstemp(prefix=f".{Path(path).stem}.", suffix=".mosaic.tif", dir=Path(path).parent)
+    os.close(fd)
+    try:
+        out = gdal.GetDriverByName("GTiff").Create(plain, width, height, len(bands), dtype, options)
+        out.SetGeoTransform(first.GetGeoTransform())
+        out.SetProjection(first.GetProjection())
+        for i, band in enumerate(out.GetRasterBand(k + 1) for k in range(len(bands))):
+            if nodata is not None:
+                band.SetNoDataValue(nodata)
+            band.SetDescription(names[i])
+        if table is not None:
+            out.GetRasterBand(1).SetColorTable(table)
+            out.GetRasterBand(1).SetColorInterpretation(gdal.GCI_PaletteIndex)
+        if categories:
+            out.GetRasterBand(1).SetCategoryNames(list(categories))
+        for file, row in parts:
+            ds = gdal.Open(file)
+            for k in range(len(bands)):
+                out.GetRasterBand(k + 1).WriteArray(ds.GetRasterBand(k + 1).ReadAsArray(), 0, row)
+            ds = None
+        out.FlushCache()
+        out = first = bands = None
+        return write_cog(plain, path, categorical=bool(categories))
+    finally:
+        for leftover in (plain, f"{plain}.aux.xml"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+
+
+def merge_tile_grids(parts: Sequence[str | Path], path: str | Path, layer_name: str = "tiles") -> Path:
+    """Append the GeoPackage grids ``parts`` (same fields, in order) into one GeoPackage ``path``, atomically:
+    features keep their attributes and geometries, fids run on in the parts' order."""
+    gdal, _, _ = _gdal()
+    with atomic_path(path) as tmp:
+        for k, part in enumerate(parts):
+            options = gdal.VectorTranslateOptions(
+                format="GPKG", layerName=layer_name, accessMode=None if k == 0 else "append",
+                layerCreationOptions=["SPATIAL_INDEX=YES", "FID=fid"] if k == 0 else None)
+            result = gdal.VectorTranslate(tmp, str(part), options=options)
+            if result is None:
+                raise PluginError(f"GDAL could not append the tile grid part {part} to {path}; delete the parts "
+                                  "and rerun.")
+            result = None
+    return Path(path)
+
+
 def field_name(label: str, taken: set[str]) -> str:
     """A GeoPackage-safe, unique field name ``p_<label>`` for a class's probability."""
     base = "p_" + (re.sub(r"[^0-9A-Za-z_]+", "_", label).strip("_").lower() or "class")
