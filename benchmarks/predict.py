@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO / "qgis_plugin"))
 
-from qgis_inference import all_tiles, export_tiny_model, make_raster, time_forward
+from qgis_inference import all_tiles, export_bench_model, make_raster, time_forward
 
 
 def time_predict(raster: Path, model_path: Path, out: Path, batch: int) -> tuple[float, float, dict]:
@@ -62,7 +62,7 @@ def main() -> int:
         work = Path(tmp)
         t0 = time.perf_counter()
         raster = make_raster(work / "scene.tif", size)
-        model = args.model or export_tiny_model(work)
+        model = args.model or export_bench_model(work)
         print(f"prepared {size} x {size} px x 13 bands and the model in {time.perf_counter() - t0:.1f} s")
         tiles = all_tiles(raster, OnnxModel(model).info)
         end_to_end = forward = cpu_e2e = cpu_fwd = float("inf")

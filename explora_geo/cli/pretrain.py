@@ -1,6 +1,6 @@
 """``explora-geo pretrain``: ExPLoRA extended pre-training (MAE or DINOv2) on unlabelled imagery.
 
-Settings come from ``--config FILE.yaml`` (keys = :class:`explora_geo.training.config.PretrainConfig` fields) and the
+Settings come from ``--config FILE.yaml`` (keys = :class:`explora_geo.training.PretrainConfig` fields) and the
 flags; a flag given on the command line overrides the file. See docs/pretraining.md.
 """
 
@@ -19,7 +19,7 @@ from explora_geo.errors import ExploraGeoError
 _FIELDS = ("data", "bands", "sensor", "model", "weights", "objective", "unfreeze", "rank", "alpha", "max_steps",
            "batch_size", "accumulate", "lr", "warmup_steps", "min_lr", "grad_clip", "img_size", "patch_size",
            "normalization", "stats", "accelerator", "devices", "num_nodes", "strategy", "precision", "seed", "workers",
-           "checkpoint_every", "log_every", "out", "resume", "overwrite", "max_nodata_fraction")
+           "checkpoint_every", "log_every", "out", "resume", "overwrite", "max_nodata_fraction", "search_steps")
 #: flag destination -> (objective section, key)
 _SHORTCUTS = {"mask_ratio": ("mae", "mask_ratio"), "norm_pix_loss": ("mae", "norm_pix_loss"),
               "decoder_lora_rank": ("mae", "decoder_lora_rank"), "centering": ("dinov2", "centering"),
@@ -40,9 +40,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "backbone, the adapter weights, a loss curve, summary.json, checkpoints and logs to --out. "
                     "Settings: --config FILE.yaml and/or flags (flags win).",
     )
+    add_run_arguments(p)
     a = p.add_argument
+    a("--search-steps", type=int, help="--unfreeze auto: steps of each candidate's trial in the block search "
+                                       "(default a tenth of --max-steps)")
+    p.set_defaults(func=run)
+
+
+#: settings flags that only make sense for one run (``select-blocks`` leaves them out)
+RUN_ONLY = ("--unfreeze", "--max-steps", "--resume", "--overwrite")
+
+
+def add_run_arguments(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """The settings flags of a pre-training run (shared by ``pretrain`` and ``select-blocks``), except
+    ``skip``."""
+
+    def a(flag: str, *args: Any, **kwargs: Any) -> None:
+        if flag not in skip:
+            p.add_argument(flag, *args, **kwargs)
+
     a("--config", metavar="FILE.yaml", help="YAML file with the same settings (keys as the flags, '_' for '-')")
-    a("--data", nargs="+", metavar="PATH", help="rasters: folders, globs or files (default: the embedded sample)")
+    a("--data", nargs="+", metavar="PATH", help="rasters: folders, globs or files, or a store written by `explora-geo "
+                                                "prepare` (a folder or s3:// gs:// r2:// URL) (default: the embedded "
+                                                "sample)")
     a("--bands", help="sensor preset (sentinel2 -> group-channel ViT) or band names, comma-separated")
     a("--sensor", help="preset naming the files' bands (default: --bands when it is a preset, else sentinel2)")
     a("--model", help="timm / explora-geo model name (default per --bands and --objective)")
@@ -64,7 +84,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a("--normalization", choices=["satmae", "meanstd", "reflectance", "none"],
       help="data scaling (default satmae)")
     a("--stats", metavar="JSON", help="band statistics from `explora-geo stats` for satmae/meanstd scaling "
-                                      "(default: the sensor's built-in statistics)")
+                                      "(default: a store's own statistics with --data STORE, else the "
+                                      "sensor's built-in ones)")
     a("--accelerator", help="cpu, gpu, auto (default auto)")
     a("--devices", type=_devices, help="devices per node: a number or 'auto' (default 1)")
     a("--num-nodes", type=int, help="nodes for multi-node DDP (default 1)")
@@ -87,7 +108,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a("--centering", choices=["softmax", "sinkhorn"], help="DINOv2 teacher centering (default softmax)")
     a("--num-prototypes", type=int, help="DINOv2 head prototypes (default 65536)")
     a("--local-crops", type=int, help="DINOv2 local crops (default 8)")
-    p.set_defaults(func=run)
 
 
 def load_config_file(path: str) -> dict[str, Any]:
@@ -152,7 +172,12 @@ def run(args: argparse.Namespace) -> int:
         if _rank_zero():
             print(message, file=sys.stderr, flush=True)
 
-    summary = run_pretraining(config, echo=echo)
+    if str(config.unfreeze).strip().lower() == "auto":
+        from explora_geo.block_selection import pretrain_with_search
+
+        summary = pretrain_with_search(config, echo=echo)
+    else:
+        summary = run_pretraining(config, echo=echo)
     if summary is not None:
         out = Path(config.out)
         keys = ("steps", "images_seen", "wall_time_s", "trainable_params", "total_params", "first_loss",

@@ -49,6 +49,9 @@ class PretrainConfig:
         holdout, val_samples: fraction of every raster's rows (its bottom) kept out of training, and the number
             of held-out patches whose objective loss is measured (``val_loss``; 0 = no validation).
         val_every: optimiser steps between validations (``None``: once, at the end).
+        search_steps, search_candidates: ``unfreeze: auto`` runs a block search first
+            (:func:`explora_geo.block_selection.pretrain_with_search`): steps per candidate (default a tenth of
+            ``max_steps``, at least 2) and the unfreeze specs tried (default: a set for the model's depth).
     """
 
     out: str = "runs/pretrain"
@@ -90,6 +93,8 @@ class PretrainConfig:
     holdout: float = 0.0
     val_samples: int = 0
     val_every: int | None = None
+    search_steps: int | None = None
+    search_candidates: list[str] | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "the config") -> PretrainConfig:

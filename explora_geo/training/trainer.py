@@ -65,8 +65,9 @@ def _progress_bar(refresh_rate: int) -> L.Callback:
     return Bar(refresh_rate=refresh_rate)
 
 
-def build_trainer(config: PretrainConfig, out: Path, callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
-    """The Lightning ``Trainer`` of a run (see the module docstring)."""
+def build_trainer(config: PretrainConfig, out: Path, callbacks: Sequence[L.Callback] = (), *,
+                  progress: bool = True) -> L.Trainer:
+    """The Lightning ``Trainer`` of a run (see the module docstring); ``progress=False``: no progress bar."""
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -85,7 +86,8 @@ def build_trainer(config: PretrainConfig, out: Path, callbacks: Sequence[L.Callb
         gradient_clip_val=config.grad_clip or None, log_every_n_steps=config.log_every,
         # One version folder per (re)start: a resumed run never overwrites the earlier part of the logs.
         logger=[TensorBoardLogger(out / "logs", name="tensorboard"), CSVLogger(out / "logs", name="csv")],
-        callbacks=[checkpoint, _progress_bar(max(1, config.log_every // 2)), *callbacks],
+        callbacks=[checkpoint, *([_progress_bar(max(1, config.log_every // 2))] if progress else []), *callbacks],
+        enable_progress_bar=progress,
         enable_model_summary=False, num_sanity_val_steps=0, deterministic=False,
         limit_val_batches=1.0 if validate else 0, val_check_interval=every if validate else None,
         check_val_every_n_epoch=None if validate else 1,
@@ -94,7 +96,7 @@ def build_trainer(config: PretrainConfig, out: Path, callbacks: Sequence[L.Callb
 
 def run_pretraining(config: PretrainConfig, *, callbacks: Sequence[L.Callback] = (),
                     datamodule: L.LightningDataModule | None = None, echo: Any = None,
-                    summary_extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
+                    summary_extra: dict[str, Any] | None = None, outputs: bool = True) -> dict[str, Any] | None:
     """Run a pre-training from ``config`` and write its outputs; returns the summary (``None`` off rank 0).
 
     Args:
@@ -104,6 +106,8 @@ def run_pretraining(config: PretrainConfig, *, callbacks: Sequence[L.Callback] =
             settings (batches ``{"image": [B, C, H, W], "valid_mask": [B, H, W]}``).
         echo: where one-line notices go (default: stderr on rank 0).
         summary_extra: more ``summary.json`` fields.
+        outputs: write the outputs and show a progress bar (``False``: a trial; returns only ``{"steps",
+            "loss_history", "val_history"}``).
 
     Raises:
         ExploraGeoError: bad settings, unobtainable weights, bad data, non-finite loss.
@@ -114,8 +118,9 @@ def run_pretraining(config: PretrainConfig, *, callbacks: Sequence[L.Callback] =
         L.seed_everything(config.seed, workers=True, verbose=False)  # model init, heads, decoder
         task = ExploraPretrainTask(**task_settings(config))
         data = datamodule if datamodule is not None else ExploraPretrainDataModule(**data_settings(config))
-        outputs = PretrainOutputs(str(out), config=config.to_dict(), extra=summary_extra)
-        trainer = build_trainer(config, out, [*callbacks, outputs])
+        writer = PretrainOutputs(str(out), config=config.to_dict(), extra=summary_extra)
+        trainer = build_trainer(config, out, [*callbacks, writer] if outputs else list(callbacks),
+                                progress=outputs)
         try:
             trainer.fit(task, datamodule=data, ckpt_path=ckpt_path)
         except RuntimeError as err:
@@ -124,7 +129,10 @@ def run_pretraining(config: PretrainConfig, *, callbacks: Sequence[L.Callback] =
                                       "(model, rank, unfreeze or objective differ); resume with the same "
                                       "settings.") from None
             raise
-    return outputs.summary
+    if not outputs:
+        return {"steps": int(trainer.global_step), "loss_history": [list(x) for x in task.loss_history],
+                "val_history": [list(x) for x in task.val_history]}
+    return writer.summary
 
 
 def _resume_path(config: PretrainConfig, out: Path) -> str | None:

@@ -573,3 +573,21 @@ def test_centred_similarity_spreads_where_raw_cosine_saturates() -> None:
         similarity_map(emb, ran, ~ran, "centred")
     with pytest.raises(PluginError, match="mode"):
         similarity_map(emb, ran, cells, "dot")
+
+
+def test_open_reuses_the_session_of_the_same_file(bundle: dict[str, Path], tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    OnnxModel.clear_cache()
+    copy = tmp_path / "m.onnx"
+    shutil.copy(bundle["embedder"], copy)
+    first = OnnxModel.open(copy)
+    assert OnnxModel.open(copy) is first  # same file, same options: the session is reused
+    assert OnnxModel.open(copy, threads=1) is not first  # other options: a new session
+    stat = copy.stat()
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the file changed on disk
+    assert OnnxModel.open(copy) is not first
+    OnnxModel.clear_cache()
+    with pytest.raises(PluginError, match="does not exist"):
+        OnnxModel.open(tmp_path / "missing.onnx")

@@ -190,7 +190,9 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
         """The ``MODEL`` on the chosen ``DEVICE`` with ``THREADS`` intra-op threads."""
         model_path = self.parameterAsFile(parameters, self.MODEL, context)
         device = DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)]
-        model = OnnxModel(model_path, device=device, threads=self.parameterAsInt(parameters, self.THREADS, context))
+        # the session of the previous run is reused when the file and options are the same
+        model = OnnxModel.open(model_path, device=device,
+                               threads=self.parameterAsInt(parameters, self.THREADS, context))
         if model.device_note:
             feedback.pushInfo(f"Device: {model.device_note}")
         if need_classifier and not model.info.is_classifier:
