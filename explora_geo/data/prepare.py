@@ -21,11 +21,6 @@ Work: the patch positions are drawn in this process, then split into shards of `
 Each shard also leaves a small report (counts, failed files and its band-statistics accumulator) that this
 process merges into the store's ``stats.json``, ``explora-store.json`` and the returned summary.
 
-Several nodes (LitData's multi-node optimize, ``DATA_OPTIMIZER_NUM_NODES`` / ``DATA_OPTIMIZER_NODE_RANK``): every
-node plans the same positions, LitData shares the shards out and merges the chunk indexes on node 0; each node
-leaves its summed report beside the shared staging folder (or under ``URL/.explora-prepare/``) and node 0
-gathers them before writing the metadata.
-
 Completeness: a folder store is built in a hidden ``.<name>.partial-*`` folder beside ``out`` and renamed onto
 ``out`` once its metadata is written; at a URL the metadata file is uploaded last, and readers refuse a store
 without it. A full disk or an error removes the partial folder.
@@ -350,7 +345,7 @@ class _ShardWriter:
                    "source_index": self._file_index.get(source, -1), "crs": self.crs[g],
                    "bounds": np.array([box[0], box[2], box[1], box[3]], dtype=np.float64), "patch_id": patch_id}
         tmp = os.path.join(self.reports, f".shard-{shard_id:08d}.{os.getpid()}.npz")
-        np.savez(tmp, written=written, rejected=rejected, unreadable=unreadable, boxes=len(boxes), shards=1,
+        np.savez(tmp, written=written, rejected=rejected, unreadable=unreadable, boxes=len(boxes),
                  failed=json.dumps(self.bad), **acc.state())
         os.replace(tmp, os.path.join(self.reports, f"shard-{shard_id:08d}.npz"))
 
@@ -416,81 +411,19 @@ def _progress(reports: str, total: int, sizes: dict[int, int], enabled: bool) ->
     return stop, bar
 
 
-_COUNTS = ("written", "rejected", "unreadable", "boxes", "shards")
-
-
-def _merge_reports(reports: str, channels: int, keep: int, prefix: str = "shard-"
-                   ) -> tuple[dict[str, int], dict[str, str], BandAccumulator]:
-    """Sum the ``.npz`` reports named ``prefix*`` in ``reports`` (shard reports, or node reports)."""
-    counts = dict.fromkeys(_COUNTS, 0)
+def _merge_reports(reports: str, channels: int, keep: int) -> tuple[dict[str, int], dict[str, str], BandAccumulator]:
+    counts = {"written": 0, "rejected": 0, "unreadable": 0, "boxes": 0}
     failed: dict[str, str] = {}
     acc = BandAccumulator(channels, keep)
     for name in sorted(os.listdir(reports)):
-        if not name.startswith(prefix) or not name.endswith(".npz"):
+        if not name.startswith("shard-"):
             continue
         with np.load(os.path.join(reports, name)) as report:
             for key in counts:
-                counts[key] += int(report[key]) if key in report else (1 if key == "shards" else 0)
+                counts[key] += int(report[key])
             failed.update(json.loads(str(report["failed"])))
             acc.merge(BandAccumulator.from_state(report))
     return counts, failed, acc
-
-
-def _nodes() -> tuple[int, int]:
-    """``(nodes, this node's rank)`` of LitData's multi-node optimize (``DATA_OPTIMIZER_NUM_NODES`` /
-    ``DATA_OPTIMIZER_NODE_RANK``; 1 and 0 when unset)."""
-    nodes = int(os.environ.get("DATA_OPTIMIZER_NUM_NODES") or 1)
-    node = int(os.environ.get("DATA_OPTIMIZER_NODE_RANK") or 0)
-    if nodes < 1 or not 0 <= node < nodes:
-        raise ExploraGeoError(f"DATA_OPTIMIZER_NODE_RANK={node} is not in [0, DATA_OPTIMIZER_NUM_NODES={nodes}); "
-                              "give every node its rank.")
-    return nodes, node
-
-
-def _node_report_path(out: str, staging: Path, node: int) -> str:
-    """Where node ``node`` leaves its report: beside the shared staging folder, or under the URL."""
-    if is_url(out):
-        return out.rstrip("/") + f"/.explora-prepare/node-{node:04d}.npz"
-    return str(staging / f"node-{node:04d}.npz")
-
-
-def _share_node_report(out: str, staging: Path, node: int, counts: dict[str, int], failed: dict[str, str],
-                       acc: BandAccumulator, storage_options: dict[str, Any] | None) -> None:
-    """Write this node's summed report where node 0 looks for it (atomically / as one upload)."""
-    from explora_geo.data.store import _provider
-
-    local = staging / f".node-{node:04d}.{os.getpid()}.npz"
-    np.savez(local, failed=json.dumps(failed), **counts, **acc.state())
-    target = _node_report_path(out, staging, node)
-    if is_url(out):
-        _provider(target, storage_options).upload_file(str(local), target)
-        local.unlink()
-    else:
-        os.replace(local, target)
-
-
-def _gather_node_reports(out: str, staging: Path, nodes: int, channels: int, keep: int,
-                         storage_options: dict[str, Any] | None, timeout_s: float = 6 * 3600
-                         ) -> tuple[dict[str, int], dict[str, str], BandAccumulator]:
-    """Node 0: wait for every node's report (LitData's own merge already waited for their chunks), sum them."""
-    from explora_geo.data.store import _provider
-
-    folder = staging / "node-reports"
-    folder.mkdir(exist_ok=True)
-    deadline = time.monotonic() + timeout_s
-    for node in range(nodes):
-        source = _node_report_path(out, staging, node)
-        while not (url_exists(source, storage_options) if is_url(out) else os.path.exists(source)):
-            if time.monotonic() > deadline:
-                raise ExploraGeoError(f"node {node} left no report at {source} within {timeout_s / 3600:g} h; "
-                                      "check that node's output, then prepare again.")
-            time.sleep(2.0)
-        local = folder / f"node-{node:04d}.npz"
-        if is_url(out):
-            _provider(source, storage_options).download_file(source, str(local))
-        else:
-            shutil.copyfile(source, local)
-    return _merge_reports(str(folder), channels, keep, prefix="node-")
 
 
 def _bytes_of(folder: str) -> int:
@@ -560,10 +493,9 @@ def prepare_store(
     workers = default_workers() if workers is None else int(workers)
     if workers < 1:
         raise ExploraGeoError(f"--workers {workers} must be at least 1.")
-    nodes, node = _nodes()
-    if nodes > 1 and overwrite:
-        raise ExploraGeoError("--overwrite is not available when preparing on several nodes (each node would "
-                              f"clear the others' work); delete {out} first.")
+    if int(os.environ.get("DATA_OPTIMIZER_NUM_NODES", "1")) > 1:
+        raise ExploraGeoError("several prepare nodes (DATA_OPTIMIZER_NUM_NODES > 1) are not supported by this "
+                              "version; prepare on one machine (all its cores through --workers).")
     check_store_target(out, overwrite, storage_options)
     groups, too_small = _plan(catalog, int(patches), int(patch_size), sampler, roi, seed)
 
@@ -577,49 +509,32 @@ def prepare_store(
         raise ExploraGeoError("no patch position inside the data; check the ROI, --patch-size and --patches.")
     scene_files = {s.channels[0][0]: s.files for s in catalog.sources}
     keep = max(1, max_pixels // requested)
-    if is_url(out):
-        staging = Path(tempfile.mkdtemp(prefix="explora-prepare-"))
-    elif nodes > 1:  # shared by the nodes (a shared file system): a name every node derives alike
-        staging = Path(out).absolute().parent / f".{Path(out).name}.partial-nodes"
-    else:
-        staging = Path(out).absolute().parent / f".{Path(out).name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    reports = staging / f"reports-node{node}"
+    staging = Path(tempfile.mkdtemp(prefix="explora-prepare-")) if is_url(out) else \
+        Path(out).absolute().parent / f".{Path(out).name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    reports = staging / "reports"
     target = out if is_url(out) else str(staging / "store")
     writer = _ShardWriter(
         [g.dataset for g in groups], [g.crs.to_string() for g in groups], catalog.files, scene_files,
         catalog.nodata, catalog.offset, max_nodata_fraction, shard_size, keep, seed, str(reports))
     try:
-        reports.mkdir(parents=True, exist_ok=nodes > 1)
+        reports.mkdir(parents=True)
         stop, bar = _progress(str(reports), requested, {s[1]: len(s[2]) for s in shards}, progress)
         method = multiprocessing.get_start_method(allow_none=True)
         try:  # LitData starts its workers with "spawn" (and sets it process-wide: restored below)
             litdata.optimize(writer, shards, target, chunk_bytes=chunk_bytes, num_workers=min(workers, len(shards)),
-                             # several nodes: "append" keeps LitData from clearing the chunks other nodes
-                             # already wrote (it clears the output when each node starts otherwise)
-                             mode="append" if nodes > 1 else "overwrite", verbose=False, reorder_files=False,
+                             mode="overwrite", verbose=False, reorder_files=False,
                              storage_options=storage_options or {})
         finally:
             multiprocessing.set_start_method(method, force=True)
             stop()
             bar.close()
-        counts, failed, acc = _merge_reports(str(reports), len(catalog.bands), keep)
-        if nodes > 1:
-            _share_node_report(out, staging, node, counts, failed, acc, storage_options)
-            if node != 0:  # node 0 merges the nodes' reports and completes the store
-                return {"store": out, "node": node, "nodes": nodes, "patches_requested": counts["boxes"],
-                        "patches_written": counts["written"], "patches_rejected": counts["rejected"],
-                        "patches_unreadable": counts["unreadable"],
-                        "files_skipped": [{"path": p, "error": e} for p, e in sorted(failed.items())],
-                        "seconds": round(time.perf_counter() - started, 2),
-                        "patches_per_s": round(counts["written"] / (time.perf_counter() - started), 2)}
-            counts, failed, acc = _gather_node_reports(out, staging, nodes, len(catalog.bands), keep,
-                                                        storage_options)
-        if counts["shards"] != len(shards):
+        done = sum(1 for n in os.listdir(reports) if n.startswith("shard-"))
+        if done != len(shards):
             raise ExploraGeoError(
-                f"the prepare workers finished only {counts['shards']} of {len(shards)} shards (a worker died: out "
-                "of memory, or a script calling prepare_store without `if __name__ == \"__main__\":`); fix that "
-                "and run again."
+                f"the prepare workers finished only {done} of {len(shards)} shards (a worker died: out of memory, "
+                "or a script calling prepare_store without `if __name__ == \"__main__\":`); fix that and run again."
             )
+        counts, failed, acc = _merge_reports(str(reports), len(catalog.bands), keep)
         skipped = list(skipped_files) + [{"path": p, "error": e} for p, e in sorted(failed.items())]
         if counts["written"] == 0:
             raise ExploraGeoError(

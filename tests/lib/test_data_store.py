@@ -324,31 +324,3 @@ def test_roi_in_another_crs_confines_the_patches(t33: Any, tmp_path: Path) -> No
     with pytest.raises(ExploraGeoError, match="region of interest does not overlap"):
         prepare_store(build_catalog(path, bands=BANDS), tmp_path / "none", patches=5, patch_size=32,
                       roi=str(outside), workers=1, progress=False)
-
-
-def test_two_nodes_through_litdata_multi_node_make_one_complete_store(t33: Any, tmp_path: Path) -> None:
-    """Two 'machines' (processes with DATA_OPTIMIZER_NUM_NODES=2 and their rank) writing to one shared folder."""
-    pixels, transform, crs = t33
-    data = tmp_path / "data"
-    data.mkdir()
-    write_crop(data / "a.tif", pixels, transform, crs, 0, 0, 256)
-    write_crop(data / "b.tif", pixels, transform, crs, 300, 600, 200)
-    out = tmp_path / "store"
-    command = [sys.executable, "-m", "explora_geo", "prepare", "--data", str(data), "--bands", "B02,B08", "--out",
-               str(out), "--patches", "160", "--patch-size", "32", "--workers", "1"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DATA_OPTIMIZER_NUM_NODES": "2"}
-    procs = [subprocess.Popen(command, env={**env, "DATA_OPTIMIZER_NODE_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
-    outputs = [proc.communicate(timeout=600) for proc in procs]
-    for proc, (_, err) in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, err[-3000:]
-    node0, node1 = (json.loads(o.strip().splitlines()[-1]) for o, _ in outputs)
-    assert node1["node"] == 1 and 0 < node1["patches_written"] < 160
-    assert node0["patches_requested"] == 160 and node0["patches_written"] == 160
-    samples = stream_raw(out)
-    assert sorted(s["patch_id"] for s in samples) == sorted({s["patch_id"] for s in samples})
-    assert len(samples) == 160
-    meta = read_store_metadata(out)
-    assert meta["counts"]["written"] == 160
-    assert meta["stats"]["pixels"] == sum(int(s["valid_mask"].sum()) for s in samples)  # both nodes' pixels
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "store"]  # the shared staging folder is gone
