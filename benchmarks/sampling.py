@@ -14,7 +14,8 @@ px (default 4096), two in UTM 32N and two in UTM 33N.
    - **on the fly**: ``explora_geo.data.sampling.PatchDataset`` (what ``PretrainDataModule`` reads with) on
      the same windows of each file's own grid (a stored patch straddling two files of one CRS, which torchgeo
      merges, becomes the window of the same size shifted inside the file holding its centre);
-   - **store**: the store streamed with LitData (``StreamingDataset`` + ``StreamingDataLoader``).
+   - **store**: ``explora_geo.data.streaming.StoreDataModule`` (what ``pretrain --data STORE`` reads with:
+     LitData ``StreamingDataset`` + ``StreamingDataLoader``, shuffled).
 
    Every side yields float32 ``[B, 13, 224, 224]`` batches (the on-the-fly and store sides also fill nodata
    and return the valid mask, as pre-training uses them).
@@ -23,13 +24,18 @@ px (default 4096), two in UTM 32N and two in UTM 33N.
    creates its loader inside the timed section, so worker start-up counts.
 
 Last line: ``store_cold_vs_torchgeo=<x> onthefly_cold_vs_torchgeo=<y> store_warm_vs_torchgeo=<z>`` (patches/s
-over stock torchgeo's patches/s, cold over cold, warm over warm). Targets: x >= 10, y >= 2.
-Usage: ``python benchmarks/sampling.py [--quick] [--size PX] [--patches N] [--workers N] [--batch N]``.
+over stock torchgeo's patches/s, cold over cold, warm over warm). Targets: x >= 10, y >= 2. Each pass also
+prints its CPU milliseconds per patch (this process plus its exited loader workers), which depend much less
+on other load than patches/s do.
+Usage: ``python benchmarks/sampling.py [--quick] [--size PX] [--patches N] [--workers N] [--batch N]
+[--no-store]`` (``--no-store``: torchgeo and on the fly only, on patches drawn by the on-the-fly sampler).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -98,26 +104,42 @@ def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
-def timed_pass(make_loader: Any, count: int) -> tuple[float, float]:
-    """(patches/s, seconds) of one pass: the loader (and its workers) is created inside the timing."""
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of its finished children (loader workers)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed_pass(make_loader: Any, count: int) -> tuple[float, float, float]:
+    """(patches/s, seconds, CPU ms per patch) of one pass: the loader (and its workers) is created inside
+    the timing; CPU time counts the workers once they have exited (the loader is released first)."""
+    cpu0 = cpu_seconds()
     start = time.perf_counter()
     seen = 0
-    for batch in make_loader():
+    loader = make_loader()
+    for batch in loader:
         image = batch["image"]
         assert image.dtype == torch.float32 and image.shape[1:] == (13, PATCH, PATCH), (image.dtype, image.shape)
         seen += int(image.shape[0])
     elapsed = time.perf_counter() - start
+    del loader, batch
+    gc.collect()
     assert seen == count, (seen, count)
-    return seen / elapsed, elapsed
+    assert not multiprocessing.active_children(), "loader workers still running: their CPU time would be missed"
+    return seen / elapsed, elapsed, (cpu_seconds() - cpu0) * 1000 / seen
 
 
-def cold_and_warm(name: str, make_loader: Any, count: int, files: list[Path]) -> tuple[float, float]:
+def cold_and_warm(name: str, make_loader: Any, count: int, files: list[Path]) -> tuple[float, float, float]:
+    """(cold patches/s, warm patches/s, cold CPU ms per patch), printed."""
     evicted = evict(files)
-    cold, cold_s = timed_pass(make_loader, count)
-    warm, warm_s = timed_pass(make_loader, count)
-    print(f"{name}: cold {cold:.1f} patches/s ({cold_s:.1f} s, {evicted / 2**20:.0f} MiB evicted first); "
-          f"warm {warm:.1f} patches/s ({warm_s:.1f} s)", flush=True)
-    return cold, warm
+    cold, cold_s, cold_cpu = timed_pass(make_loader, count)
+    warm, warm_s, warm_cpu = timed_pass(make_loader, count)
+    print(f"{name}: cold {cold:.1f} patches/s ({cold_s:.1f} s, {cold_cpu:.0f} CPU ms/patch, "
+          f"{evicted / 2**20:.0f} MiB evicted first); warm {warm:.1f} patches/s ({warm_s:.1f} s, "
+          f"{warm_cpu:.0f} CPU ms/patch)", flush=True)
+    return cold, warm, cold_cpu
 
 
 PATCH = 224
@@ -133,6 +155,22 @@ def store_positions(store: Path) -> list[tuple[str, tuple[float, float, float, f
     for i in range(len(ds)):
         item = ds[i]
         out.append((str(item["crs"]), tuple(float(v) for v in np.asarray(item["bounds"]))))
+    return out
+
+
+def drawn_positions(catalog: Any, count: int, seed: int) -> list[tuple[str, tuple[float, float, float, float]]]:
+    """``(crs, bounds)`` of ``count`` windows drawn by the on-the-fly sampler (for ``--no-store``)."""
+    from rasterio.windows import Window as RWindow
+    from rasterio.windows import bounds
+
+    from explora_geo.data.sampling import WindowSampler
+
+    sampler = WindowSampler(catalog.sources, PATCH)
+    out = []
+    for i in range(count):
+        w = sampler.draw(np.random.default_rng([seed, 0, i, 0]))
+        source = catalog.sources[w.source]
+        out.append((source.crs.to_string(), bounds(RWindow(w.col, w.row, w.size, w.size), source.transform)))
     return out
 
 
@@ -196,23 +234,6 @@ class FixedWindows(torch.utils.data.Dataset):
         return {"image": torch.from_numpy(fill_nodata(raw, valid)), "valid_mask": torch.from_numpy(valid)}
 
 
-def store_items(store: Path) -> Any:
-    """The store as a LitData ``StreamingDataset`` yielding float32 images with nodata filled (the store's
-    share of the work the other sides do)."""
-    from litdata import StreamingDataset
-
-    from explora_geo.data.nodata import fill_nodata
-
-    class StoreItems(StreamingDataset):
-        def __getitem__(self, index: Any) -> dict[str, Any]:
-            item = super().__getitem__(index)
-            valid = np.asarray(item["valid_mask"])
-            return {"image": torch.from_numpy(fill_nodata(np.asarray(item["image"]), valid)),
-                    "valid_mask": torch.from_numpy(valid)}
-
-    return StoreItems(str(store))
-
-
 def main() -> None:
     global PATCH
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -224,6 +245,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tmpdir", default=None, help="where to generate (default: the system temp folder)")
+    parser.add_argument("--no-store", action="store_true",
+                        help="skip the store (torchgeo and on-the-fly sides on patches drawn by the on-the-fly sampler)")
     args = parser.parse_args()
     size = args.size or (1024 if args.quick else 4096)
     patches = args.patches or (64 if args.quick else 480)
@@ -236,6 +259,7 @@ def main() -> None:
     from explora_geo.data.catalog import build_catalog
     from explora_geo.data.prepare import prepare_store
     from explora_geo.data.sampling import PatchDataset
+    from explora_geo.data.streaming import StoreDataModule
 
     root = Path(tempfile.mkdtemp(prefix="explora-geo-bench-", dir=args.tmpdir))
     try:
@@ -249,21 +273,24 @@ def main() -> None:
               f"DEFLATE) in {time.perf_counter() - t0:.1f} s", flush=True)
 
         catalog = build_catalog(data, bands=BANDS)
-        evict(files)
-        summary = prepare_store(catalog, store, patches=patches, patch_size=PATCH, workers=workers,
-                                seed=args.seed, progress=False, max_nodata_fraction=1.0)
-        written = int(summary["patches_written"])
-        assert written == patches, summary
-        chunks = [p for p in files_under(store) if p.suffix == ".bin"]
-        chunk_bytes = sum(p.stat().st_size for p in chunks)
-        print(f"prepare (cold sources, {workers} workers): {written / summary['seconds']:.1f} patches/s "
-              f"({summary['seconds']:.1f} s); store {summary['bytes'] / 2**20:.1f} MiB, "
-              f"{chunk_bytes / written / 1024:.0f} KiB of chunks per patch "
-              f"(raw pixels {13 * PATCH * PATCH * 2 / 1024:.0f} KiB)", flush=True)
-
-        positions = store_positions(store)
-        zones = {crs for crs, _ in positions}
-        print(f"{len(positions)} stored patches in {len(zones)} CRS: every side reads these", flush=True)
+        if args.no_store:
+            positions = drawn_positions(catalog, patches, args.seed)
+            print(f"--no-store: {len(positions)} patches drawn by the on-the-fly sampler; every side reads these")
+        else:
+            evict(files)
+            summary = prepare_store(catalog, store, patches=patches, patch_size=PATCH, workers=workers,
+                                    seed=args.seed, progress=False, max_nodata_fraction=1.0)
+            assert int(summary["patches_written"]) == patches, summary
+            chunks = [p for p in files_under(store) if p.suffix == ".bin"]
+            chunk_bytes = sum(p.stat().st_size for p in chunks)
+            print(f"prepare (cold sources, {workers} workers, start-up included): "
+                  f"{patches / summary['seconds']:.1f} patches/s ({summary['seconds']:.1f} s); store "
+                  f"{summary['bytes'] / 2**20:.1f} MiB, {chunk_bytes / patches / 1024:.0f} KiB of chunks per patch "
+                  f"(raw pixels {13 * PATCH * PATCH * 2 / 1024:.0f} KiB)", flush=True)
+            positions = store_positions(store)
+            zones = {crs for crs, _ in positions}
+            print(f"{len(positions)} stored patches in {len(zones)} CRS: every side reads these", flush=True)
+        written = len(positions)
 
         stock = RasterDataset(paths=data)
         boxes = torchgeo_boxes(stock, positions)
@@ -272,7 +299,7 @@ def main() -> None:
             return DataLoader(stock, sampler=boxes, batch_size=batch, num_workers=workers,
                               collate_fn=stack_samples)
 
-        tg_cold, tg_warm = cold_and_warm("stock torchgeo", torchgeo_loader, written, files)
+        tg_cold, tg_warm, tg_cpu = cold_and_warm("stock torchgeo", torchgeo_loader, written, files)
 
         onthefly = PatchDataset(catalog, patch_size=PATCH, length=written, normalization=None)
         fixed = FixedWindows(onthefly, unit_windows(catalog, positions))
@@ -280,15 +307,21 @@ def main() -> None:
         def onthefly_loader() -> DataLoader:
             return DataLoader(fixed, batch_size=batch, num_workers=workers)
 
-        otf_cold, _ = cold_and_warm("on the fly", onthefly_loader, written, files)
+        otf_cold, _, otf_cpu = cold_and_warm("on the fly", onthefly_loader, written, files)
+
+        if args.no_store:
+            print(f"cold CPU per patch, torchgeo over on the fly: {tg_cpu / otf_cpu:.2f}")
+            print(f"onthefly_cold_vs_torchgeo={otf_cold / tg_cold:.2f} (no store: --no-store)")
+            return
 
         def store_loader() -> Any:
-            from litdata import StreamingDataLoader
+            return StoreDataModule(store, bands=BANDS, batch_size=batch, num_workers=workers,
+                                   seed=args.seed).train_dataloader()
 
-            return StreamingDataLoader(store_items(store), batch_size=batch, num_workers=workers)
+        st_cold, st_warm, st_cpu = cold_and_warm("store (StoreDataModule, LitData streaming)", store_loader,
+                                                 written, files_under(store))
 
-        st_cold, st_warm = cold_and_warm("store (LitData streaming)", store_loader, written, files_under(store))
-
+        print(f"cold CPU per patch, torchgeo over: store {tg_cpu / st_cpu:.2f}, on the fly {tg_cpu / otf_cpu:.2f}")
         print(f"store_cold_vs_torchgeo={st_cold / tg_cold:.2f} onthefly_cold_vs_torchgeo={otf_cold / tg_cold:.2f} "
               f"store_warm_vs_torchgeo={st_warm / tg_warm:.2f}")
     finally:

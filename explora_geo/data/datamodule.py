@@ -66,8 +66,9 @@ class PretrainDataModule(L.LightningDataModule):
         nodata: nodata value (default: the files' metadata, else 0).
         max_nodata_fraction: patches with more missing pixels are redrawn (0..1).
         roi: vector file restricting where patches are centred (any CRS).
-        res, crs: resolution / CRS of the torchgeo path (defaults chosen and reported by :meth:`describe`);
-            the fast path cuts patches on each file's own grid at ``res``.
+        res, crs: the catalog's resolution (in the CRS's units) and CRS (defaults chosen and reported by
+            :meth:`describe`); both readers cut every file on its own grid at that resolution in metres (a
+            geographic file on its UTM zone's grid, see :func:`~explora_geo.data.catalog.build_catalog`).
         seed: base seed.
         fast: read with direct windowed reads (True) or through torchgeo datasets (False); both cut the same
             windows of each file's grid.
@@ -220,7 +221,8 @@ class PretrainDataModule(L.LightningDataModule):
         self.setup()
         assert self.catalog is not None and self.dataset is not None
         if self.fast:
-            reader = f"fast (windowed reads on each unit's grid, at most {self.dataset.reader.pool.max_open} files open)"
+            most = self.dataset.reader.pool.max_open
+            reader = f"fast (windowed reads on each unit's grid, at most {most} files open per process)"
         else:
             reader = "torchgeo (one dataset per CRS, same windows)"
         roi = f"; roi: {Path(self.roi).name}" if self.roi else ""
