@@ -8,18 +8,22 @@ reading a catalog :class:`~explora_geo.data.catalog.Source` with rasterio on its
 and a run folder that can be resumed.
 
 Inputs are the units of a :class:`~explora_geo.data.catalog.Catalog` (bands located by name): a multi-band
-raster, a scene of per-band files, or a STAC item. Each gives, in ``out``:
+raster, a scene of per-band files, or a STAC item. Each gives, in ``out``, Cloud-Optimized GeoTIFFs with the
+pixels of the plugin's files:
 
 - classifiers: ``<stem>_classes.tif`` (class ids, category names and colour table), ``<stem>_probability.tif``
-  and ``<stem>_grid.gpkg``, the files the plugin's ``classify`` writes;
+  and ``<stem>_grid.gpkg``, as the plugin's ``classify``;
 - embedders: ``<stem>_embedding.tif``, as the plugin's ``embed``;
 - segmenters: ``<stem>_segmentation.tif`` (per-pixel classes at the model's GSD, windows blended by the core's
   ``SegmentationConsumer``; names and colours), as the plugin's ``segment``.
 
-``out/predict-run.json`` records the bundle (SHA-256) and the settings, ``out/done/<stem>.json`` each finished
-input: a rerun skips those, and a folder holding a run of another bundle or settings is refused. With
-``devices``/``num_nodes`` above one, Lightning's predict loop spreads the inputs over processes (DDP), each
-writing its own inputs' files and records, and rank 0 merges the records at the end.
+A large input is split into parts, bands of tile rows (``part_rows``); each part is run exactly as in a run of
+the whole input (segmenters: with the neighbouring windows that reach into it) and written to
+``out/parts/<stem>/``; the merge step stacks the parts into the input's files. ``out/predict-run.json`` records
+the bundle (SHA-256) and the settings, ``out/parts/<stem>/p<j>.json`` each finished part, ``out/done/<stem>.json``
+each finished input: a rerun skips those, and a folder holding a run of another bundle or settings is refused.
+With ``devices``/``num_nodes`` above one, Lightning's predict loop spreads the parts over processes (DDP), each
+writing its own parts, and rank 0 merges after a barrier.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +47,9 @@ __all__ = ["RUN_FILE", "PredictSettings", "SourceReader", "catalog_at_gsd", "ope
 
 RUN_FILE = "predict-run.json"
 DONE_DIR = "done"  # one record per finished input: <stem>.json
+PARTS_DIR = "parts"  # parts of inputs split in bands of rows: parts/<stem>/p<j>_<file> and p<j>.json
+PART_PIXELS = 4096 * 4096  # default part size, pixels of the input at the model's GSD
+MIN_PART_ROWS = 16  # default parts have at least this many tile rows
 _FORMAT = "explora-geo-predict-run"
 
 
@@ -71,6 +78,8 @@ class PredictSettings:
         nodata: an extra nodata value, besides each file's own.
         scale, offset: input transform ``value * scale + offset`` before the model's normalisation.
         device: ``auto``, ``cpu`` or ``cuda`` (ONNX Runtime execution provider).
+        part_rows: tile rows per part of an input (``None``: about 4096 x 4096 px, at least 16 rows); parts are
+            the unit that processes share and a rerun resumes.
     """
 
     stride: int | None = None
@@ -80,9 +89,11 @@ class PredictSettings:
     scale: float = 1.0
     offset: float = 0.0
     device: str = "auto"
+    part_rows: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("stride", "batch_size", "min_valid", "nodata", "scale", "offset")}
+        return {k: getattr(self, k) for k in ("stride", "batch_size", "min_valid", "nodata", "scale", "offset",
+                                              "part_rows")}
 
 
 class SourceReader:
@@ -244,21 +255,27 @@ def predict(
 ) -> dict[str, Any]:
     """Run ``bundle`` on every unit of ``catalog`` and write the plugin's products into ``out``.
 
+    The unit of work is a part: a band of tile rows of one input (:meth:`TileGrid.row_bands`, ``part_rows``
+    rows; an input of one part is written straight to its files). A part's tiles are read, filled, scaled, run
+    and (segmenters: with the windows of the neighbouring rows that reach into it) blended exactly as in a run
+    over the whole input; its files go to ``out/parts/<stem>/`` with a record, and the merge step stacks an
+    input's parts into its Cloud-Optimized GeoTIFFs (and one grid), records the input and removes its parts.
+
     Args:
         bundle: the ``.onnx`` file written by ``explora-geo export``.
-        catalog: the inputs, built with the bundle's bands at its GSD (see :func:`catalog_for_bundle`).
-        out: the run folder (created; resumable).
-        settings: tiling, batching, nodata, input transform, device.
+        catalog: the inputs, built with the bundle's bands at its GSD (see :func:`catalog_at_gsd`).
+        out: the run folder (created; resumable: finished inputs and parts are skipped).
+        settings: tiling, batching, nodata, input transform, device, part size.
         roi: a vector file (any CRS): only pixels inside count as valid.
         model: the bundle already opened by :func:`open_bundle` (else it is opened here).
         progress: ``progress(input_name, percent)`` during each input.
-        log: receives one line per input (and the engine's notes).
-        devices, num_nodes: processes per node and nodes: above 1 x 1, Lightning's predict loop runs the inputs
-            over ranks (DDP; see :func:`_run_distributed`), and rank 0 merges the ranks' records.
+        log: receives one line per input or part (and the engine's notes).
+        devices, num_nodes: processes per node and nodes: above 1 x 1, Lightning's predict loop runs the parts
+            over ranks (DDP; see :func:`_run_distributed`), and rank 0 merges after every rank finished.
 
     Returns:
         a summary: ``{"out", "bundle", "model_type", "inputs": [{"name", "files", "tiles_run", "tiles",
-        "skipped": bool, ...}], "finished", "skipped"}``.
+        "parts", "skipped": bool, ...}], "finished", "skipped"}`` (on ranks other than 0: their parts only).
 
     Raises:
         ExploraGeoError: a bundle that is not an explora-geo ONNX bundle, a folder holding another run, and
@@ -267,12 +284,13 @@ def predict(
     pipeline = _core()
     from explora_geo_qgis.core.blending import SegmentationConsumer
     from explora_geo_qgis.core.errors import PluginError
-    from explora_geo_qgis.core.outputs import write_classification, write_embedding
-    from explora_geo_qgis.core.writers import write_geotiff
+    from explora_geo_qgis.core.outputs import write_classification, write_embedding, write_segmentation
+    from explora_geo_qgis.core.tiling import TileGrid
 
     bundle, out = Path(bundle), Path(out)
+    distributed = devices * num_nodes > 1
     if model is None:  # distributed: every process opens its own session on its device (see _run_distributed)
-        model = open_bundle(bundle, "cpu" if devices * num_nodes > 1 else settings.device)
+        model = open_bundle(bundle, "cpu" if distributed else settings.device)
     info = model.info
     segmenter = info.model_type == "segmenter"
     if info.model_type not in ("classifier", "embedder", "segmenter") or (
@@ -284,6 +302,8 @@ def predict(
         raise ExploraGeoError(f"--stride {stride} must be between 1 and the model's tile size {info.tile_size} px.")
     if settings.batch_size < 1:
         raise ExploraGeoError(f"--batch-size {settings.batch_size} must be at least 1.")
+    if settings.part_rows is not None and settings.part_rows < 1:
+        raise ExploraGeoError(f"--part-rows {settings.part_rows} must be at least 1 (tile rows per part).")
     record = {"format": _FORMAT, "format_version": 1, "bundle": str(bundle.resolve()),
               "bundle_sha256": _sha256(bundle), "model_type": info.model_type,
               "settings": {**settings.to_dict(), "stride": stride, "roi": str(roi) if roi else None}}
@@ -293,86 +313,151 @@ def predict(
                                         min_valid=settings.min_valid, scale=settings.scale, offset=settings.offset)
     stems = _stems(catalog.sources)
     (out / DONE_DIR).mkdir(exist_ok=True)
-    opened = {"model": model}
+    grids = [TileGrid.from_overlap(s.width, s.height, info.tile_size, run_settings.overlap) for s in catalog.sources]
+    parts = [g.row_bands(settings.part_rows or _default_part_rows(g)) for g in grids]
+    files = [_outputs(stem, info.model_type) for stem in stems]
 
-    def run_one(k: int, prefix: str = "") -> dict[str, Any]:
-        """Input ``k``: skipped when an earlier run finished it, else run and written, then recorded."""
-        source, stem = catalog.sources[k], stems[k]
-        files = _outputs(stem, info.model_type)
-        record_path = out / DONE_DIR / f"{stem}.json"
-        if record_path.exists() and all((out / f).exists() for f in files.values()):
-            log(f"{prefix}{source.name}: finished in an earlier run, skipped")
-            return {"name": source.name, "files": files, "skipped": True}
+    def finished(k: int) -> bool:
+        return (out / DONE_DIR / f"{stems[k]}.json").exists() and all((out / f).exists() for f in files[k].values())
+
+    def part_files(k: int, j: int) -> dict[str, Path]:
+        return {key: out / PARTS_DIR / stems[k] / f"p{j:05d}_{name}" for key, name in files[k].items()}
+
+    def part_record(k: int, j: int) -> Path:
+        return out / PARTS_DIR / stems[k] / f"p{j:05d}.json"
+
+    earlier = [finished(k) for k in range(len(stems))]
+    items = [(k, j) for k in range(len(stems)) if not earlier[k] for j in range(len(parts[k]))
+             if len(parts[k]) == 1 or not (part_record(k, j).exists()
+                                           and all(p.exists() for p in part_files(k, j).values()))]
+    todo = set(items)
+    resumed = [f"{catalog.sources[k].name} part {j + 1}/{len(parts[k])}" for k in range(len(stems))
+               if not earlier[k] and len(parts[k]) > 1 for j in range(len(parts[k])) if (k, j) not in todo]
+    if resumed:
+        log(f"{len(resumed)} part(s) finished in an earlier run, skipped: {', '.join(resumed[:5])}"
+            + (", ..." if len(resumed) > 5 else ""))
+    opened = {"model": model if not distributed else None}
+
+    def run_item(i: int, prefix: str = "") -> dict[str, Any]:
+        """Work item ``i``: part ``j`` of input ``k`` run and written (an input of one part: its own files,
+        recorded as finished), then recorded."""
+        k, j = items[i]
+        source, grid, n_parts = catalog.sources[k], grids[k], len(parts[k])
+        r0, r1 = parts[k][j]
+        whole = n_parts == 1
+        name = source.name if whole else f"{source.name} part {j + 1}/{n_parts}"
         if opened["model"] is None:
             opened["model"] = open_bundle(bundle, settings.device)
             if opened["model"].device_note:
                 log(prefix + opened["model"].device_note)
         engine = opened["model"]
         reader = SourceReader(source, nodata=settings.nodata, mask=_roi_mask(roi, source))
-        consumer = SegmentationConsumer(len(info.class_names)) if segmenter else None
+        pixel_rows = (r0 * grid.stride, min(r1 * grid.stride, grid.height))
+        consumer = None if not segmenter else SegmentationConsumer(
+            len(info.class_names), rows=None if whole else pixel_rows)
+        # a segmenter part also runs the windows of the rows around it that reach into its pixels (its halo)
+        tile_rows = None if whole else grid.windows_over(*pixel_rows) if segmenter else (r0, r1)
+        paths = {key: out / f for key, f in files[k].items()} if whole else part_files(k, j)
+
+        def step(p: float, n: str = source.name) -> None:
+            progress(n, 100.0 * (j + p / 100.0) / n_parts)
+
         try:
             results = pipeline.infer(reader, engine, run_settings, outputs=outputs, source=source.name,
-                                     progress=(lambda p, n=source.name: progress(n, p)) if progress else None,
-                                     consumer=consumer)
+                                     progress=step if progress else None, consumer=consumer, rows=tile_rows)
             if info.is_classifier:
-                write_classification(results, info, grid_path=out / files["grid"], class_path=out / files["classes"],
-                                     prob_path=out / files["probability"])
-            elif segmenter:  # as the plugin's segment algorithm writes its class raster
-                blender = consumer.blender
-                write_geotiff(out / files["segmentation"], blender.class_id[None], reader.geotransform,
-                              reader.crs_wkt, nodata=blender.nodata_id, descriptions=["class"],
-                              class_names=info.class_names, class_colors=info.class_colors)
+                write_classification(results, info, grid_path=paths["grid"], class_path=paths["classes"],
+                                     prob_path=paths["probability"], cog=whole)
+            elif segmenter:
+                write_segmentation(consumer.blender, info, reader.geotransform, reader.crs_wkt,
+                                   class_path=paths["segmentation"], cog=whole)
             else:
-                write_embedding(results, out / files["embedding"])
+                write_embedding(results, paths["embedding"], cog=whole)
         except PluginError as err:
             raise ExploraGeoError(f"{source.name}: {err}") from err
         finally:
             reader.close()
-        for note in results.notes:
+        for note in results.notes if j == 0 else []:
             log(f"{prefix}{source.name}: {note}")
-        log(f"{prefix}{source.name}: {results.summary(engine.execution_provider)}")
-        entry = {"name": source.name, "files": files, "tiles_run": results.tiles_run,
-                 "tiles": int(results.ran.size), "tiles_partial": results.tiles_partial,
-                 "seconds": round(results.seconds, 3), "device": engine.execution_provider}
-        write_text_atomic(record_path, json.dumps(entry))
-        return {**entry, "skipped": False}
+        log(f"{prefix}{name}: {results.summary(engine.execution_provider)}")
+        own = slice(r0 - results.row0, r1 - results.row0)  # the part's own tile rows (not its halo)
+        entry = {"name": source.name, "files": files[k], "tiles_run": int(results.ran[own].sum()),
+                 "tiles": int(results.ran[own].size), "tiles_partial": int(results.partial[own].sum()),
+                 "seconds": round(results.seconds, 3), "device": engine.execution_provider, "parts": n_parts}
+        write_text_atomic(out / DONE_DIR / f"{stems[k]}.json" if whole else part_record(k, j), json.dumps(entry))
+        return {**entry, "part": j, "skipped": False}
+
+    def merge(k: int) -> None:
+        """The merge step of input ``k`` (of several parts, all recorded): its files from the parts' files, its
+        record from theirs; then its parts are removed."""
+        if earlier[k] or len(parts[k]) == 1:
+            return
+        from explora_geo_qgis.core.writers import merge_tile_grids, mosaic_rows
+
+        records = []
+        for j in range(len(parts[k])):
+            if not part_record(k, j).exists():
+                raise ExploraGeoError(f"{catalog.sources[k].name} part {j + 1} was not finished by any rank; rerun "
+                                      "the same command to resume.")
+            records.append(json.loads(part_record(k, j).read_text()))
+        scale = grids[k].stride if segmenter else 1  # segmentation rows are pixels, the others cells
+        for key, name in files[k].items():
+            pieces = [part_files(k, j)[key] for j in range(len(parts[k]))]
+            if key == "grid":
+                merge_tile_grids(pieces, out / name)
+            else:
+                mosaic_rows([(p, r0 * scale) for p, (r0, _) in zip(pieces, parts[k], strict=True)], out / name)
+        entry = {**records[0], **{n: sum(r[n] for r in records) for n in ("tiles_run", "tiles", "tiles_partial")},
+                 "seconds": round(sum(r["seconds"] for r in records), 3)}
+        write_text_atomic(out / DONE_DIR / f"{stems[k]}.json", json.dumps(entry))
+        shutil.rmtree(out / PARTS_DIR / stems[k])
+        log(f"{catalog.sources[k].name}: merged {len(parts[k])} parts into {', '.join(files[k].values())}")
 
     summary: dict[str, Any] = {"out": str(out), "bundle": str(bundle), "model_type": info.model_type, "rank": 0}
-    if devices * num_nodes > 1:
-        started = time.time()
-        entries, rank = _run_distributed(run_one, len(stems), devices, num_nodes, settings.device, opened)
+    if distributed:
+        mine, rank = _run_distributed(run_item, len(items), devices, num_nodes, settings.device, opened)
         summary["rank"] = rank
         if rank != 0:
-            summary.update(inputs=entries, finished=sum(not e["skipped"] for e in entries))
+            summary.update(inputs=mine, finished=len(mine))
             return summary
-        # the merge step (rank 0, after every rank finished): the inputs as recorded by all ranks
-        mine = {e["name"]: e for e in entries}
-        entries = []
-        for source, stem in zip(catalog.sources, stems, strict=True):
-            path = out / DONE_DIR / f"{stem}.json"
-            if source.name in mine:
-                entries.append(mine[source.name])
-            elif path.exists():  # another rank's: finished now, or in an earlier run (then skipped)
-                entries.append({**json.loads(path.read_text()), "skipped": path.stat().st_mtime < started})
-            else:
-                raise ExploraGeoError(f"{source.name} was not finished by any rank; rerun the same command to "
-                                      "resume.")
     else:
-        if model is not None and model.device_note:
+        if model.device_note:
             log(model.device_note)
-        entries = [run_one(k) for k in range(len(stems))]
+        for i in range(len(items)):
+            run_item(i)
+            k = items[i][0]
+            if i + 1 == len(items) or items[i + 1][0] != k:
+                merge(k)  # this input's last part: merge now (its disk space freed before the next input)
+    entries = []
+    for k, source in enumerate(catalog.sources):
+        if earlier[k]:
+            log(f"{source.name}: finished in an earlier run, skipped")
+            entries.append({"name": source.name, "files": files[k], "skipped": True})
+            continue
+        if distributed:
+            merge(k)  # the one merge step: rank 0, after every rank finished its parts
+        done = out / DONE_DIR / f"{stems[k]}.json"
+        if not done.exists():
+            raise ExploraGeoError(f"{source.name} was not finished by any rank; rerun the same command to resume.")
+        entries.append({**json.loads(done.read_text()), "skipped": False})
     summary["inputs"] = entries
     summary["finished"] = sum(not e["skipped"] for e in entries)
     summary["skipped"] = sum(e["skipped"] for e in entries)
     return summary
 
 
-def _run_distributed(run_one: Callable[..., dict[str, Any]], n_inputs: int, devices: int, num_nodes: int,
+def _default_part_rows(grid: Any) -> int:
+    """Tile rows per part: about :data:`PART_PIXELS` pixels of the input, at least :data:`MIN_PART_ROWS` rows
+    (so that a segmenter part's halo, the window rows above and below it, stays a small share)."""
+    return max(MIN_PART_ROWS, PART_PIXELS // (grid.width * grid.stride))
+
+
+def _run_distributed(run_item: Callable[..., dict[str, Any]], n_items: int, devices: int, num_nodes: int,
                      device: str, opened: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
-    """Run the inputs over ``devices`` x ``num_nodes`` processes with Lightning's predict loop (DDP: Lightning
-    launches the processes, or joins those torchrun/SLURM started). Rank ``r`` of ``w`` takes inputs ``r, r + w,
-    ...``; each writes its own files and done records. Returns this rank's entries and its global rank, after a
-    barrier (every rank done).
+    """Run the work items (parts of inputs) over ``devices`` x ``num_nodes`` processes with Lightning's predict
+    loop (DDP: Lightning launches the processes, or joins those torchrun/SLURM started). Rank ``r`` of ``w``
+    takes items ``r, r + w, ...``; each writes its own parts' files and records. Returns this rank's entries and
+    its global rank, after a barrier (every rank done), so rank 0 can merge.
 
     ONNX Runtime does the compute; Lightning only places the processes (CPU accelerator, gloo). With a CUDA
     device, each process sees only its local GPU (``CUDA_VISIBLE_DEVICES``), set before its session is made.
@@ -380,7 +465,7 @@ def _run_distributed(run_one: Callable[..., dict[str, Any]], n_inputs: int, devi
     import lightning as L
     import torch
 
-    class _Inputs(L.LightningModule):
+    class _Parts(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             self.entries: list[dict[str, Any]] = []
@@ -390,19 +475,19 @@ def _run_distributed(run_one: Callable[..., dict[str, Any]], n_inputs: int, devi
                 visible = os.environ.get("CUDA_VISIBLE_DEVICES")
                 gpus = visible.split(",") if visible else [str(i) for i in range(devices)]
                 os.environ["CUDA_VISIBLE_DEVICES"] = gpus[self.trainer.local_rank % len(gpus)]
-            opened["model"] = None  # opened by this process, on its device, at its first input
+            opened["model"] = None  # opened by this process, on its device, at its first part
 
         def predict_dataloader(self) -> Any:
-            mine = list(range(n_inputs))[self.trainer.global_rank::self.trainer.world_size]
+            mine = list(range(n_items))[self.trainer.global_rank::self.trainer.world_size]
             return torch.utils.data.DataLoader(mine, batch_size=None)
 
         def predict_step(self, batch: Any, batch_idx: int) -> None:
-            self.entries.append(run_one(int(batch), prefix=f"[rank {self.trainer.global_rank}] "))
+            self.entries.append(run_item(int(batch), prefix=f"[rank {self.trainer.global_rank}] "))
 
         def on_predict_end(self) -> None:
             self.trainer.strategy.barrier("explora-geo predict: every rank done")
 
-    module = _Inputs()
+    module = _Parts()
     trainer = L.Trainer(accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy="ddp", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False)

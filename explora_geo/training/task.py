@@ -132,6 +132,9 @@ class ExploraPretrainTask(BaseTask):
     ) -> None:
         if objective not in ("mae", "dinov2"):
             raise ExploraGeoError(f"unknown objective {objective!r}; use --objective mae or dinov2.")
+        if isinstance(unfreeze, str) and unfreeze.strip().lower() == "auto":
+            raise ExploraGeoError("unfreeze 'auto' is a block search before the run; use `explora-geo pretrain "
+                                  "--unfreeze auto` or `explora-geo select-blocks`, then pass the chosen spec.")
         self.loss_history: list[tuple[int, float]] = []
         self.val_history: list[tuple[int, float]] = []
         self._pending: list[Tensor] = []

@@ -220,3 +220,31 @@ def test_l2a_safe_granule_layout(tmp_path: Path) -> None:
     assert (cat.sources[0].width, cat.res) == (64, (10.0, 10.0))
     assert cat.offset == 1000 and "N0509" in cat.offset_origin
     assert any("ignored 2 auxiliary file(s)" in n for n in cat.notes)
+
+
+def test_grid_units_is_the_one_grid_step_of_files_and_stac(t33uuu_dir: Path) -> None:
+    """``grid_units`` (public) places units on their grids for both catalog builders: a file's own grid at its
+    GSD, a coarser grid over its bounds at another, the files' nodata; ``stac`` uses it and no private helper."""
+    import ast
+    import inspect
+
+    import explora_geo.data.stac as stac
+    from explora_geo.data.catalog import grid_units, inspect_raster
+
+    info = inspect_raster(str(next(t33uuu_dir.glob("*_B02.jp2"))))
+    units = [("scene", ((info.path, 1),), info)]
+    notes: list[str] = []
+    native = grid_units(units, crs_from=[info], nodata_from=[info], notes=notes)
+    (source,) = native.sources
+    assert (source.width, source.height, source.transform) == (info.width, info.height, info.transform)
+    assert native.gsd == (10.0, 10.0) and native.crs == info.crs and any("res chosen" in n for n in notes)
+    assert (native.nodata, native.nodata_origin) == (
+        (info.nodata, "file metadata") if info.nodata is not None else
+        (0.0, "assumed: files declare none, 0 is the fill value of mosaic gaps"))
+    coarse = grid_units(units, crs_from=[info], nodata_from=[info], res=20.0, nodata=5, notes=[])
+    assert coarse.sources[0].width == round(info.width / 2) and coarse.gsd == (20.0, 20.0)
+    assert (coarse.nodata, coarse.nodata_origin) == (5.0, "user")
+    imported = [alias.name for node in ast.walk(ast.parse(inspect.getsource(stac)))
+                if isinstance(node, ast.ImportFrom) and node.module == "explora_geo.data.catalog"
+                for alias in node.names]
+    assert "grid_units" in imported and not [n for n in imported if n.startswith("_")], imported

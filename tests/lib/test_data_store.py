@@ -301,3 +301,26 @@ def test_full_disk_removes_the_partial_store(t33: Any, tmp_path: Path) -> None:
     last = done.stderr.strip().splitlines()[-1]
     assert "disk full" in last and f"{disk}/store" in last and "partial store was removed" in last
     assert done.stdout.strip().splitlines()[-1] == "rc=2"  # `ls -A` printed nothing: the tmpfs is empty
+
+
+def test_roi_in_another_crs_confines_the_patches(t33: Any, tmp_path: Path) -> None:
+    import geopandas as gpd
+    import shapely
+
+    pixels, transform, crs = t33
+    path = write_crop(tmp_path / "a.tif", pixels, transform, crs, 0, 0, 256)
+    left, top = transform.c, transform.f
+    box = shapely.box(left, top - 2560, left + 1280, top)  # the left half of the crop, in UTM
+    roi = tmp_path / "roi.gpkg"
+    gpd.GeoDataFrame(geometry=[box], crs=crs.to_string()).to_crs("EPSG:4326").to_file(roi)
+    summary = prepare_store(build_catalog(path, bands=BANDS), tmp_path / "store", patches=20, patch_size=32,
+                            roi=str(roi), workers=1, progress=False)
+    assert summary["patches_written"] == 20
+    for s in stream_raw(tmp_path / "store"):
+        x0, y0, x1, y1 = s["bounds"]
+        assert box.buffer(10).contains(shapely.box(x0, y0, x1, y1)), s["bounds"]
+    outside = tmp_path / "far.gpkg"
+    gpd.GeoDataFrame(geometry=[shapely.box(0, 0, 1, 1)], crs="EPSG:4326").to_file(outside)
+    with pytest.raises(ExploraGeoError, match="region of interest does not overlap"):
+        prepare_store(build_catalog(path, bands=BANDS), tmp_path / "none", patches=5, patch_size=32,
+                      roi=str(outside), workers=1, progress=False)

@@ -136,7 +136,7 @@ from explora_geo.data.prepare import prepare_store
 from explora_geo.data.streaming import StoreDataModule
 
 if __name__ == "__main__":
-    summary = prepare_store(build_catalog(sys.argv[1], bands=["B02", "B08"]), sys.argv[2], patches=256,
+    summary = prepare_store(build_catalog(sys.argv[1], bands=["B02", "B08"]), sys.argv[2], patches=128,
                             patch_size=32, workers=2, progress=False)
     assert summary["patches_unreadable"] == 0 and not summary["files_skipped"], summary
     dm = StoreDataModule(sys.argv[2], bands=["B08", "B02"], batch_size=16, num_workers=2)
@@ -158,4 +158,4 @@ def test_64_files_under_a_limit_of_128_open_files(t33uuu_dir: Path, tmp_path: Pa
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-3000:]
     limit, written, sources = (int(v) for v in done.stdout.split()[-3:])
-    assert limit == 128 and written == 256 and sources > 48  # most of the 64 files were read
+    assert limit == 128 and written == 128 and sources > 40  # most of the 64 files were read (55 expected)

@@ -52,6 +52,12 @@ def _read(path: Path) -> np.ndarray:
         return src.read()
 
 
+def _gdal_info(path: Path) -> dict:
+    from osgeo import gdal
+
+    return gdal.Info(str(path), format="json")
+
+
 def test_scene_of_band_files_then_resume(bundles, t33uuu_dir, tmp_path, capsys):
     out = tmp_path / "run"
     status, summary, _ = _predict(capsys, "--bundle", str(bundles["classifier"]), "--data", str(t33uuu_dir),
@@ -65,6 +71,12 @@ def test_scene_of_band_files_then_resume(bundles, t33uuu_dir, tmp_path, capsys):
     prob = _read(out / "T33UUU_20170216T102101_probability.tif")[0]
     assert (prob > 1 / 3).all() and (prob <= 1).all() and np.ptp(prob) > 0  # real data: the tiles differ
     assert (out / "T33UUU_20170216T102101_grid.gpkg").exists()
+    for tif in (classes, out / "T33UUU_20170216T102101_probability.tif"):  # Cloud-Optimized GeoTIFFs
+        info = _gdal_info(tif)
+        assert info["metadata"]["IMAGE_STRUCTURE"]["LAYOUT"] == "COG", info["metadata"]
+    band = _gdal_info(classes)["bands"][0]
+    assert band["categories"] == ["water", "vegetation", "built-up"] and band["colorInterpretation"] == "Palette"
+    assert band["colorTable"]["entries"][:3] == [[31, 120, 180, 255], [51, 160, 44, 255], [227, 26, 28, 255]]
     before = classes.stat().st_mtime_ns
     status, summary, err = _predict(capsys, "--bundle", str(bundles["classifier"]), "--data", str(t33uuu_dir),
                                     "--out", str(out))
@@ -136,6 +148,111 @@ def test_errors_are_one_line(bundles, t33uuu_dir, tmp_path, capsys):
     assert [p.name for p in stray.iterdir()] == ["notes.txt"]
 
 
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A segmenter bundle (a tiny ExploraSegmentationTask trained a few steps, exported)."""
+    from explora_geo.export import export_onnx
+
+    tiny = _load("make_tiny_bundle", REPO / "tests" / "plugin" / "make_tiny_bundle.py")
+    out = tmp_path_factory.mktemp("segmenter")
+    return export_onnx(tiny.build_segmenter(out, tiny.build_backbone(out)), out / "segmenter.onnx")[0]
+
+
+BANDS = ["B02", "B03", "B04", "B08", "B05", "B06", "B07", "B8A", "B11", "B12"]
+
+
+def _window(t33uuu_dir: Path, path: Path, row: int, col: int, height: int, width: int, nan: bool = False) -> Path:
+    """A multi-band GeoTIFF of a window of the real T33UUU scene (float32 with NaN pixels when ``nan``)."""
+    import rasterio
+    from affine import Affine
+
+    from explora_geo.data.catalog import build_catalog
+    from explora_geo.data.fast import HandlePool, read_window
+
+    (scene,) = build_catalog(t33uuu_dir, bands=BANDS).sources
+    pixels = read_window(scene, HandlePool(), row, col, height, width)
+    if nan:
+        pixels = pixels.astype(np.float32)
+        holes = np.random.default_rng(0).random(pixels.shape[1:]) < 0.02
+        holes[40:90, :30] = True
+        pixels[:, holes] = np.nan
+    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=len(BANDS),
+                       dtype=pixels.dtype, crs=scene.crs, transform=scene.transform @ Affine.translation(col, row)) as dst:
+        dst.write(pixels)
+        dst.descriptions = tuple(BANDS)
+    return path
+
+
+def _same_files(a: Path, b: Path, names: list[str]) -> None:
+    """The rasters (pixels, georeferencing, nodata, categories, colours) and grids (features) are identical."""
+    from osgeo import gdal, ogr
+
+    for name in names:
+        if name.endswith(".gpkg"):
+            rows = []
+            for folder in (a, b):
+                source = ogr.Open(str(folder / name))
+                rows.append([(f.GetFID(), f.items(), f.GetGeometryRef().ExportToWkb()) for f in source.GetLayer(0)])
+                source = None
+            assert rows[0] == rows[1], name
+            continue
+        x, y = gdal.Open(str(a / name)), gdal.Open(str(b / name))
+        np.testing.assert_array_equal(x.ReadAsArray(), y.ReadAsArray(), err_msg=name)
+        assert x.GetGeoTransform() == y.GetGeoTransform() and x.GetProjection() == y.GetProjection(), name
+        for bx, by in ((x.GetRasterBand(i + 1), y.GetRasterBand(i + 1)) for i in range(min(x.RasterCount, 3))):
+            assert (bx.GetDescription(), bx.GetNoDataValue()) == (by.GetDescription(), by.GetNoDataValue())
+            assert bx.GetCategoryNames() == by.GetCategoryNames()
+            tx, ty = bx.GetColorTable(), by.GetColorTable()
+            assert (tx is None) == (ty is None)
+            if tx is not None:
+                assert [tx.GetColorEntry(i) for i in range(tx.GetCount())] == [
+                    ty.GetColorEntry(i) for i in range(ty.GetCount())]
+        assert x.GetMetadata("IMAGE_STRUCTURE")["LAYOUT"] == "COG", name
+        x = y = None
+
+
+def test_parts_of_one_raster_equal_the_whole_and_resume(bundles, segmenter, t33uuu_dir, tmp_path, capsys):
+    """One raster split into bands of tile rows (``--part-rows``): the merged files equal a run of the whole
+    raster, pixel for pixel (classifier with NaN and partial tiles; segmenter, whose windows overlap the part
+    borders); an interrupted run keeps its finished parts and the rerun runs only the others."""
+    from explora_geo.data.catalog import build_catalog
+    from explora_geo.predict import PredictSettings, open_bundle, predict
+
+    data = _window(t33uuu_dir, tmp_path / "scene.tif", 100, 300, 200, 384, nan=True)
+    for kind, names, part_rows in (("classifier", ["scene_classes.tif", "scene_probability.tif", "scene_grid.gpkg"],
+                                    "2"),
+                                   ("segmenter", ["scene_segmentation.tif"], "3")):
+        bundle = bundles["classifier"] if kind == "classifier" else segmenter
+        whole, split = tmp_path / f"{kind}_whole", tmp_path / f"{kind}_split"
+        status, one, _ = _predict(capsys, "--bundle", str(bundle), "--data", str(data), "--out", str(whole))
+        assert status == 0 and one["inputs"][0]["parts"] == 1
+        # interrupted in its third part ...
+        model = open_bundle(bundle, "cpu")
+        catalog = build_catalog(str(data), bands=list(model.info.bands))
+        seen = []
+
+        def stop(name: str, percent: float, seen: list = seen) -> None:
+            seen.append(percent)
+            if len([p for p in seen if p > 0]) and percent > 40:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            predict(bundle, catalog, split, PredictSettings(part_rows=int(part_rows)), model=model, progress=stop,
+                    log=lambda _: None)
+        finished = sorted(p.name for p in (split / "parts" / "scene").glob("p*.json"))
+        assert finished and not (split / "done" / "scene.json").exists()
+        # ... resumed: the finished parts are skipped, the rest run, then merged
+        status, summary, err = _predict(capsys, "--bundle", str(bundle), "--data", str(data), "--out", str(split),
+                                        "--part-rows", part_rows)
+        (entry,) = summary["inputs"]
+        assert status == 0 and entry["parts"] >= 4 and f"{len(finished)} part(s) finished in an earlier run" in err
+        assert "merged" in err and not (split / "parts" / "scene").exists()
+        for key in ("tiles_run", "tiles", "tiles_partial"):
+            assert entry[key] == one["inputs"][0][key], key
+        assert entry["tiles_partial"] > 0 or kind == "segmenter"
+        _same_files(whole, split, names)
+
+
 @pytest.mark.slow
 def test_two_processes_split_the_inputs(bundles, t33uuu_dir, tmp_path):
     """``--devices 2``: Lightning's predict loop (DDP, gloo on CPU) runs the inputs on two ranks; rank 0 merges
@@ -177,3 +294,36 @@ def test_two_processes_split_the_inputs(bundles, t33uuu_dir, tmp_path):
         np.testing.assert_array_equal(a, _read(tmp_path / "one" / f"part{k}_embedding.tif"))
     again = run(tmp_path / "two", "--devices", "2")
     assert again.returncode == 0 and json.loads(again.stdout.splitlines()[-1])["skipped"] == 3
+
+
+@pytest.mark.slow
+def test_two_processes_split_one_raster(bundles, segmenter, t33uuu_dir, tmp_path):
+    """``--devices 2 --part-rows N``: one raster's parts run on two ranks (Lightning DDP, gloo on CPU), rank 0
+    merges them after the barrier; the files are identical in pixels, georeferencing and metadata to one
+    process running the whole raster, for a classifier (grid included) and a segmenter (windows overlapping
+    the part borders); a rerun skips the raster."""
+    import os
+    import subprocess
+
+    data = _window(t33uuu_dir, tmp_path / "scene.tif", 64, 256, 256, 320, nan=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "qgis_plugin")])}
+
+    def run(bundle: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "explora_geo", "predict", "--bundle", str(bundle), "--data", str(data),
+               "--out", str(out), *extra]
+        return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900, env=env)
+
+    for bundle, names, part_rows in (
+            (bundles["classifier"], ["scene_classes.tif", "scene_probability.tif", "scene_grid.gpkg"], "2"),
+            (segmenter, ["scene_segmentation.tif"], "3")):
+        two = run(bundle, tmp_path / f"two_{bundle.stem}", "--devices", "2", "--part-rows", part_rows)
+        one = run(bundle, tmp_path / f"one_{bundle.stem}")
+        assert two.returncode == 0 and one.returncode == 0, two.stderr[-3000:] + one.stderr[-2000:]
+        lines = [json.loads(line) for line in two.stdout.splitlines() if line.startswith("{")]
+        assert len(lines) == 1 and lines[0]["finished"] == 1 and lines[0]["inputs"][0]["parts"] >= 4
+        assert "[rank 0] scene.tif part 1/" in two.stderr and "[rank 1] scene.tif part 2/" in two.stderr
+        assert json.loads(one.stdout.splitlines()[-1])["inputs"][0]["tiles_run"] == lines[0]["inputs"][0]["tiles_run"]
+        _same_files(tmp_path / f"one_{bundle.stem}", tmp_path / f"two_{bundle.stem}", names)
+        assert not (tmp_path / f"two_{bundle.stem}" / "parts" / "scene").exists()
+    again = run(segmenter, tmp_path / "two_segmenter", "--devices", "2", "--part-rows", "3")
+    assert again.returncode == 0 and json.loads(again.stdout.splitlines()[-1])["skipped"] == 1

@@ -94,3 +94,13 @@ def test_held_out_rows_never_overlap_training_patches(t33uuu_dir: Path) -> None:
     assert max(train_rows) + 32 <= cut <= min(held_rows)
     assert max(held_rows) + 32 <= height and min(train_rows) >= 0
     assert max(train_rows) + 32 > cut - 8 and min(held_rows) < cut + 8  # the bands are used up to the margin
+
+
+def test_task_refuses_unfreeze_auto_with_a_pointer_to_the_search() -> None:
+    import pytest
+
+    from explora_geo.errors import ExploraGeoError
+    from explora_geo.training import ExploraPretrainTask
+
+    with pytest.raises(ExploraGeoError, match="select-blocks"):
+        ExploraPretrainTask(unfreeze="auto", weights="random")

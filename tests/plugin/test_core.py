@@ -25,6 +25,7 @@ from explora_geo_qgis.core.reader import ArrayReader, NodataRange, NodataRule, s
 from explora_geo_qgis.core.scaling import Scaler, check_value_scale
 from explora_geo_qgis.core.tiling import TileGrid, fill_invalid, tile_views, valid_fractions
 from explora_geo_qgis.core.writers import write_geotiff, write_tile_grid
+from osgeo import gdal
 
 PLUGIN_ROOT = Path(__file__).resolve().parents[2] / "qgis_plugin"
 
@@ -174,6 +175,70 @@ def test_pipeline_stitches_every_tile_in_place() -> None:
             np.testing.assert_allclose(emb[r, c], image[:, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8].mean(axis=(1, 2)),
                                        rtol=1e-5)
     np.testing.assert_allclose(result.valid_fraction[:, 0], 0.0)
+
+
+@pytest.mark.parametrize("overlap_px", [0, 4])
+def test_pipeline_row_bands_equal_the_whole_run(overlap_px: int) -> None:
+    """``rows=(r0, r1)`` runs a band of tile rows (a part of a large raster): the same tiles, read, filled and
+    scaled as in the whole run (reads reach beyond the band for overlapping tiles), with ``row0`` set."""
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 1000, size=(2, 44, 40)).astype(np.uint16)
+    valid = rng.random((44, 40)) > 0.2
+    grid = TileGrid(40, 44, 8, 8 - overlap_px)
+    whole = run_tiles(_reader(image, valid), grid, MeanModel(8, ["a", "b"]), batch_size=5, min_valid=0.5)
+    bands = [run_tiles(_reader(image, valid), grid, MeanModel(8, ["a", "b"]), batch_size=5, min_valid=0.5,
+                       rows=rows) for rows in grid.row_bands(2)]
+    assert [b.row0 for b in bands] == list(range(0, grid.n_rows, 2)) and len(bands) > 2
+    np.testing.assert_array_equal(np.concatenate([b.outputs["embedding"] for b in bands]),
+                                  whole.outputs["embedding"])
+    np.testing.assert_array_equal(np.concatenate([b.valid_fraction for b in bands]), whole.valid_fraction)
+    assert sum(b.tiles_run for b in bands) == whole.tiles_run > 0
+    with pytest.raises(PluginError, match="are not rows of"):
+        run_tiles(_reader(image, valid), grid, MeanModel(8, ["a", "b"]), rows=(2, grid.n_rows + 1))
+
+
+def test_segmentation_writer_and_cloud_optimized_geotiffs(tmp_path: Path) -> None:
+    """``write_segmentation`` (the one writer of the plugin's ``segment`` and ``predict``): class raster with
+    names and colours, probability raster; with ``cog=True`` both are Cloud-Optimized GeoTIFFs (COG layout,
+    512 px tiles, overviews, classes overviewed to class ids), the same pixels, georeferencing and metadata."""
+    from explora_geo_qgis.core.blending import LogitBlender
+    from explora_geo_qgis.core.outputs import write_segmentation
+
+    grid = TileGrid(1200, 700, 16, 16)
+    rng = np.random.default_rng(0)
+    blender = LogitBlender(grid, 3)
+    for r in range(grid.n_rows):
+        blender.add(np.full(grid.n_cols, r), np.arange(grid.n_cols),
+                    rng.normal(size=(grid.n_cols, 3, 16, 16)).astype(np.float32))
+    blender.finish()
+    blender.class_id[:5] = 255  # some nodata
+    info = ModelInfo("segmenter", ("a",), 16, 10.0, 4, ("water", "land", "cloud"), ("#0000ff", "#00ff00", "#ffffff"),
+                     Scaler.from_dict({"scheme": "none", "bands": ["a"]}), {})
+    gt, wkt = (330000.0, 10.0, 0.0, 5822040.0, 0.0, -10.0), _utm_wkt()
+    files = {}
+    for cog in (False, True):
+        files[cog] = (tmp_path / f"s{cog}.tif", tmp_path / f"p{cog}.tif")
+        write_segmentation(blender, info, gt, wkt, class_path=files[cog][0], prob_path=files[cog][1], cog=cog)
+    for k, path in enumerate(files[True]):
+        plain = gdal.Open(str(files[False][k]))
+        ds = gdal.Open(str(path))
+        band = ds.GetRasterBand(1)
+        assert band.GetDescription() == ["class", "probability"][k]  # (also loads GDAL's side file)
+        assert ds.GetMetadata("IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert plain.GetMetadata("IMAGE_STRUCTURE").get("LAYOUT") != "COG"
+        assert band.GetBlockSize() == [512, 512] and band.GetOverviewCount() >= 1
+        np.testing.assert_array_equal(ds.ReadAsArray(), plain.ReadAsArray())
+        np.testing.assert_array_equal(ds.ReadAsArray(), [blender.class_id, blender.probability][k])
+        assert ds.GetGeoTransform() == gt and band.GetNoDataValue() == [255, -9999][k]
+        if k == 0:
+            assert band.GetCategoryNames() == ["water", "land", "cloud"]
+            assert [band.GetColorTable().GetColorEntry(i)[:3] for i in range(3)] == [(0, 0, 255), (0, 255, 0),
+                                                                                    (255, 255, 255)]
+            overview = band.GetOverview(0).ReadAsArray()
+            assert set(np.unique(overview)) <= {0, 1, 2, 255} and overview.shape == (350, 600)
+        ds = plain = None
+    names = {p.name for p in tmp_path.iterdir()}  # no temporary left behind
+    assert {f"{s}{c}.tif" for s in "sp" for c in (False, True)} <= names and not any(n.startswith(".") for n in names)
 
 
 def test_pipeline_overlap_pads_edges_as_nodata_and_fills() -> None:

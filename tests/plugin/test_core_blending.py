@@ -109,3 +109,39 @@ def test_windows_out_of_order_are_refused() -> None:
     blender.add(np.array([2]), np.array([0]), np.zeros((1, 2, 16, 16), np.float32))
     with pytest.raises(ValueError, match="row-major"):
         blender.add(np.array([1]), np.array([0]), np.zeros((1, 2, 16, 16), np.float32))
+
+
+@pytest.mark.parametrize(("overlap", "rows_per_band"), [(0.5, 1), (0.5, 2), (0.75, 3), (0.0, 2)])
+def test_row_bands_with_their_halo_blend_exactly_as_the_whole(overlap: float, rows_per_band: int) -> None:
+    """A large raster split into bands of tile rows (the parts ``explora-geo predict`` spreads over processes):
+    each band's pixel rows, blended from the windows ``grid.windows_over`` names (its halo: windows of the
+    neighbouring bands that reach into it), are bit-identical to one blend of the whole raster."""
+    grid = TileGrid.from_overlap(45, 53, 16, overlap)
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(grid.n_rows, grid.n_cols, 3, 16, 16)).astype(np.float32)
+    valid = rng.random((grid.height, grid.width)) > 0.05
+
+    def blend(rows: tuple[int, int] | None) -> LogitBlender:
+        y0, y1 = rows or (0, grid.height)
+        blender = LogitBlender(grid, 3, valid=valid[y0:y1], rows=rows)
+        r0, r1 = grid.windows_over(y0, y1) if rows else (0, grid.n_rows)
+        for r in range(r0, r1):
+            blender.add(np.full(grid.n_cols, r), np.arange(grid.n_cols), logits[r])
+        blender.finish()
+        return blender
+
+    whole = blend(None)
+    bands = [blend((r0 * grid.stride, min(r1 * grid.stride, grid.height)))
+             for r0, r1 in grid.row_bands(rows_per_band)]
+    assert len(bands) > 1 and [b.row0 for b in bands] == [r0 * grid.stride for r0, _ in grid.row_bands(rows_per_band)]
+    np.testing.assert_array_equal(np.concatenate([b.class_id for b in bands]), whole.class_id)
+    np.testing.assert_array_equal(np.concatenate([b.probability for b in bands]), whole.probability)
+    # without the halo (only the band's own tile rows) the border rows differ: the halo is needed
+    if overlap:
+        r0, r1 = grid.row_bands(rows_per_band)[1]
+        y0, y1 = r0 * grid.stride, min(r1 * grid.stride, grid.height)
+        short = LogitBlender(grid, 3, valid=valid[y0:y1], rows=(y0, y1))
+        for r in range(r0, r1):
+            short.add(np.full(grid.n_cols, r), np.arange(grid.n_cols), logits[r])
+        short.finish()
+        assert not np.array_equal(short.probability, whole.probability[y0:y1])

@@ -14,7 +14,7 @@ from qgis.core import (
 from ..core.blending import SegmentationConsumer
 from ..core.errors import PluginError
 from ..core.model import OnnxModel
-from ..core.writers import FLOAT_NODATA, write_geotiff
+from ..core.outputs import write_segmentation
 from .base import TiledModelAlgorithm
 from .loading import OutputLayer
 from .styling import class_style
@@ -75,11 +75,7 @@ class SegmentAlgorithm(TiledModelAlgorithm):
         info, blender = run.model.info, consumer.blender
         self.check_cancel(feedback)
         gt, wkt = run.grid.geotransform, run.crs_wkt
-        write_geotiff(class_path, blender.class_id[None], gt, wkt, nodata=blender.nodata_id, descriptions=["class"],
-                      class_names=info.class_names, class_colors=info.class_colors)
-        if prob_path:
-            write_geotiff(prob_path, blender.probability[None], gt, wkt, nodata=FLOAT_NODATA,
-                          descriptions=["probability"])
+        write_segmentation(blender, info, gt, wkt, class_path=class_path, prob_path=prob_path)
         layers = [OutputLayer(class_path, "segments", class_style(info.class_names, info.class_colors))]
         if prob_path:
             layers.append(OutputLayer(prob_path, "segment probability"))

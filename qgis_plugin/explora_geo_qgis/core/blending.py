@@ -52,14 +52,18 @@ class LogitBlender:
             It may be filled while windows arrive, as long as a row is filled before it is final (the tiled
             run reads each strip before its windows run). ``None``: every pixel is valid.
         weights: ``[T, T]`` window weights (default :func:`window_weights`).
+        rows: ``(y0, y1)``: keep only raster rows ``y0 .. y1 - 1`` (a part of a large raster, see
+            :meth:`TileGrid.windows_over` for the windows that must be added); ``valid`` then has those rows.
+            Default: all rows.
 
-    After :meth:`finish`: ``class_id`` ``[height, width]`` uint8 (``CLASS_NODATA`` where no window ran or the
+    After :meth:`finish`: ``class_id`` ``[height, width]`` (``[y1 - y0, width]`` from raster row ``row0 = y0``)
+    uint8 (``CLASS_NODATA`` where no window ran or the
     pixel is invalid; int16 with -1 beyond 254 classes) and ``probability`` ``[height, width]`` float32
     (top-class probability, ``FLOAT_NODATA`` where no class).
     """
 
     def __init__(self, grid: TileGrid, n_classes: int, valid: np.ndarray | None = None,
-                 weights: np.ndarray | None = None) -> None:
+                 weights: np.ndarray | None = None, rows: tuple[int, int] | None = None) -> None:
         self.grid = grid
         self.n_classes = n_classes
         self.weights = window_weights(grid.tile) if weights is None else weights.astype(np.float32)
@@ -71,8 +75,11 @@ class LogitBlender:
         self._wsum = np.zeros((grid.tile, width), np.float32)
         self._origin: int | None = None  # raster row of the band's first row
         dtype, self.nodata_id = (np.uint8, CLASS_NODATA) if n_classes < CLASS_NODATA else (np.int16, -1)
-        self.class_id = np.full((grid.height, grid.width), self.nodata_id, dtype)
-        self.probability = np.full((grid.height, grid.width), FLOAT_NODATA, np.float32)
+        self.row0, self.row1 = (0, grid.height) if rows is None else (max(rows[0], 0), min(rows[1], grid.height))
+        if self.row1 <= self.row0:
+            raise ValueError(f"rows {rows} hold no row of the {grid.height}-row raster")
+        self.class_id = np.full((self.row1 - self.row0, grid.width), self.nodata_id, dtype)
+        self.probability = np.full((self.row1 - self.row0, grid.width), FLOAT_NODATA, np.float32)
 
     def add(self, rows: np.ndarray, cols: np.ndarray, logits: np.ndarray) -> None:
         """Add windows ``(rows[i], cols[i])`` with ``logits[i]`` ``[K, T, T]``, in row-major order."""
@@ -115,21 +122,22 @@ class LogitBlender:
         """Write the first ``n`` band rows (those inside the raster) to the outputs."""
         g, m = self.grid, self.grid.margin
         top = self._origin
-        r0, r1 = max(top, 0), min(top + n, g.height)
+        r0, r1 = max(top, self.row0), min(top + n, self.row1)
         if r1 <= r0:
             return
         band = slice(r0 - top, r1 - top)
         cols = slice(m, m + g.width)  # band column j is raster column j - m
         wsum = self._wsum[band, cols]
         covered = wsum > 0
+        out = slice(r0 - self.row0, r1 - self.row0)
         if self.valid is not None:
-            covered &= self.valid[r0:r1]
+            covered &= self.valid[out]
         if not covered.any():
             return
         logits = self._acc[:, band, cols][:, covered] / wsum[covered]  # [K, n_covered]
         probs = softmax(logits, axis=0)
-        out_ids = self.class_id[r0:r1]
-        out_prob = self.probability[r0:r1]
+        out_ids = self.class_id[out]
+        out_prob = self.probability[out]
         out_ids[covered] = probs.argmax(axis=0)
         out_prob[covered] = probs.max(axis=0)
 
@@ -146,27 +154,31 @@ class SegmentationConsumer:
     Args:
         n_classes: K.
         output: the model output holding the logits.
+        rows: ``(y0, y1)``: blend only raster rows ``y0 .. y1 - 1`` (a part; run the tile rows
+            ``grid.windows_over(y0, y1)``); default all.
     """
 
-    def __init__(self, n_classes: int, output: str = "logits") -> None:
+    def __init__(self, n_classes: int, output: str = "logits", rows: tuple[int, int] | None = None) -> None:
         self.n_classes = n_classes
         self.output = output
+        self.rows = rows
         self.grid: TileGrid | None = None
         self.valid: np.ndarray | None = None
         self.blender: LogitBlender | None = None
 
     def start(self, grid: TileGrid) -> None:
         self.grid = grid
-        self.valid = np.zeros((grid.height, grid.width), bool)
-        self.blender = LogitBlender(grid, self.n_classes, valid=self.valid)
+        y0, y1 = (0, grid.height) if self.rows is None else self.rows
+        self.valid = np.zeros((min(y1, grid.height) - max(y0, 0), grid.width), bool)
+        self.blender = LogitBlender(grid, self.n_classes, valid=self.valid, rows=self.rows)
 
     def strip(self, row: int, valid: np.ndarray) -> None:
-        g = self.grid
+        g, b = self.grid, self.blender
         r0, _, c0, _ = g.strip_window(row)
-        top, left = max(r0, 0), max(c0, 0)
-        bottom, right = min(r0 + valid.shape[0], g.height), min(c0 + valid.shape[1], g.width)
+        top, left = max(r0, b.row0), max(c0, 0)
+        bottom, right = min(r0 + valid.shape[0], b.row1), min(c0 + valid.shape[1], g.width)
         if bottom > top and right > left:
-            self.valid[top:bottom, left:right] = valid[top - r0:bottom - r0, left - c0:right - c0]
+            self.valid[top - b.row0:bottom - b.row0, left:right] = valid[top - r0:bottom - r0, left - c0:right - c0]
 
     def batch(self, rows: np.ndarray, cols: np.ndarray, values: dict[str, np.ndarray]) -> None:
         self.blender.add(rows, cols, values[self.output])

@@ -2,6 +2,10 @@
 ``change`` write, in one place for every front end (the QGIS algorithms and ``explora-geo predict`` write the
 same files from the same :class:`~.pipeline.TileResults`).
 
+``cog=True`` writes the rasters as Cloud-Optimized GeoTIFFs (same pixels; ``explora-geo predict`` does). Results
+of a band of tile rows (``TileResults.row0`` > 0, a part of a large raster) are written where that band lies:
+rasters from its first row, grid rows numbered and placed on the whole raster's grid.
+
 Nodata everywhere: cells whose tile did not run are 255 (or -1 beyond 255 classes) in the class raster,
 -9999 in float rasters, ``class_id = -1`` / NULL probabilities / status ``nodata`` in the grid. A run with no
 processed tile writes valid, all-nodata files.
@@ -14,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .blending import LogitBlender
 from .errors import PluginError
 from .model import ModelInfo
 from .pipeline import TileResults
@@ -22,33 +27,61 @@ from .writers import CLASS_NODATA, FLOAT_NODATA, write_geotiff, write_tile_grid
 
 
 def _georef(results: TileResults) -> tuple[tuple[float, ...], str]:
+    """The geotransform of the results' first cell row (``row0`` rows below the grid's top) and the CRS."""
     if results.geotransform is None:
         raise PluginError("the run has no georeferencing; read the raster through a RasterReader with a "
                           "geotransform.")
-    return results.geotransform, results.crs_wkt
+    x0, dx, rx, y0, ry, dy = results.geotransform
+    if results.row0:
+        x0, y0 = x0 + results.row0 * rx, y0 + results.row0 * dy
+    return (x0, dx, rx, y0, ry, dy), results.crs_wkt
 
 
 def write_classification(results: TileResults, info: ModelInfo, *, grid_path: str | Path,
-                         class_path: str | Path, prob_path: str | Path) -> Classification:
+                         class_path: str | Path, prob_path: str | Path, cog: bool = False) -> Classification:
     """Write the tile grid (GeoPackage), the class raster (with category names and colours) and the top-class
-    probability raster of a classifier run; returns the classification."""
+    probability raster of a classifier run (``cog``: as Cloud-Optimized GeoTIFFs); returns the classification."""
     result = classify(results.outputs["probabilities"], results.ran, results.valid_fraction)
     gt, wkt = _georef(results)
-    write_tile_grid(grid_path, gt, wkt, attribute_columns(result, info.class_names, results.valid_fraction))
+    write_tile_grid(grid_path, results.geotransform, wkt,
+                    attribute_columns(result, info.class_names, results.valid_fraction, row0=results.row0),
+                    row0=results.row0)
     write_geotiff(class_path, result.class_id[None], gt, wkt, nodata=result.nodata_id, descriptions=["class"],
-                  class_names=info.class_names, class_colors=info.class_colors)
+                  class_names=info.class_names, class_colors=info.class_colors, cog=cog)
     write_geotiff(prob_path, result.probability[None].astype(np.float32), gt, wkt, nodata=FLOAT_NODATA,
-                  descriptions=["probability"])
+                  descriptions=["probability"], cog=cog)
     return result
 
 
-def write_embedding(results: TileResults, path: str | Path) -> Path:
-    """Write the per-cell embeddings as a D-band float32 GeoTIFF (``emb_000 ...``)."""
+def write_embedding(results: TileResults, path: str | Path, cog: bool = False) -> Path:
+    """Write the per-cell embeddings as a D-band float32 GeoTIFF (``emb_000 ...``; ``cog``: Cloud-Optimized)."""
     bands = np.moveaxis(results.outputs["embedding"], -1, 0).astype(np.float32)  # [D, R, K]
     bands[:, ~results.ran] = FLOAT_NODATA
     gt, wkt = _georef(results)
     return write_geotiff(path, bands, gt, wkt, nodata=FLOAT_NODATA,
-                         descriptions=[f"emb_{i:03d}" for i in range(bands.shape[0])])
+                         descriptions=[f"emb_{i:03d}" for i in range(bands.shape[0])], cog=cog)
+
+
+def write_segmentation(blender: LogitBlender, info: ModelInfo, geotransform: tuple[float, ...], crs_wkt: str, *,
+                       class_path: str | Path, prob_path: str | Path | None = None, cog: bool = False) -> Path:
+    """Write a segmenter's blended map (``blender``, finished) as a class raster at the model's GSD (category
+    names and colour table of ``info``'s classes) and, when ``prob_path`` is given, its top-class probability.
+
+    Args:
+        geotransform: GDAL geotransform of the working raster (one pixel per model pixel); the blender's first
+            output row (``blender.row0``) is placed where it lies on it.
+        cog: Cloud-Optimized GeoTIFFs.
+    """
+    x0, dx, rx, y0, ry, dy = geotransform
+    if blender.row0:
+        x0, y0 = x0 + blender.row0 * rx, y0 + blender.row0 * dy
+    gt = (x0, dx, rx, y0, ry, dy)
+    write_geotiff(class_path, blender.class_id[None], gt, crs_wkt, nodata=blender.nodata_id, descriptions=["class"],
+                  class_names=info.class_names, class_colors=info.class_colors, cog=cog)
+    if prob_path:
+        write_geotiff(prob_path, blender.probability[None], gt, crs_wkt, nodata=FLOAT_NODATA,
+                      descriptions=["probability"], cog=cog)
+    return Path(class_path)
 
 
 def write_float_map(results: TileResults, values: np.ndarray, path: str | Path, description: str) -> Path:

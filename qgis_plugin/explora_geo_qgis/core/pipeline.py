@@ -82,7 +82,7 @@ class TileConsumer(Protocol):
 
 @dataclass
 class TileResults:
-    """Per-tile outputs on the cell grid of ``grid``.
+    """Per-tile outputs on the cell grid of ``grid`` (or on a band of its tile rows, from ``row0``).
 
     Attributes:
         grid: the tile grid.
@@ -97,6 +97,8 @@ class TileResults:
         geotransform: GDAL geotransform of the output cell grid (``None`` when the reader gave none).
         crs_wkt: the outputs' CRS as WKT.
         notes: log lines of the run (value-scale check, why no tile ran, ...).
+        row0: the grid's tile row of the arrays' first row (0 unless the run covered a band of rows); the
+            ``[R, K]`` arrays then have that band's rows, and ``geotransform`` stays the whole grid's.
     """
 
     grid: TileGrid
@@ -110,6 +112,7 @@ class TileResults:
     geotransform: tuple[float, ...] | None = None
     crs_wkt: str = ""
     notes: list[str] = field(default_factory=list)
+    row0: int = 0
 
     @property
     def tiles_per_second(self) -> float:
@@ -163,6 +166,7 @@ def infer(
     is_cancelled: Callable[[], bool] | None = None,
     source: str = "the raster",
     consumer: TileConsumer | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> TileResults:
     """Check the value scale, then run ``model`` on every tile of ``reader`` (see the module docstring).
 
@@ -175,6 +179,8 @@ def infer(
         is_cancelled: polled between batches; when it returns True the run stops with :class:`Cancelled`.
         source: the raster's name, for messages.
         consumer: takes the outputs as they come instead of storing them per tile (see :class:`TileConsumer`).
+        rows: only the tile rows ``r0 .. r1 - 1`` of the grid (a part of a large raster; see
+            :func:`run_tiles`). Each tile is read, scaled and filled exactly as in a run over the whole raster.
 
     Raises:
         PluginError: bad settings, or a value scale clearly different from the model's (with the fix).
@@ -189,7 +195,7 @@ def infer(
                                        offset=settings.offset, source=source))
     result = run_tiles(reader, grid, model, outputs=outputs, batch_size=settings.batch_size,
                        min_valid=settings.min_valid, progress=progress, is_cancelled=is_cancelled,
-                       prefetch=settings.prefetch, scaler=scaler, consumer=consumer)
+                       prefetch=settings.prefetch, scaler=scaler, consumer=consumer, rows=rows)
     result.seconds = time.perf_counter() - start
     result.geotransform = grid.cell_geotransform(reader.geotransform)
     result.crs_wkt = reader.crs_wkt
@@ -250,6 +256,7 @@ def run_tiles(
     prefetch: int = 3,
     scaler: Scaler | None = None,
     consumer: TileConsumer | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> TileResults:
     """Run ``model`` on every tile of ``grid`` whose valid fraction is at least ``min_valid`` (and above 0).
 
@@ -268,6 +275,8 @@ def run_tiles(
         scaler: the input scaling (default: the model's).
         consumer: receives the strips' valid masks and the batches' outputs as they come (see
             :class:`TileConsumer`); its outputs are then not stored per tile in ``TileResults.outputs``.
+        rows: ``(r0, r1)``: run only tile rows ``r0 .. r1 - 1`` (default all); the results hold those rows
+            (``TileResults.row0 = r0``) and the consumer gets their strips and batches with grid row numbers.
 
     Raises:
         Cancelled: when ``is_cancelled()`` became true.
@@ -278,11 +287,14 @@ def run_tiles(
         raise PluginError(f"batch size {batch_size} must be at least 1.")
     if not 0.0 <= min_valid <= 1.0:
         raise PluginError(f"minimum valid fraction {min_valid} must be between 0 and 1.")
+    first, end = (0, grid.n_rows) if rows is None else rows
+    if not 0 <= first < end <= grid.n_rows:
+        raise PluginError(f"tile rows {first}..{end - 1} are not rows of the {grid.n_rows}-row tile grid.")
     start = time.perf_counter()
     scaler = scaler or model.info.scaler
     n_bands = len(model.info.bands)
-    shape = (grid.n_rows, grid.n_cols)
-    result = TileResults(grid, np.zeros(shape, np.float32), np.zeros(shape, bool), min_valid=min_valid)
+    shape = (end - first, grid.n_cols)
+    result = TileResults(grid, np.zeros(shape, np.float32), np.zeros(shape, bool), min_valid=min_valid, row0=first)
     for name in outputs if consumer is None else ():  # a consumer takes the outputs as they come
         result.outputs[name] = np.full((*shape, *model.output_shape(name)), np.nan, np.float32)
     stop = threading.Event()
@@ -290,7 +302,7 @@ def run_tiles(
 
     def produce() -> None:
         try:
-            for row in range(grid.n_rows):
+            for row in range(first, end):
                 if stop.is_set():
                     return
                 data, valid = read_strip(reader, grid, row, n_bands)
@@ -313,15 +325,15 @@ def run_tiles(
     pending: list[tuple[int, np.ndarray, np.ndarray]] = []
     n_pending = 0
     try:
-        for done in range(grid.n_rows):
+        for done in range(end - first):
             item = strips.get()
             if isinstance(item, BaseException):
                 raise item
-            result.valid_fraction[item.row] = item.fractions
+            result.valid_fraction[item.row - first] = item.fractions
             if item.cols.size:
                 pending.append((item.row, item.cols, item.tiles))
                 n_pending += item.cols.size
-            last = done == grid.n_rows - 1
+            last = done == end - first - 1
             while n_pending >= batch_size or (last and n_pending):
                 n_pending -= _run_batch(model, pending, batch_size, outputs, result, consumer)
                 if is_cancelled is not None and is_cancelled():
@@ -329,7 +341,7 @@ def run_tiles(
             if is_cancelled is not None and is_cancelled():
                 raise Cancelled()
             if progress is not None:
-                progress(100.0 * (done + 1) / grid.n_rows)
+                progress(100.0 * (done + 1) / (end - first))
     finally:
         stop.set()
         thread.join(timeout=10)
@@ -362,6 +374,7 @@ def _run_batch(model: OnnxModel, pending: list[tuple[int, np.ndarray, np.ndarray
     if consumer is not None:
         consumer.batch(r, c, values)
         values = {}
+    r = r - result.row0
     for name, value in values.items():
         result.outputs[name][r, c] = value
     result.ran[r, c] = True

@@ -48,10 +48,11 @@ def classify(probabilities: np.ndarray, ran: np.ndarray, valid_fraction: np.ndar
 
 
 def attribute_columns(result: Classification, class_names: Sequence[str], valid_fraction: np.ndarray,
-                      ) -> dict[str, np.ndarray]:
-    """GeoPackage columns: tile_row, tile_col, class_id (-1 = skipped), class_name, probability, one
-    ``p_<class>`` per class, valid_frac and status."""
+                      row0: int = 0) -> dict[str, np.ndarray]:
+    """GeoPackage columns: tile_row (``row0`` + the row in ``result``), tile_col, class_id (-1 = skipped),
+    class_name, probability, one ``p_<class>`` per class, valid_frac and status."""
     rows, cols = np.indices(result.class_id.shape)
+    rows += row0
     ran = result.status != STATUS_NODATA
     names = np.asarray(list(class_names) + [""], dtype=object)
     ids = np.where(ran, result.class_id.astype(np.int32), -1)

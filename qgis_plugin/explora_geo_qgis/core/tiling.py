@@ -76,6 +76,20 @@ class TileGrid:
         col0 = -self.margin
         return row0, row0 + self.tile, col0, col0 + self.strip_width
 
+    def row_bands(self, rows_per_band: int) -> list[tuple[int, int]]:
+        """The tile rows split into bands ``[(r0, r1), ...]`` of ``rows_per_band`` rows (the last may be shorter):
+        the parts of a large raster that separate processes run; a band's cells are its tile rows' cells."""
+        if rows_per_band < 1:
+            raise PluginError(f"rows per band {rows_per_band} must be at least 1.")
+        return [(r, min(r + rows_per_band, self.n_rows)) for r in range(0, self.n_rows, rows_per_band)]
+
+    def windows_over(self, y0: int, y1: int) -> tuple[int, int]:
+        """Tile rows ``(r0, r1)`` whose tiles (windows) reach raster rows ``y0 .. y1 - 1``: what a per-pixel
+        product of those rows blends (tile ``r`` covers rows ``r * stride - margin`` to ``+ tile - 1``)."""
+        first = -(-(y0 + self.margin - self.tile + 1) // self.stride)  # ceil
+        last = (y1 - 1 + self.margin) // self.stride
+        return max(first, 0), min(last + 1, self.n_rows)
+
     def cell_geotransform(self, geotransform: tuple[float, ...]) -> tuple[float, ...]:
         """GDAL geotransform of the output cell grid, given the working raster's (north-up)."""
         x0, px, _, y0, _, py = geotransform

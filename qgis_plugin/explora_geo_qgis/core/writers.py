@@ -1,5 +1,9 @@
 """Writers for the per-tile outputs: GeoTIFF rasters and a GeoPackage grid, via GDAL/OGR (``osgeo``).
 
+Rasters are tiled, DEFLATE-compressed GeoTIFFs; with ``cog=True`` (``explora-geo predict``) they are
+Cloud-Optimized GeoTIFFs (GDAL's COG driver: tiled, overviews, IFDs first), the same pixels, georeferencing,
+category names and colour table. :func:`write_cog` turns any GDAL raster (a GeoTIFF, a VRT over parts) into one.
+
 Every writer writes to a hidden temporary name in the destination folder and renames it into place only when
 complete (``os.replace``), so a failure or a cancel never leaves a half-written output.
 """
@@ -73,6 +77,7 @@ def write_geotiff(
     descriptions: Sequence[str] = (),
     class_names: Sequence[str] = (),
     class_colors: Sequence[str] = (),
+    cog: bool = False,
 ) -> Path:
     """Write ``bands`` ``[B, H, W]`` (uint8, int16, int32 or float32) as a tiled, compressed GeoTIFF.
 
@@ -83,6 +88,7 @@ def write_geotiff(
         nodata: nodata value of every band.
         descriptions: one description per band.
         class_names, class_colors: for a single-band class raster, category names and a colour table.
+        cog: write a Cloud-Optimized GeoTIFF (see :func:`write_cog`; class rasters get MODE overviews).
     """
     gdal, _, _ = _gdal()
     types = {np.dtype(np.uint8): gdal.GDT_Byte, np.dtype(np.int16): gdal.GDT_Int16,
@@ -93,6 +99,18 @@ def write_geotiff(
     options = ["COMPRESS=DEFLATE", "TILED=YES", "BIGTIFF=IF_SAFER"]
     if n > 1:
         options.append("INTERLEAVE=BAND")
+    if cog:  # the GeoTIFF as a hidden temporary, then its COG copy into place
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fd, plain = tempfile.mkstemp(prefix=f".{Path(path).stem}.", suffix=".plain.tif", dir=Path(path).parent)
+        os.close(fd)
+        try:
+            write_geotiff(plain, bands, geotransform, crs_wkt, nodata=nodata, descriptions=descriptions,
+                          class_names=class_names, class_colors=class_colors)
+            return write_cog(plain, path, categorical=bool(class_names))
+        finally:
+            for leftover in (plain, f"{plain}.aux.xml"):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
     with atomic_path(path) as tmp:
         ds = gdal.GetDriverByName("GTiff").Create(tmp, w, h, n, types[bands.dtype], options)
         ds.SetGeoTransform(tuple(float(v) for v in geotransform))
@@ -114,6 +132,98 @@ def write_geotiff(
             band.SetColorInterpretation(gdal.GCI_PaletteIndex)
         ds.FlushCache()
         ds = None
+    return Path(path)
+
+
+def write_cog(source: str | Path, path: str | Path, *, categorical: bool = False) -> Path:
+    """Copy the raster ``source`` (any GDAL dataset: a GeoTIFF, a VRT mosaic of parts) to ``path`` as a
+    Cloud-Optimized GeoTIFF, atomically: DEFLATE, 512 px tiles, overviews down to one tile (``MODE`` resampling
+    for class rasters, so an overview pixel is a class that occurs under it, else ``AVERAGE``; nodata is left
+    out of both). Nodata and the colour table go into the file, band descriptions and category names into its
+    ``.aux.xml`` (as for any GeoTIFF). Pixel values and georeferencing are those of ``source``."""
+    gdal, _, _ = _gdal()
+    options = ["COMPRESS=DEFLATE", "BIGTIFF=IF_SAFER", "OVERVIEWS=AUTO",
+               f"RESAMPLING={'MODE' if categorical else 'AVERAGE'}"]
+    with atomic_path(path) as tmp:
+        ds = gdal.Translate(tmp, str(source), format="COG", creationOptions=options)
+        if ds is None:
+            raise PluginError(f"GDAL could not write the Cloud-Optimized GeoTIFF {path}; check the folder is "
+                              "writable.")
+        ds = None
+    return Path(path)
+
+
+def mosaic_rows(parts: Sequence[tuple[str | Path, int]], path: str | Path) -> Path:
+    """Stack raster parts that are bands of rows of one raster into the Cloud-Optimized GeoTIFF ``path``.
+
+    Args:
+        parts: ``(file, first_row)`` per part, each part as wide as the whole, together covering its rows (e.g.
+            the per-rank parts of ``explora-geo predict``). The first part's georeferencing, data type, nodata,
+            band descriptions, colour table and category names are the whole raster's, its top-left corner the
+            whole's; each part's pixels are copied unchanged to its ``first_row`` (integer offsets, no
+            resampling).
+    """
+    gdal, _, _ = _gdal()
+    parts = sorted(((str(f), int(r)) for f, r in parts), key=lambda p: p[1])
+    first = gdal.Open(parts[0][0])
+    bands = [first.GetRasterBand(i + 1) for i in range(first.RasterCount)]
+    names = [b.GetDescription() for b in bands]  # (reading a description first loads GDAL's side file)
+    categories, table = bands[0].GetCategoryNames(), bands[0].GetColorTable()
+    nodata, dtype = bands[0].GetNoDataValue(), bands[0].DataType
+    width = first.RasterXSize
+    height = 0
+    for file, row in parts:
+        ds = gdal.Open(file)
+        if ds.RasterXSize != width or ds.RasterCount != len(bands):
+            raise PluginError(f"raster part {file} is {ds.RasterXSize} px wide with {ds.RasterCount} bands, not "
+                              f"{width} px with {len(bands)} like {parts[0][0]}; delete the parts and rerun.")
+        height = max(height, row + ds.RasterYSize)
+        ds = None
+    options = ["COMPRESS=DEFLATE", "TILED=YES", "BIGTIFF=IF_SAFER"] + (["INTERLEAVE=BAND"] if len(bands) > 1 else [])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd, plain = tempfile.mkstemp(prefix=f".{Path(path).stem}.", suffix=".mosaic.tif", dir=Path(path).parent)
+    os.close(fd)
+    try:
+        out = gdal.GetDriverByName("GTiff").Create(plain, width, height, len(bands), dtype, options)
+        out.SetGeoTransform(first.GetGeoTransform())
+        out.SetProjection(first.GetProjection())
+        for i, band in enumerate(out.GetRasterBand(k + 1) for k in range(len(bands))):
+            if nodata is not None:
+                band.SetNoDataValue(nodata)
+            band.SetDescription(names[i])
+        if table is not None:
+            out.GetRasterBand(1).SetColorTable(table)
+            out.GetRasterBand(1).SetColorInterpretation(gdal.GCI_PaletteIndex)
+        if categories:
+            out.GetRasterBand(1).SetCategoryNames(list(categories))
+        for file, row in parts:
+            ds = gdal.Open(file)
+            for k in range(len(bands)):
+                out.GetRasterBand(k + 1).WriteArray(ds.GetRasterBand(k + 1).ReadAsArray(), 0, row)
+            ds = None
+        out.FlushCache()
+        out = first = bands = None
+        return write_cog(plain, path, categorical=bool(categories))
+    finally:
+        for leftover in (plain, f"{plain}.aux.xml"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+
+
+def merge_tile_grids(parts: Sequence[str | Path], path: str | Path, layer_name: str = "tiles") -> Path:
+    """Append the GeoPackage grids ``parts`` (same fields, in order) into one GeoPackage ``path``, atomically:
+    features keep their attributes and geometries, fids run on in the parts' order."""
+    gdal, _, _ = _gdal()
+    with atomic_path(path) as tmp:
+        for k, part in enumerate(parts):
+            options = gdal.VectorTranslateOptions(
+                format="GPKG", layerName=layer_name, accessMode=None if k == 0 else "append",
+                layerCreationOptions=["SPATIAL_INDEX=YES", "FID=fid"] if k == 0 else None)
+            result = gdal.VectorTranslate(tmp, str(part), options=options)
+            if result is None:
+                raise PluginError(f"GDAL could not append the tile grid part {part} to {path}; delete the parts "
+                                  "and rerun.")
+            result = None
     return Path(path)
 
 
@@ -150,6 +260,7 @@ def write_tile_grid(
     *,
     layer_name: str = "tiles",
     where: np.ndarray | None = None,
+    row0: int = 0,
 ) -> Path:
     """Write one polygon per output cell to a GeoPackage, with one attribute per entry of ``columns``.
 
@@ -164,12 +275,13 @@ def write_tile_grid(
         columns: field name -> ``[R, K]`` array (int, float or str values; NaN floats become NULL).
         layer_name: GeoPackage layer name.
         where: ``[R, K]`` bool; only these cells are written (all when ``None``).
+        row0: grid row of the columns' first row (a band of a larger grid: polygons where that band lies).
     """
     gdal, _, _ = _gdal()
     arrays = {name: np.asarray(values) for name, values in columns.items()}
     shape = next(iter(arrays.values())).shape
     rows, cols = np.nonzero(np.ones(shape, bool) if where is None else where)
-    names, types, values = ["WKB"], ['"WKT"'], [polygon_hex_wkb(geotransform, rows, cols)]
+    names, types, values = ["WKB"], ['"WKT"'], [polygon_hex_wkb(geotransform, rows + row0, cols)]
     for name, array in arrays.items():
         picked = array[rows, cols]
         if array.dtype.kind in "iub":
