@@ -265,3 +265,34 @@ def test_epsg4326_of_odd_size(qgis_app: Any, bundle: dict, segmenter_bundle: Pat
     nodata = _assert_consistent(results)
     assert (~nodata).sum() >= 4
     assert results["classify"]["TILES_RUN"] == results["cluster"]["TILES_RUN"] == int((~nodata).sum())
+
+
+@pytest.mark.parametrize(("alg", "cancel_at"), [("change", 20.0), ("change", 70.0), ("cluster", 40.0),
+                                                ("segment", 40.0), ("classify_from_examples", 40.0),
+                                                ("cluster", 100.0), ("classify_from_examples", 100.0)])
+def test_cancel_mid_run_leaves_nothing(qgis_app: Any, bundle: dict, segmenter_bundle: Path, t33uuu_vrt: Path,
+                                       tmp_path: Path, alg: str, cancel_at: float) -> None:
+    """Cancelled while reading/running (or, at 100 %, after the last tile, before writing): one line, no file."""
+    from qgis.core import QgsProcessingException
+
+    out = tmp_path / "o"
+    out.mkdir()
+    layer = _layer(t33uuu_vrt)
+    common = {"INPUT": layer, "MODEL": str(bundle["embedder"]), "BATCH_SIZE": 16}
+    params = {
+        "change": {"BEFORE": layer, "AFTER": layer, "MODEL": str(bundle["embedder"]), "BATCH_SIZE": 16,
+                   "OUTPUT": str(out / "ch.tif"), "OUTPUT_GRID": str(out / "ch.gpkg")},
+        "cluster": {**common, "CLUSTERS": 3, "OUTPUT": str(out / "k.tif")},
+        "segment": {**common, "MODEL": str(segmenter_bundle), "OUTPUT_CLASSES": str(out / "sg.tif"),
+                    "OUTPUT_PROBABILITY": str(out / "sp.tif")},
+        "classify_from_examples": {
+            **common, "EXAMPLES": _points([(0, 0, "a"), (0, 1, "a"), (2, 2, "b"), (2, 3, "b")]),
+            "CLASS_FIELD": "cls", "OUTPUT_GRID": str(out / "g.gpkg"), "OUTPUT_CLASSES": str(out / "c.tif"),
+            "OUTPUT_PROBABILITY": str(out / "p.tif"), "OUTPUT_MODEL": str(out / "m.onnx")},
+    }[alg]
+    feedback = Feedback.make(cancel_at=cancel_at)
+    with pytest.raises(QgsProcessingException, match="^cancelled by the user") as err:
+        _run(alg, params, feedback)
+    assert "\n" not in str(err.value)
+    assert feedback.progress[-1] >= cancel_at and (cancel_at == 100.0 or feedback.progress[-1] < 100.0)
+    assert list(out.iterdir()) == []
