@@ -100,7 +100,7 @@ def add_run_arguments(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
     a("--resume", nargs="?", const=True, metavar="CKPT",
       help="continue from DIR/checkpoints/last.ckpt, or from the given checkpoint")
     a("--overwrite", action="store_const", const=True,
-      help="start afresh in an --out that already holds a run (deletes its checkpoints)")
+      help="start afresh in an --out that already holds a run (deletes its checkpoints) or other files")
     a("--mask-ratio", type=float, help="MAE mask ratio (default 0.75)")
     a("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None,
       help="MAE: regress per-patch normalised pixels (default on, as MAE's released weights)")
