@@ -103,3 +103,10 @@ def test_an_out_holding_another_tools_outputs_is_refused(tmp_path: Path, capsys:
     assert main(_tiny_s2(out)) == 2
     assert f"{out} is not empty (it holds probe.json)" in _one_line_error(capsys)
     assert sorted(p.name for p in out.iterdir()) == ["probe.json"]
+
+
+def test_a_mistyped_sensor_preset_is_named_as_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--bands sentinel9`` is a typo of a preset, not an unknown band of Sentinel-2."""
+    assert main(_tiny_s2(tmp_path / "run", "--bands", "sentinel9")) == 2
+    assert "'sentinel9' is not a sensor preset; did you mean sentinel2?" in _one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
