@@ -1,10 +1,11 @@
 """Data for explora-geo: GeoTIFF mosaics and per-band Sentinel-2 scenes through torchgeo.
 
-- :mod:`~explora_geo.data.catalog`: find rasters, name bands, choose the grid, nodata, DN offset.
+- :mod:`~explora_geo.data.catalog`: find rasters, name bands, choose each file's grid, nodata, DN offset.
+- :mod:`~explora_geo.data.crs`: geographic or projected, metres per CRS unit, a file's UTM zone and grid.
 - :mod:`~explora_geo.data.datasets`: torchgeo ``RasterDataset`` subclasses (``MosaicDataset``,
   ``BandFilesDataset``, ``open_dataset``).
 - :mod:`~explora_geo.data.sampling`: deterministic random patches with nodata rejection.
-- :mod:`~explora_geo.data.fast`: the cached, tile-aligned fast reader.
+- :mod:`~explora_geo.data.fast`: the on-the-fly reader (windowed reads, bounded pool of open files).
 - :mod:`~explora_geo.data.nodata`, :mod:`~explora_geo.data.stats`: masks/filling and band statistics.
 - :mod:`~explora_geo.data.datamodule`: ``PretrainDataModule`` (Lightning).
 - :mod:`~explora_geo.data.prepare`, :mod:`~explora_geo.data.store`, :mod:`~explora_geo.data.streaming`:
