@@ -42,7 +42,11 @@ if [[ ! -x .venv/bin/python || "$(cat .venv/.explora-stamp 2>/dev/null)" != "$li
       apt-get install -y -q --no-install-recommends libgdal-dev >/dev/null
     fi
     .venv/bin/python -m pip install -q setuptools wheel
-    .venv/bin/python -m pip install -q --no-build-isolation "GDAL==$(gdal-config --version)"
+    # Built here, never from pip's wheel cache: a cached wheel built without numpy lacks gdal_array.
+    .venv/bin/python -m pip install -q --no-cache-dir --no-build-isolation --force-reinstall --no-deps \
+      "GDAL==$(gdal-config --version)"
+    .venv/bin/python -c 'from osgeo import gdal_array' || {
+      log "error: GDAL's Python bindings built without gdal_array; check that numpy is installed in .venv."; exit 2; }
   fi
   echo "$lib_stamp" > .venv/.explora-stamp
   log ".venv ready"

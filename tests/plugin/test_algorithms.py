@@ -232,7 +232,7 @@ def test_geographic_layer_is_processed_in_utm(qgis_app: Any, bundle: dict, t33uu
     warped = gdal.Warp(str(wgs84), src, options=gdal.WarpOptions(
         format="GTiff", dstSRS="EPSG:4326", dstNodata=0, outputBounds=(12.55, 52.46, 12.62, 52.50),
         outputBoundsSRS="EPSG:4326", xRes=0.0001, yRes=0.0001, resampleAlg="near"))
-    warped = None
+    del warped  # closes the file
     src = gdal.Open(str(t33uuu_vrt))
     ds = gdal.Open(str(wgs84), gdal.GA_Update)
     for i in range(1, ds.RasterCount + 1):
@@ -244,7 +244,7 @@ def test_geographic_layer_is_processed_in_utm(qgis_app: Any, bundle: dict, t33uu
                             "OUTPUT_PROBABILITY": str(tmp_path / "p.tif")}, feedback)
     result = gdal.Open(out["OUTPUT_CLASSES"])
     assert result.GetSpatialRef().GetAuthorityCode(None) == "32633"
-    x0, px, _, y0, _, py = result.GetGeoTransform()
+    _, px, _, _, _, py = result.GetGeoTransform()
     assert (px, py) == (320.0, -320.0)  # metres, not degrees
     # 0.07 deg lon x 0.04 deg lat at 52.5 N is about 4.75 km x 4.45 km (UTM bbox slightly larger)
     assert 4700 <= result.RasterXSize * px <= 5300 and 4400 <= result.RasterYSize * -py <= 5000

@@ -41,7 +41,7 @@ _DTYPES = {1: np.uint8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6:
 
 def utm_crs_for(lon: float, lat: float) -> QgsCoordinateReferenceSystem:
     """The WGS 84 / UTM zone CRS containing ``(lon, lat)`` (degrees)."""
-    zone = min(60, max(1, int(math.floor((lon + 180.0) / 6.0)) + 1))
+    zone = min(60, max(1, math.floor((lon + 180.0) / 6.0) + 1))
     return QgsCoordinateReferenceSystem(f"EPSG:{(32600 if lat >= 0 else 32700) + zone}")
 
 

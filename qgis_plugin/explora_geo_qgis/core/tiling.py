@@ -46,7 +46,7 @@ class TileGrid:
         """Grid with ``overlap`` as a fraction of the tile (0 <= overlap < 1)."""
         if not 0.0 <= overlap < 1.0:
             raise PluginError(f"overlap {overlap} must be at least 0 and below 1 (a fraction of the tile).")
-        return cls(width, height, tile, max(1, int(round(tile * (1.0 - overlap)))))
+        return cls(width, height, tile, max(1, round(tile * (1.0 - overlap))))
 
     @property
     def margin(self) -> int:
