@@ -47,6 +47,7 @@ def test_rungs_and_default_candidates() -> None:
     assert [c.blocks for c in parse_candidates(["L", "1,L", "none"], 12)] == [(11,), (0, 11), ()]
 
 
+@pytest.mark.slow
 def test_ranking_is_deterministic_and_a_candidate_that_cannot_learn_is_last(t33uuu_dir: Path,
                                                                              tmp_path: Path) -> None:
     """Rank 0: 'none' trains only norms and the cls token; it is ranked last, and two searches with the same

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -24,6 +25,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
+@pytest.mark.slow
 def test_torchgeo_fit_and_the_cli_train_the_same_parameters_to_the_same_losses(tmp_path: Path) -> None:
     """`torchgeo fit` pre-trains 2 steps from the YAML (embedded sample, CPU); `explora-geo pretrain` with the
     equivalent quick-start config trains exactly the same tensors to the same losses for the same seed."""
@@ -104,7 +106,6 @@ def test_held_out_rows_never_overlap_training_patches(t33uuu_dir: Path) -> None:
 
 
 def test_task_refuses_unfreeze_auto_with_a_pointer_to_the_search() -> None:
-    import pytest
 
     from explora_geo.errors import ExploraGeoError
     from explora_geo.training import ExploraPretrainTask
