@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import pytest
 from osgeo import gdal
-
 from test_algorithms import Feedback, _layer, _read, _run
 
 WIN = [256, 128, 128, 96]  # 4 x 3 tiles of 32 px at 10 m
@@ -233,9 +232,9 @@ def test_refused_with_the_fix_by_every_algorithm(qgis_app: Any, bundle: dict, se
 def test_nothing_to_process_gives_all_nodata_outputs(qgis_app: Any, bundle: dict, segmenter_bundle: Path,
                                                      t33uuu_vrt: Path, tmp_path: Path, name: str) -> None:
     if name == "smaller_than_a_tile":  # 20 x 13 px, over tile (0, 0) of the examples' grid
-        ds = gdal.Translate(str(tmp_path / "small.tif"), str(t33uuu_vrt), srcWin=[WIN[0], WIN[1], 20, 13])
-        ds = None
         path = tmp_path / "small.tif"
+        small = gdal.Translate(str(path), str(t33uuu_vrt), srcWin=[WIN[0], WIN[1], 20, 13])
+        del small  # closes the file
     else:
         path = _copy(t33uuu_vrt, tmp_path / "nan.tif", gdal.GDT_Float32, edit=lambda v: np.full_like(v, np.nan))
     results = run_all(path, bundle, segmenter_bundle, tmp_path / "o")
