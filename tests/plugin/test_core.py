@@ -123,6 +123,26 @@ def test_tile_views_and_fractions() -> None:
     np.testing.assert_allclose(valid_fractions(valid, 4, 3, 3), [0.5, 1.0, 1.0])
 
 
+def test_edge_tile_valid_fraction_counts_only_in_raster_pixels() -> None:
+    """An edge tile is judged on its pixels inside the raster: the part beyond is neither valid nor invalid,
+    nodata inside the raster still counts as invalid; a raster smaller than a tile keeps the whole-tile rule."""
+    grid = TileGrid(20, 18, 8, 4)  # stride 4, margin 2: 5 x 5 tiles, edge ones reach 2..6 px beyond
+    assert grid.holds_a_tile and not TileGrid(20, 7, 8, 4).holds_a_tile
+    # tile row 0 covers raster rows -2..5 (6 inside); columns: -2..5, 2..9, ..., 14..21 (6, 8, 8, 8, 6 inside)
+    np.testing.assert_array_equal(grid.inside_counts(0), [36, 48, 48, 48, 36])
+    # tile row 4 covers rows 14..21: 4 of 8 inside (the raster is 18 high)
+    np.testing.assert_array_equal(grid.inside_counts(4), [24, 32, 32, 32, 24])
+    r0, r1, c0, c1 = grid.strip_window(4)
+    raster_valid = np.ones((18, 20), bool)
+    raster_valid[16, 0] = raster_valid[17, 0] = False  # 2 nodata pixels inside the corner tile
+    strip = np.zeros((r1 - r0, c1 - c0), bool)  # beyond the raster: False, as read_strip pads it
+    strip[:18 - r0, -c0:-c0 + 20] = raster_valid[r0:]
+    fractions = valid_fractions(strip, 8, 4, grid.n_cols, inside=grid.inside_counts(4))
+    np.testing.assert_allclose(fractions, [22 / 24, 1.0, 1.0, 1.0, 1.0])
+    # the whole-tile rule (outside counted as invalid) would put the corner at 22 / 64, below MIN_VALID 0.5
+    np.testing.assert_allclose(valid_fractions(strip, 8, 4, grid.n_cols)[[0, 4]], [22 / 64, 24 / 64])
+
+
 def test_fill_invalid_uses_tile_band_means() -> None:
     tiles = np.array([[[[1.0, 3.0], [5.0, 100.0]]]], dtype=np.float32)
     valid = np.array([[[True, True], [True, False]]])
@@ -241,17 +261,22 @@ def test_segmentation_writer_and_cloud_optimized_geotiffs(tmp_path: Path) -> Non
     assert {f"{s}{c}.tif" for s in "sp" for c in (False, True)} <= names and not any(n.startswith(".") for n in names)
 
 
-def test_pipeline_overlap_pads_edges_as_nodata_and_fills() -> None:
+def test_pipeline_overlap_judges_edge_tiles_inside_and_fills_beyond() -> None:
     image = np.full((1, 20, 20), 7, dtype=np.uint16)
+    image[0, :2, :2] = 1  # a corner block, inside the corner tile only
     valid = np.ones((20, 20), bool)
+    valid[19, 19] = False  # nodata inside the raster still counts as invalid
     model = MeanModel(8, ["a"])
     grid = TileGrid.from_overlap(20, 20, 8, 0.5)  # stride 4, margin 2 -> 5 x 5 cells
-    result = run_tiles(_reader(image, valid), grid, model, batch_size=4, min_valid=0.0)
+    # corner tiles have only 6 x 6 of their 8 x 8 pixels inside the raster: judged on those, they pass 0.95
+    result = run_tiles(_reader(image, valid), grid, model, batch_size=4, min_valid=0.95)
     assert result.ran.all()
-    # corner tile: 6 x 6 of its 8 x 8 pixels are inside the raster
-    assert result.valid_fraction[0, 0] == pytest.approx(36 / 64)
-    # padded pixels are filled with the tile's valid mean, so the embedding is exactly the value
-    np.testing.assert_allclose(result.outputs["embedding"], 7.0)
+    assert result.valid_fraction[0, 0] == 1.0 and result.valid_fraction[4, 4] == pytest.approx(35 / 36)
+    assert result.tiles_partial == 1 and result.partial[4, 4]
+    # the part beyond the raster is filled with the tile's valid mean: the corner embedding is the in-raster
+    # mean (4 px of 1 and 32 px of 7 of 36), not diluted by the padding
+    assert result.outputs["embedding"][0, 0, 0] == pytest.approx((4 * 1 + 32 * 7) / 36)
+    np.testing.assert_allclose(result.outputs["embedding"][1:, 1:], 7.0)
 
 
 def test_pipeline_cancel_stops_and_reports() -> None:

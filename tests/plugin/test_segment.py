@@ -47,7 +47,8 @@ def _direct_blend(vrt: Path, model_path: Path, width: int, height: int, overlap:
             dy, dx = ys.start - y0, xs.start - x0
             data[:, dy:dy + ys.stop - ys.start, dx:dx + xs.stop - xs.start] = area[:, ys, xs]
             valid[dy:dy + ys.stop - ys.start, dx:dx + xs.stop - xs.start] = True
-            if valid.mean() < min_valid:
+            inside = valid[dy:dy + ys.stop - ys.start, dx:dx + xs.stop - xs.start]  # judged on in-area pixels
+            if inside.mean() < min_valid:
                 continue
             tile = fill_invalid(info.scaler(data[None]), valid[None])
             logits = session.run(["logits"], {"image": tile})[0][0]

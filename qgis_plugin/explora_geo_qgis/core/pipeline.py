@@ -10,9 +10,12 @@ Per-tile overhead, not the model, dominates naive plugins. Here a background thr
 calling thread runs ONNX Runtime on full batches (both release the GIL during their heavy work). Results are
 stitched into ``[rows, cols, ...]`` arrays, one entry per tile.
 
-Tile rules: a tile whose valid fraction is below ``min_valid`` (or zero) is **skipped**: every output is NaN
-there (nodata in the products). A tile above it runs with its nodata pixels filled by the tile's per-band
-valid mean (it is **partial** when some pixel was nodata); NaN never reaches the model.
+Tile rules: a tile's valid fraction counts only its pixels inside the raster (the part of an edge tile beyond
+the raster is neither valid nor invalid; nodata pixels inside the raster are invalid), unless the raster is
+smaller than a tile (then the part beyond counts as invalid: :attr:`~.tiling.TileGrid.holds_a_tile`). A tile
+whose valid fraction is below ``min_valid`` (or zero) is **skipped**: every output is NaN there (nodata in the products).
+A tile above it runs with its nodata pixels, and its part beyond the raster, filled by the tile's per-band
+valid mean (it is **partial** when some pixel inside the raster was nodata); NaN never reaches the model.
 """
 
 from __future__ import annotations
@@ -86,7 +89,8 @@ class TileResults:
 
     Attributes:
         grid: the tile grid.
-        valid_fraction: ``[R, K]`` fraction of valid pixels in each tile (0..1).
+        valid_fraction: ``[R, K]`` fraction of valid pixels among each tile's pixels inside the raster (0..1;
+            over the whole tile when the raster is smaller than a tile).
         ran: ``[R, K]`` whether the model ran on the tile (valid fraction >= the threshold, and > 0).
         outputs: model output name -> ``[R, K, ...]`` float32, NaN where the model did not run; every requested
             output is present, also when no tile ran.
@@ -120,7 +124,7 @@ class TileResults:
 
     @property
     def partial(self) -> np.ndarray:
-        """``[R, K]`` bool: tiles that ran with some nodata pixels filled."""
+        """``[R, K]`` bool: tiles that ran with some nodata pixels inside the raster filled."""
         return self.ran & (self.valid_fraction < 1.0)
 
     @property
@@ -230,15 +234,18 @@ def read_strip(reader: Reader, grid: TileGrid, row: int, n_bands: int) -> tuple[
 
 def prepare_strip(data: np.ndarray, valid: np.ndarray, grid: TileGrid, scaler: Scaler, min_valid: float,
                   row: int) -> _Strip:
-    """Compute the tile valid fractions of a strip and cut out, scaled and filled, the tiles that will run."""
-    fractions = valid_fractions(valid, grid.tile, grid.stride, grid.n_cols)
+    """Compute the tile valid fractions of a strip (over the tiles' in-raster pixels) and cut out, scaled and
+    filled, the tiles that will run."""
+    inside = grid.inside_counts(row)
+    fractions = valid_fractions(valid, grid.tile, grid.stride, grid.n_cols,
+                                inside=inside if grid.holds_a_tile else None)
     cols = np.flatnonzero((fractions >= min_valid) & (fractions > 0))
     if cols.size == 0:
         return _Strip(row, cols, np.empty((0, data.shape[0], grid.tile, grid.tile), np.float32), fractions)
     views = tile_views(data, grid.tile, grid.stride, grid.n_cols)  # [n_cols, C, T, T] views, no copy
     # scaling gathers the (strided) tiles into one new contiguous float32 batch: a single pass over the data
     tiles = scaler(views if cols.size == grid.n_cols else views[cols])
-    if (fractions[cols] < 1.0).any():
+    if (fractions[cols] < 1.0).any() or (inside[cols] < grid.tile * grid.tile).any():  # nodata or edge tiles
         fill_invalid(tiles, tile_views(valid, grid.tile, grid.stride, grid.n_cols)[cols])
     return _Strip(row, cols, tiles, fractions)
 

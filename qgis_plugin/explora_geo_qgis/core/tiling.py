@@ -5,7 +5,11 @@ The working raster is the input resampled to the model's GSD (``width`` x ``heig
 output cell, its central ``stride`` x ``stride`` pixels, so the cells tile the working raster exactly from its
 origin and the outputs have ``ceil(width / stride)`` x ``ceil(height / stride)`` cells of ``stride * gsd``
 metres. Tile ``(r, c)`` covers rows ``r * stride - margin ...`` and columns ``c * stride - margin ...`` with
-``margin = (tile - stride) // 2``; the parts outside the raster count as nodata.
+``margin = (tile - stride) // 2``. Edge tiles reach beyond the raster: when the raster holds a whole tile
+(:attr:`TileGrid.holds_a_tile`), that part is neither valid nor invalid for a tile's valid fraction (which
+then counts only its pixels inside the raster, see :func:`valid_fractions`); on a raster smaller than a tile
+it counts as invalid, so such a raster is not judged on a mostly padded tile. Either way it is filled like
+nodata before the model sees the tile.
 """
 
 from __future__ import annotations
@@ -70,6 +74,21 @@ class TileGrid:
         """Width of one row of tiles, pixels, from the left edge of tile 0 to the right edge of the last."""
         return (self.n_cols - 1) * self.stride + self.tile
 
+    @property
+    def holds_a_tile(self) -> bool:
+        """Whether the raster is at least one tile wide and high: then a tile's valid fraction counts only its
+        pixels inside the raster; otherwise over the whole tile (the part beyond the raster invalid)."""
+        return self.width >= self.tile and self.height >= self.tile
+
+    def inside_counts(self, row: int) -> np.ndarray:
+        """``[n_cols]`` int64: how many pixels of each tile of tile row ``row`` lie inside the raster (at least
+        one: every tile holds its output cell's first pixel)."""
+        top = row * self.stride - self.margin
+        rows = min(top + self.tile, self.height) - max(top, 0)
+        left = np.arange(self.n_cols, dtype=np.int64) * self.stride - self.margin
+        cols = np.minimum(left + self.tile, self.width) - np.maximum(left, 0)
+        return rows * cols
+
     def strip_window(self, row: int) -> tuple[int, int, int, int]:
         """Pixel window ``(row0, row1, col0, col1)`` (may extend outside the raster) of tile row ``row``."""
         row0 = row * self.stride - self.margin
@@ -109,12 +128,19 @@ def tile_views(strip: np.ndarray, tile: int, stride: int, n_cols: int) -> np.nda
     return np.moveaxis(windows, -2, 0)
 
 
-def valid_fractions(valid: np.ndarray, tile: int, stride: int, n_cols: int) -> np.ndarray:
-    """Fraction of valid pixels of each tile of a strip mask ``[tile, W]`` (bool) -> ``[n_cols]`` float32."""
+def valid_fractions(valid: np.ndarray, tile: int, stride: int, n_cols: int,
+                    inside: np.ndarray | None = None) -> np.ndarray:
+    """Fraction of valid pixels of each tile of a strip mask ``[tile, W]`` (bool) -> ``[n_cols]`` float32.
+
+    ``inside``: ``[n_cols]`` pixels of each tile inside the raster (:meth:`TileGrid.inside_counts`); the
+    fraction is then over those pixels only (the mask must be False beyond the raster), so an edge tile is
+    judged on its in-raster pixels. Default: over all ``tile * tile`` pixels.
+    """
     per_column = valid.sum(axis=0, dtype=np.int64)
     cumulative = np.concatenate([[0], np.cumsum(per_column)])
     starts = np.arange(n_cols) * stride
-    return ((cumulative[starts + tile] - cumulative[starts]) / float(tile * tile)).astype(np.float32)
+    total = np.full(n_cols, tile * tile, np.int64) if inside is None else np.maximum(inside, 1)
+    return ((cumulative[starts + tile] - cumulative[starts]) / total).astype(np.float32)
 
 
 def fill_invalid(tiles: np.ndarray, valid: np.ndarray) -> np.ndarray:
