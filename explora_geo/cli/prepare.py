@@ -85,6 +85,11 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, skipped_files=skipped,
         provenance=provenance,
     )
+    if "node" in summary:  # one of several nodes; the last one writes the store's summary
+        print(f"node {summary['node']} of {summary['nodes']}: {summary['node_patches_written']} patches written "
+              f"of the store's {summary['patches_requested']}; the store is complete", file=sys.stderr)
+        print(json.dumps(summary))
+        return 0
     print(f"patches: {summary['patches_requested']} requested, {summary['patches_written']} written, "
           f"{summary['patches_rejected']} rejected (nodata > {args.max_nodata_fraction:g}), "
           f"{summary['patches_unreadable']} unreadable; {summary['patches_per_s']:.1f} patches/s", file=sys.stderr)
