@@ -21,6 +21,13 @@ Work: the patch positions are drawn in this process, then split into shards of `
 Each shard also leaves a small report (counts, failed files and its band-statistics accumulator) that this
 process merges into the store's ``stats.json``, ``explora-store.json`` and the returned summary.
 
+Several nodes (LitData's multi-node optimize, ``DATA_OPTIMIZER_NUM_NODES`` / ``DATA_OPTIMIZER_NODE_RANK``): every
+node plans the same positions and LitData gives each its share of the shards. In a folder each node writes its
+chunks in its own ``OUT/.explora-prepare/node-R`` and moves them into ``OUT``; every node leaves its report (and
+chunk index) in ``OUT/.explora-prepare/`` (:class:`_NodeBoard`); the last node, LitData's merging node, merges the
+indexes with LitData's merge and writes the metadata once. A failing node leaves ``node-R.failed``, deletes
+nothing, and the others stop with an error on seeing it or after ``EXPLORA_PREPARE_NODE_TIMEOUT_S``.
+
 Completeness: a folder store is built in a hidden ``.<name>.partial-*`` folder beside ``out`` and renamed onto
 ``out`` once its metadata is written; at a URL the metadata file is uploaded last, and readers refuse a store
 without it. A full disk or an error removes the partial folder.
@@ -35,6 +42,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -55,10 +63,10 @@ from explora_geo.data.store import (
     STATS_FILE,
     STORE_FORMAT,
     STORE_VERSION,
-    is_url,
-    url_exists,
     _join,
     _provider,
+    is_url,
+    url_exists,
     write_store_file,
 )
 from explora_geo.errors import ExploraGeoError
@@ -516,8 +524,8 @@ class _NodeBoard:
                 local = os.path.join(tmp, "failed")
                 Path(local).write_text(f"{type(err).__name__}: {line}\n", encoding="utf-8")
                 self.put(local, f"node-{node:04d}.failed")
-        except Exception:  # noqa: BLE001 - the original error matters more
-            pass
+        except Exception as note_err:  # noqa: BLE001 - the original error matters more; the others time out
+            print(f"could not leave the failure note of node {node} in {self.root}: {note_err}", file=sys.stderr)
 
     def failure(self, nodes: int) -> str | None:
         """``"node R: <its error>"`` of the first node that left a failure note, else None."""
@@ -633,6 +641,7 @@ def prepare_store(
         max_pixels: pixels per band kept for the percentiles.
         storage_options: object-store options passed to LitData (endpoint, credentials).
         progress: show a progress bar.
+        compression: LitData chunk compression: None or ``"zstd"`` (needs the ``zstd`` package).
 
     Returns:
         the summary: ``store``, ``patches_requested`` / ``patches_written`` / ``patches_rejected`` /
@@ -643,7 +652,6 @@ def prepare_store(
         ExploraGeoError: bad arguments, an existing ``out`` without ``overwrite``, an unreachable URL, a patch
             larger than every file, a full disk (the partial store is removed), nothing written.
     """
-    import litdata
 
     started = time.perf_counter()
     out = os.fspath(out)
