@@ -266,6 +266,17 @@ class _ShardWriter:
         self.bad: dict[str, str] = {}  # file -> error, per worker process
         self._dtypes: dict[str, np.dtype] = {}
         self._file_index = {p: i for i, p in enumerate(files)}
+        self._parent_pid = os.getpid()
+        self._threads_limited = False
+
+    def _limit_threads(self) -> None:
+        """One torch thread per worker process: the work is spread over processes, and torch's intra-op threads
+        (one per core in every worker) fight over the cores; measured 2.1x faster per patch (docs/data.md)."""
+        if not self._threads_limited and os.getpid() != self._parent_pid:  # never the caller's own process
+            import torch
+
+            torch.set_num_threads(1)
+            self._threads_limited = True
 
     def _dtype(self, path: str) -> np.dtype:
         if path not in self._dtypes:
@@ -326,6 +337,7 @@ class _ShardWriter:
 
     def __call__(self, shard: tuple[int, int, np.ndarray]) -> Any:
         g, shard_id, boxes = shard
+        self._limit_threads()
         acc = BandAccumulator(len(self.datasets[0].bands), self.keep)
         written = rejected = unreadable = 0
         for j, box in enumerate(boxes):
