@@ -69,7 +69,8 @@ def add_run_arguments(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
     a("--weights", help="source weights: 'random', a file, a timm pretrained name or a torchgeo weight name "
                         "(default: DINOv2 ViT-L/14 for dinov2, MAE ViT-L/16 for mae)")
     a("--objective", choices=["mae", "dinov2"], help="self-supervised objective (default mae)")
-    a("--unfreeze", help="blocks to unfreeze, paper notation: L, 1,L, none (default L)")
+    a("--unfreeze", metavar="SPEC", help="blocks to unfreeze, paper notation: L, 1,L, L-1,L, none; or auto: choose "
+      "them first by a block search (see select-blocks) (default L)")
     a("--rank", type=int, help="LoRA rank on Q,V of the frozen blocks (default 64)")
     a("--alpha", type=float, help="LoRA alpha; scale = alpha/rank (default 1)")
     a("--max-steps", type=int, help="optimiser steps (default 1000)")
@@ -100,7 +101,7 @@ def add_run_arguments(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
     a("--resume", nargs="?", const=True, metavar="CKPT",
       help="continue from DIR/checkpoints/last.ckpt, or from the given checkpoint")
     a("--overwrite", action="store_const", const=True,
-      help="start afresh in an --out that already holds a run (deletes its checkpoints)")
+      help="start afresh in an --out that already holds a run (deletes its checkpoints) or other files")
     a("--mask-ratio", type=float, help="MAE mask ratio (default 0.75)")
     a("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None,
       help="MAE: regress per-patch normalised pixels (default on, as MAE's released weights)")

@@ -32,15 +32,15 @@ from explora_geo.sensors import Sensor, canonical_band_name, get_sensor, select_
 
 __all__ = [
     "RASTER_SUFFIXES",
+    "Catalog",
+    "GriddedUnits",
     "RasterInfo",
     "Source",
-    "Catalog",
-    "find_rasters",
-    "inspect_raster",
     "build_catalog",
     "dn_offset_from",
-    "GriddedUnits",
+    "find_rasters",
     "grid_units",
+    "inspect_raster",
     "requested_bands",
 ]
 

@@ -100,7 +100,8 @@ def create_backbone(
         The model, with ``band_names`` set (model input order) when the bands are known.
 
     Raises:
-        ExploraGeoError: unknown model name (with close matches), bad bands.
+        ExploraGeoError: unknown model name (with close matches), bad bands, an ``img_size`` that is not a
+            multiple of the patch size.
     """
     arch = resolve_model_name(name)
     if img_size is not None:
@@ -108,7 +109,7 @@ def create_backbone(
     if is_group_channel(arch):
         kw = {**_band_kwargs(bands), **kwargs}
         resolve_band_groups(kw.get("band_groups"), kw.get("sensor"))
-        return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kw)
+        return _check_patch_grid(timm.create_model(arch, pretrained=False, num_classes=num_classes, **kw), arch)
     names = _flat_bands(bands)
     if names is not None:
         if kwargs.setdefault("in_chans", len(names)) != len(names):
@@ -121,4 +122,21 @@ def create_backbone(
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
     if names is not None:
         model.band_names = list(names)
+    return model if kwargs.get("dynamic_img_pad") else _check_patch_grid(model, arch)
+
+
+def _check_patch_grid(model: nn.Module, arch: str) -> nn.Module:
+    """``model``, after checking that its input size (px) is a whole number of patches (timm would only fail at
+    the first forward pass, deep inside training)."""
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(model, "img_size", None) or getattr(embed, "img_size", None)
+    patch = getattr(model, "patch_size", None) or getattr(embed, "patch_size", None)
+    if size is None or patch is None:
+        return model
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+    if size % patch:
+        fit = max(patch, round(size / patch) * patch)
+        raise ExploraGeoError(f"img_size {size} px is not a multiple of the patch size {patch} px of {arch}; "
+                              f"pass an img_size that is (e.g. {fit}) or another patch_size.")
     return model

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import difflib
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -71,6 +72,10 @@ def band_spec(bands: Any) -> tuple[str | None, list[str] | None]:
     names = [b for b in names if b]
     if not names:
         raise ExploraGeoError(f"--bands {bands!r} names no band; pass a preset ({', '.join(SENSORS)}) or names.")
+    close = difflib.get_close_matches(names[0].lower().replace("-", "_"), list(SENSORS), n=2, cutoff=0.75)
+    if len(names) == 1 and close:  # a mistyped preset, not one band name
+        raise ExploraGeoError(f"--bands {names[0]!r} is not a sensor preset; did you mean {' or '.join(close)}? "
+                              f"(presets: {', '.join(SENSORS)}; or band names, comma-separated)")
     return None, names
 
 

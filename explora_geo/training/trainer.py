@@ -113,6 +113,10 @@ def run_pretraining(config: PretrainConfig, *, callbacks: Sequence[L.Callback] =
         ExploraGeoError: bad settings, unobtainable weights, bad data, non-finite loss.
     """
     out = Path(config.out)
+    if outputs and int(config.rank) == 0 and str(config.unfreeze).strip().strip("[]").lower() in ("", "none"):
+        # (select-blocks trials may: the 'none' candidate is their norms-only control.)
+        raise ExploraGeoError("--rank 0 with --unfreeze none trains no block and no LoRA, only norms and tokens: "
+                              "that is not ExPLoRA; pass --rank R > 0 or unfreeze a block (e.g. --unfreeze L).")
     ckpt_path = _resume_path(config, out)
     with echo_to(echo) if echo is not None else contextlib.nullcontext():
         L.seed_everything(config.seed, workers=True, verbose=False)  # model init, heads, decoder
@@ -144,6 +148,14 @@ def _resume_path(config: PretrainConfig, out: Path) -> str | None:
                 raise ExploraGeoError(f"{out} already holds a run (checkpoints/last.ckpt); pass --resume to "
                                       "continue it, --overwrite to start afresh, or choose another --out.")
             shutil.rmtree(out / "checkpoints")
+        elif not config.overwrite and out.is_dir():
+            # block_search/ is pretrain --unfreeze auto's own search, made just before the run.
+            other = sorted(p.name for p in out.iterdir() if p.name != "block_search")
+            if other:
+                more = ", ..." if len(other) > 4 else ""
+                raise ExploraGeoError(f"{out} is not empty (it holds {', '.join(other[:4])}{more}): another run's "
+                                      "or tool's outputs would be mixed with this run's; choose another --out, or "
+                                      "pass --overwrite to write into it anyway.")
         return None
     path = out / "checkpoints" / "last.ckpt" if config.resume is True or config.resume == "true" else Path(
         str(config.resume))

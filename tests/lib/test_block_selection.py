@@ -47,6 +47,7 @@ def test_rungs_and_default_candidates() -> None:
     assert [c.blocks for c in parse_candidates(["L", "1,L", "none"], 12)] == [(11,), (0, 11), ()]
 
 
+@pytest.mark.slow
 def test_ranking_is_deterministic_and_a_candidate_that_cannot_learn_is_last(t33uuu_dir: Path,
                                                                              tmp_path: Path) -> None:
     """Rank 0: 'none' trains only norms and the cls token; it is ranked last, and two searches with the same
@@ -133,7 +134,7 @@ def test_pretrain_unfreeze_auto_searches_then_trains_the_winner(t33uuu_dir: Path
     search = summary["block_search"]
     assert [r["unfreeze"] for r in search["ranking"]][0] == search["best"]
     assert summary["config"]["unfreeze"] == search["best"] and summary["steps"] == 3
-    assert json.loads((out / "backbone.json").read_text())["explora"]["unfreeze"] is not None
+    assert json.loads((out / "backbone.json").read_text())["explora"]["unfreeze"] == search["best"]
     assert (out / "block_search" / "search.png").is_file()
     assert search["holdout"] == 0.25 and search["val_samples"] == 8  # the run's held-out split scores the search
     # --resume keeps the blocks the search chose (no new search: search.json untouched)

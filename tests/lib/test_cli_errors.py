@@ -69,3 +69,44 @@ def test_corrupt_backbone_file(tmp_path: Path, corrupt: dict[str, Path], command
     assert main(argv) == 2
     assert "broken" in _one_line_error(capsys)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def _tiny_s2(out: Path, *extra: str) -> list[str]:
+    return ["pretrain", "--config", "configs/pretrain_s2_tiny_cpu.yaml", "--max-steps", "1", "--batch-size", "2",
+            "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("argv", [["pretrain", "--img-size", "30"], ["select-blocks", "--img-size", "30"]])
+def test_img_size_not_a_multiple_of_the_patch(tmp_path: Path, argv: list[str],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Caught when the model is built (not as timm's AssertionError at the first forward pass), nothing written."""
+    full = _tiny_s2(tmp_path / "run", *argv[1:])
+    if argv[0] == "select-blocks":
+        full = ["select-blocks", "--config", full[2], "--steps", "2", "--candidates", "L", *full[5:]]
+    assert main(full) == 2
+    line = _one_line_error(capsys)
+    assert "img_size 30 px" in line and "patch size 8 px" in line and "e.g. 32" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_rank_0_with_no_block_unfrozen_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(_tiny_s2(tmp_path / "run", "--rank", "0", "--unfreeze", "none")) == 2
+    assert "--rank 0 with --unfreeze none" in _one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_out_holding_another_tools_outputs_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A probe folder (or a torchgeo fit's outputs: no checkpoints/last.ckpt) is not silently mixed with a run."""
+    out = tmp_path / "probe"
+    out.mkdir()
+    (out / "probe.json").write_text("{}")
+    assert main(_tiny_s2(out)) == 2
+    assert f"{out} is not empty (it holds probe.json)" in _one_line_error(capsys)
+    assert sorted(p.name for p in out.iterdir()) == ["probe.json"]
+
+
+def test_a_mistyped_sensor_preset_is_named_as_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--bands sentinel9`` is a typo of a preset, not an unknown band of Sentinel-2."""
+    assert main(_tiny_s2(tmp_path / "run", "--bands", "sentinel9")) == 2
+    assert "'sentinel9' is not a sensor preset; did you mean sentinel2?" in _one_line_error(capsys)
+    assert not (tmp_path / "run").exists()

@@ -228,7 +228,7 @@ def test_grid_units_is_the_one_grid_step_of_files_and_stac(t33uuu_dir: Path) -> 
     import ast
     import inspect
 
-    import explora_geo.data.stac as stac
+    from explora_geo.data import stac
     from explora_geo.data.catalog import grid_units, inspect_raster
 
     info = inspect_raster(str(next(t33uuu_dir.glob("*_B02.jp2"))))

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -24,6 +25,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
+@pytest.mark.slow
 def test_torchgeo_fit_and_the_cli_train_the_same_parameters_to_the_same_losses(tmp_path: Path) -> None:
     """`torchgeo fit` pre-trains 2 steps from the YAML (embedded sample, CPU); `explora-geo pretrain` with the
     equivalent quick-start config trains exactly the same tensors to the same losses for the same seed."""
@@ -58,10 +60,17 @@ def test_the_yaml_mirrors_the_quick_start_config() -> None:
     from explora_geo.training.trainer import TASK_FIELDS
 
     tg, cli = yaml.safe_load(TG_YAML.read_text()), yaml.safe_load(CLI_YAML.read_text())
-    for key, value in tg["model"]["init_args"].items():
-        assert key in TASK_FIELDS and cli.get(key, value) == value, key
+    task = tg["model"]["init_args"]
+    # the same task settings on both sides (a key set on one side only would be a different run)
+    assert set(task) == {k for k in cli if k in TASK_FIELDS}
+    for key, value in task.items():
+        assert cli[key] == value, key
     assert tg["data"]["init_args"]["batch_size"] == cli["batch_size"]
-    assert tg["trainer"]["gradient_clip_val"] == cli["grad_clip"]
+    assert tg["data"]["init_args"]["seed"] == cli["seed"]
+    trainer = tg["trainer"]
+    assert trainer["gradient_clip_val"] == cli["grad_clip"] and trainer["max_steps"] == cli["max_steps"]
+    assert (trainer["accelerator"], trainer["devices"], trainer["precision"], trainer["log_every_n_steps"]) == \
+        (cli["accelerator"], cli["devices"], cli["precision"], cli["log_every"])
 
 
 def test_task_is_a_torchgeo_base_task_built_by_its_hooks(t33uuu_dir: Path) -> None:
@@ -97,7 +106,6 @@ def test_held_out_rows_never_overlap_training_patches(t33uuu_dir: Path) -> None:
 
 
 def test_task_refuses_unfreeze_auto_with_a_pointer_to_the_search() -> None:
-    import pytest
 
     from explora_geo.errors import ExploraGeoError
     from explora_geo.training import ExploraPretrainTask

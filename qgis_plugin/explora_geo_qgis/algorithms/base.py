@@ -109,6 +109,23 @@ class TiledModelAlgorithm(QgsProcessingAlgorithm):
     DEVICE = "DEVICE"
     THREADS = "THREADS"
 
+    #: set by each algorithm: its id in the provider, its name in the toolbox and its help text
+    NAME: str = ""
+    DISPLAY_NAME: str = ""
+    HELP: str = ""
+
+    def name(self) -> str:
+        return self.NAME
+
+    def displayName(self) -> str:
+        return self.DISPLAY_NAME
+
+    def shortHelpString(self) -> str:
+        return self.HELP
+
+    def createInstance(self) -> TiledModelAlgorithm:
+        return type(self)()
+
     def group(self) -> str:
         return "ExPLoRA models"
 

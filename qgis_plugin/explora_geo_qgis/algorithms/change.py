@@ -32,23 +32,15 @@ class ChangeAlgorithm(TiledModelAlgorithm):
     OUTPUT = "OUTPUT"
     OUTPUT_GRID = "OUTPUT_GRID"
 
-    def name(self) -> str:
-        return "change"
-
-    def displayName(self) -> str:
-        return "Change between two dates (ExPLoRA)"
-
-    def shortHelpString(self) -> str:
-        return ("Embeds every tile of the BEFORE and the AFTER raster with an ONNX model exported by 'explora-geo "
-                "export', on one grid over their overlap (their CRSs may differ; the grid is in BEFORE's CRS, or "
-                "its UTM zone when geographic), and writes a change score per tile: the cosine distance between "
-                "the two embeddings after centring each date on its own mean (0 = no change, up to 2; higher = "
-                "more change than the scene as a whole). Band mapping, nodata, mask and the other settings apply "
-                f"to both dates. A tile with too few valid pixels in either date is nodata ({FLOAT_NODATA:g}). "
-                "Optional: a tile grid GeoPackage with the score and both valid fractions.")
-
-    def createInstance(self) -> ChangeAlgorithm:
-        return ChangeAlgorithm()
+    NAME = "change"
+    DISPLAY_NAME = "Change between two dates (ExPLoRA)"
+    HELP = ("Embeds every tile of the BEFORE and the AFTER raster with an ONNX model exported by 'explora-geo "
+            "export', on one grid over their overlap (their CRSs may differ; the grid is in BEFORE's CRS, or "
+            "its UTM zone when geographic), and writes a change score per tile: the cosine distance between "
+            "the two embeddings after centring each date on its own mean (0 = no change, up to 2; higher = "
+            "more change than the scene as a whole). Band mapping, nodata, mask and the other settings apply "
+            f"to both dates. A tile with too few valid pixels in either date is nodata ({FLOAT_NODATA:g}). "
+            "Optional: a tile grid GeoPackage with the score and both valid fractions.")
 
     def initAlgorithm(self, config: dict | None = None) -> None:
         self.addParameter(QgsProcessingParameterRasterLayer(self.BEFORE, "Before (earlier date)"))

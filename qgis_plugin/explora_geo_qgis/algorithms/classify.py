@@ -26,24 +26,16 @@ class ClassifyAlgorithm(TiledModelAlgorithm):
     OUTPUT_CLASSES = "OUTPUT_CLASSES"
     OUTPUT_PROBABILITY = "OUTPUT_PROBABILITY"
 
-    def name(self) -> str:
-        return "classify"
-
-    def displayName(self) -> str:
-        return "Classify tiles (ExPLoRA)"
-
-    def shortHelpString(self) -> str:
-        return ("Runs an ONNX classifier exported by 'explora-geo export --head' over the raster, one tile per "
-                "output cell. Writes a GeoPackage grid (class id, class name, probability, one probability per "
-                "class, valid-pixel fraction, status ok/partial/nodata), a class raster with the class colours "
-                "and a probability raster. Tiles with too few valid pixels (MIN_VALID) are skipped (status "
-                "'nodata', nodata in every output), never classified; tiles with some nodata/NaN pixels are "
-                "classified with those pixels filled (status 'partial'). The layer's values are checked against "
-                "the model's scale (SCALE/OFFSET convert e.g. 0-1 reflectance). Geographic layers are processed "
-                "in their UTM zone.")
-
-    def createInstance(self) -> ClassifyAlgorithm:
-        return ClassifyAlgorithm()
+    NAME = "classify"
+    DISPLAY_NAME = "Classify tiles (ExPLoRA)"
+    HELP = ("Runs an ONNX classifier exported by 'explora-geo export --head' over the raster, one tile per "
+            "output cell. Writes a GeoPackage grid (class id, class name, probability, one probability per "
+            "class, valid-pixel fraction, status ok/partial/nodata), a class raster with the class colours "
+            "and a probability raster. Tiles with too few valid pixels (MIN_VALID) are skipped (status "
+            "'nodata', nodata in every output), never classified; tiles with some nodata/NaN pixels are "
+            "classified with those pixels filled (status 'partial'). The layer's values are checked against "
+            "the model's scale (SCALE/OFFSET convert e.g. 0-1 reflectance). Geographic layers are processed "
+            "in their UTM zone.")
 
     def initAlgorithm(self, config: dict | None = None) -> None:
         self.add_common_parameters()

@@ -123,23 +123,15 @@ class ClassifyFromExamplesAlgorithm(TiledModelAlgorithm):
     OUTPUT_PROBABILITY = "OUTPUT_PROBABILITY"
     OUTPUT_MODEL = "OUTPUT_MODEL"
 
-    def name(self) -> str:
-        return "classify_from_examples"
-
-    def displayName(self) -> str:
-        return "Classify from examples (ExPLoRA few-shot)"
-
-    def shortHelpString(self) -> str:
-        return ("Your own classes from a few examples. Embeds every tile with any model exported by 'explora-geo "
-                "export' (its embedding), takes the tiles under the example points/polygons (a polygon: the tiles "
-                "whose cell centre it covers), labels them with CLASS_FIELD, fits a linear softmax classifier "
-                "(numpy, class-balanced, L2) and logs its accuracy cross-validated over whole examples. Then "
-                "classifies every tile: the same tile grid, class raster and probability raster as 'classify', "
-                "the classes named after the field's values. OUTPUT_MODEL saves the model with the fitted head "
-                "as a classifier that 'classify' runs on other rasters.")
-
-    def createInstance(self) -> ClassifyFromExamplesAlgorithm:
-        return ClassifyFromExamplesAlgorithm()
+    NAME = "classify_from_examples"
+    DISPLAY_NAME = "Classify from examples (ExPLoRA few-shot)"
+    HELP = ("Your own classes from a few examples. Embeds every tile with any model exported by 'explora-geo "
+            "export' (its embedding), takes the tiles under the example points/polygons (a polygon: the tiles "
+            "whose cell centre it covers), labels them with CLASS_FIELD, fits a linear softmax classifier "
+            "(numpy, class-balanced, L2) and logs its accuracy cross-validated over whole examples. Then "
+            "classifies every tile: the same tile grid, class raster and probability raster as 'classify', "
+            "the classes named after the field's values. OUTPUT_MODEL saves the model with the fitted head "
+            "as a classifier that 'classify' runs on other rasters.")
 
     def initAlgorithm(self, config: dict | None = None) -> None:
         self.add_common_parameters()

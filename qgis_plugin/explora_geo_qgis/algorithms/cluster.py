@@ -30,20 +30,12 @@ class ClusterAlgorithm(TiledModelAlgorithm):
     SEED = "SEED"
     OUTPUT = "OUTPUT"
 
-    def name(self) -> str:
-        return "cluster"
-
-    def displayName(self) -> str:
-        return "Cluster tiles, unsupervised (ExPLoRA)"
-
-    def shortHelpString(self) -> str:
-        return ("Embeds every tile with an ONNX model exported by 'explora-geo export' and groups the embeddings "
-                "into k clusters with k-means (k-means++ starts, seeded: the same seed gives the same map). Writes "
-                "a class raster, one cluster per tile, cluster 1 the largest, in distinct colours: an unsupervised "
-                "map to inspect, name or use as training examples. Tiles with too few valid pixels are nodata.")
-
-    def createInstance(self) -> ClusterAlgorithm:
-        return ClusterAlgorithm()
+    NAME = "cluster"
+    DISPLAY_NAME = "Cluster tiles, unsupervised (ExPLoRA)"
+    HELP = ("Embeds every tile with an ONNX model exported by 'explora-geo export' and groups the embeddings "
+            "into k clusters with k-means (k-means++ starts, seeded: the same seed gives the same map). Writes "
+            "a class raster, one cluster per tile, cluster 1 the largest, in distinct colours: an unsupervised "
+            "map to inspect, name or use as training examples. Tiles with too few valid pixels are nodata.")
 
     def initAlgorithm(self, config: dict | None = None) -> None:
         self.add_common_parameters()

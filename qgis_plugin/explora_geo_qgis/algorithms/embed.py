@@ -15,19 +15,11 @@ class EmbedAlgorithm(TiledModelAlgorithm):
 
     OUTPUT = "OUTPUT"
 
-    def name(self) -> str:
-        return "embed"
-
-    def displayName(self) -> str:
-        return "Tile embeddings (ExPLoRA)"
-
-    def shortHelpString(self) -> str:
-        return ("Runs an ONNX model exported by 'explora-geo export' over the raster and writes a GeoTIFF with "
-                "one pixel per tile and one band per embedding dimension (D bands, float32). Tiles with too few "
-                f"valid pixels are nodata ({FLOAT_NODATA:g}).")
-
-    def createInstance(self) -> EmbedAlgorithm:
-        return EmbedAlgorithm()
+    NAME = "embed"
+    DISPLAY_NAME = "Tile embeddings (ExPLoRA)"
+    HELP = ("Runs an ONNX model exported by 'explora-geo export' over the raster and writes a GeoTIFF with "
+            "one pixel per tile and one band per embedding dimension (D bands, float32). Tiles with too few "
+            f"valid pixels are nodata ({FLOAT_NODATA:g}).")
 
     def initAlgorithm(self, config: dict | None = None) -> None:
         self.add_common_parameters()

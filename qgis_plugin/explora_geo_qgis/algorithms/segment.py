@@ -28,23 +28,15 @@ class SegmentAlgorithm(TiledModelAlgorithm):
     OUTPUT_CLASSES = "OUTPUT_CLASSES"
     OUTPUT_PROBABILITY = "OUTPUT_PROBABILITY"
 
-    def name(self) -> str:
-        return "segment"
-
-    def displayName(self) -> str:
-        return "Segment pixels (ExPLoRA)"
-
-    def shortHelpString(self) -> str:
-        return ("Runs a segmenter exported by 'explora-geo export' (from an ExploraSegmentationTask checkpoint) "
-                "over the raster in overlapping windows (OVERLAP, default 50 %). The per-pixel logits of every "
-                "window covering a pixel are averaged with a smooth window weight (highest in the window's "
-                "centre), so there are no seams at window borders; the class is the arg-max of their softmax. "
-                "Writes a class raster at the model's resolution with the class names and colours, and "
-                "optionally the top-class probability. Pixels that are nodata, or lie only in windows below "
-                "MIN_VALID, are nodata (255).")
-
-    def createInstance(self) -> SegmentAlgorithm:
-        return SegmentAlgorithm()
+    NAME = "segment"
+    DISPLAY_NAME = "Segment pixels (ExPLoRA)"
+    HELP = ("Runs a segmenter exported by 'explora-geo export' (from an ExploraSegmentationTask checkpoint) "
+            "over the raster in overlapping windows (OVERLAP, default 50 %). The per-pixel logits of every "
+            "window covering a pixel are averaged with a smooth window weight (highest in the window's "
+            "centre), so there are no seams at window borders; the class is the arg-max of their softmax. "
+            "Writes a class raster at the model's resolution with the class names and colours, and "
+            "optionally the top-class probability. Pixels that are nodata, or lie only in windows below "
+            "MIN_VALID, are nodata (255).")
 
     def initAlgorithm(self, config: dict | None = None) -> None:
         self.add_common_parameters()

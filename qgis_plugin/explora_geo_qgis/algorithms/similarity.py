@@ -32,21 +32,13 @@ class SimilarityAlgorithm(TiledModelAlgorithm):
     MODE = "MODE"
     OUTPUT = "OUTPUT"
 
-    def name(self) -> str:
-        return "similarity"
-
-    def displayName(self) -> str:
-        return "Similarity to a reference (ExPLoRA)"
-
-    def shortHelpString(self) -> str:
-        return ("Embeds every tile with an ONNX model exported by 'explora-geo export' and writes the similarity "
-                "(-1..1) of every tile to the tiles under the reference points/polygons. Centred (default): "
-                "embeddings minus the scene's mean embedding, so the map spreads over the range; raw cosine: "
-                "uncentred (a whole scene then scores close to 1). Skipped tiles are nodata "
-                f"({FLOAT_NODATA:g}).")
-
-    def createInstance(self) -> SimilarityAlgorithm:
-        return SimilarityAlgorithm()
+    NAME = "similarity"
+    DISPLAY_NAME = "Similarity to a reference (ExPLoRA)"
+    HELP = ("Embeds every tile with an ONNX model exported by 'explora-geo export' and writes the similarity "
+            "(-1..1) of every tile to the tiles under the reference points/polygons. Centred (default): "
+            "embeddings minus the scene's mean embedding, so the map spreads over the range; raw cosine: "
+            "uncentred (a whole scene then scores close to 1). Skipped tiles are nodata "
+            f"({FLOAT_NODATA:g}).")
 
     def initAlgorithm(self, config: dict | None = None) -> None:
         self.add_common_parameters()
