@@ -38,6 +38,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--nodata", type=float, default=None, help="nodata value (default: file metadata, else 0)")
     p.add_argument("--res", type=float, default=None, help="target GSD in metres (default: finest native)")
     p.add_argument("--dn-offset", default="auto", help="'auto' (detect Sentinel-2 L2A +1000) or DN to subtract")
+    p.add_argument("--compression", choices=["none", "zstd"], default="none",
+                   help="LitData chunk compression (default none; zstd: smaller store, see docs/data.md)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     add_stac_arguments(p)  # STAC input: explora_geo/cli/_stac.py
     p.set_defaults(func=run)
@@ -82,9 +84,14 @@ def run(args: argparse.Namespace) -> int:
     summary = prepare_store(
         catalog, args.out, patches=args.patches, patch_size=args.patch_size, sampler=args.sampler, roi=args.roi,
         max_nodata_fraction=args.max_nodata_fraction, workers=args.workers, seed=args.seed,
-        overwrite=args.overwrite, skipped_files=skipped,
-        provenance=provenance,
+        overwrite=args.overwrite, skipped_files=skipped, provenance=provenance,
+        compression=None if args.compression == "none" else args.compression,
     )
+    if "node" in summary:  # one of several nodes; the last one writes the store's summary
+        print(f"node {summary['node']} of {summary['nodes']}: {summary['node_patches_written']} patches written "
+              f"of the store's {summary['patches_requested']}; the store is complete", file=sys.stderr)
+        print(json.dumps(summary))
+        return 0
     print(f"patches: {summary['patches_requested']} requested, {summary['patches_written']} written, "
           f"{summary['patches_rejected']} rejected (nodata > {args.max_nodata_fraction:g}), "
           f"{summary['patches_unreadable']} unreadable; {summary['patches_per_s']:.1f} patches/s", file=sys.stderr)
