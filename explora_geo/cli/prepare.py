@@ -47,25 +47,15 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Prepare the store; print the summary lines and one JSON line (the summary)."""
+    from explora_geo.cli._data_args import data_args
     from explora_geo.data.prepare import catalog_skipping_unreadable, check_store_target, prepare_store
     from explora_geo.errors import ExploraGeoError
-    from explora_geo.sensors import SENSORS, get_sensor
 
-    key = args.bands.strip().lower().replace("-", "_")
-    if key in SENSORS:
-        sensor = get_sensor(args.sensor or key)
-        bands = get_sensor(key).band_names
-    else:
-        sensor = get_sensor(args.sensor or "sentinel2")
-        bands = [b.strip() for b in args.bands.split(",") if b.strip()]
-    try:
-        offset: float | str = args.dn_offset if args.dn_offset == "auto" else float(args.dn_offset)
-    except ValueError as err:
-        raise ExploraGeoError(f"--dn-offset {args.dn_offset!r} is not 'auto' or a number.") from err
+    chosen = data_args(args)
+    sensor, bands, offset, band_names = chosen.sensor, chosen.bands, chosen.dn_offset, chosen.band_names
     if args.patches < 1:
         raise ExploraGeoError(f"--patches {args.patches}: a store needs at least 1 patch; pass e.g. --patches 10000.")
     check_store_target(args.out, args.overwrite)  # before scanning the data
-    band_names = [b.strip() for b in args.band_names.split(",")] if args.band_names else None
     provenance: dict[str, Any] = {"command": "explora-geo prepare", "data": [str(d) for d in args.data or []]}
     # STAC input (a catalog among --data, or --stac-search): explora_geo/cli/_stac.py
     stac = stac_input_from_args(args, bands=bands, sensor=sensor, nodata=args.nodata, res=args.res,
