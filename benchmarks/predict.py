@@ -5,9 +5,9 @@ Run in the library environment (it needs GDAL's Python bindings, as ``predict`` 
     .venv/bin/python benchmarks/predict.py [--quick] [--model M.onnx] [--repeats 3]
 
 The raster, the model and the bare-forward timing are those of ``benchmarks/qgis_inference.py`` (imported
-from it, so both benchmarks measure the same thing): a 13-band uint16 tiled GeoTIFF of 4096 x 4096 px
-(2048 x 2048 with ``--quick``) at 10 m built by tiling the real T33UUU scene, and a group-channel ViT of
-ViT-Tiny width with 2 blocks, 32 px tiles. It times
+from it, so both benchmarks measure the same thing, at the same sizes): a 13-band uint16 tiled, DEFLATE
+GeoTIFF of 2048 x 2048 px (1024 x 1024 with ``--quick``) at 10 m built by tiling the real T33UUU scene, and
+the QGIS benchmark's ViT-S sized group-channel ViT (width 384, 12 blocks, 32 px tiles). It times
 
 - ``end_to_end``: the library's :func:`explora_geo.predict.predict` on that raster (catalog, reading with
   rasterio, value-scale check, scaling, batching, inference, GeoPackage grid and rasters written) into a fresh
@@ -49,7 +49,7 @@ def time_predict(raster: Path, model_path: Path, out: Path, batch: int) -> tuple
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2048 x 2048 px instead of 4096 x 4096")
+    parser.add_argument("--quick", action="store_true", help="1024 x 1024 px instead of 2048 x 2048")
     parser.add_argument("--model", type=Path, default=None, help="an exported classifier (.onnx)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="alternate both measurements this many times and "
@@ -57,7 +57,7 @@ def main() -> int:
     args = parser.parse_args()
     from explora_geo_qgis.core.model import OnnxModel
 
-    size = 2048 if args.quick else 4096
+    size = 1024 if args.quick else 2048
     with tempfile.TemporaryDirectory(prefix="explora-bench-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()

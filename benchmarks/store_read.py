@@ -11,7 +11,7 @@
 
 Last line: ``store_read_per_worker=<patches/s, 1 worker, cold> store_read_per_worker_warm=<...>
 bytes_per_patch=<B> prepare_patches_per_s=<...>``.
-Usage: ``python benchmarks/store_read.py [--quick] [--patches N] [--keep DIR]`` (``--keep`` reuses a store
+Usage: ``python benchmarks/store_read.py [--quick] [--patches N] [--keep DIR] [--compression none|zstd]`` (``--keep`` reuses a store
 already there). Full mode (256 patches) took about 6 minutes on the shared 2-core machine (preparing 13-band
 JPEG2000 patches is the slow part), ``--quick`` (96 patches) about 2.
 """
@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="96 patches")
     parser.add_argument("--patches", type=int, default=None, help="patches in the store (default 256)")
     parser.add_argument("--keep", default=None, help="build the store in DIR and keep it")
+    parser.add_argument("--compression", choices=["none", "zstd"], default="none",
+                        help="LitData chunk compression of the store (default none)")
     args = parser.parse_args()
     patches = args.patches or (96 if args.quick else 256)
 
@@ -104,9 +106,10 @@ def main() -> None:
                        "bytes": sum(f.stat().st_size for f in store.iterdir())}
         else:
             summary = prepare_store(build_catalog(data, bands=S2), store, patches=patches, patch_size=224,
-                                    workers=2, overwrite=True, progress=False)
+                                    workers=2, overwrite=True, progress=False,
+                                    compression=None if args.compression == "none" else args.compression)
         per_patch = summary["bytes"] / summary["patches_written"]
-        print(f"data: {data} (real T33UUU, 13 bands, 224 px patches)")
+        print(f"data: {data} (real T33UUU, 13 bands, 224 px patches); compression: {args.compression}")
         print(f"prepare: {summary['patches_written']} patches in {summary['seconds']:.1f} s "
               f"({summary['patches_per_s']:.1f} patches/s with 2 workers, worker start-up included); "
               f"{per_patch / 2**20:.2f} MiB per stored patch")

@@ -38,6 +38,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--nodata", type=float, default=None, help="nodata value (default: file metadata, else 0)")
     p.add_argument("--res", type=float, default=None, help="target GSD in metres (default: finest native)")
     p.add_argument("--dn-offset", default="auto", help="'auto' (detect Sentinel-2 L2A +1000) or DN to subtract")
+    p.add_argument("--compression", choices=["none", "zstd"], default="none",
+                   help="LitData chunk compression (default none; zstd: smaller store, see docs/data.md)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     add_stac_arguments(p)  # STAC input: explora_geo/cli/_stac.py
     p.set_defaults(func=run)
@@ -45,25 +47,15 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Prepare the store; print the summary lines and one JSON line (the summary)."""
+    from explora_geo.cli._data_args import data_args
     from explora_geo.data.prepare import catalog_skipping_unreadable, check_store_target, prepare_store
     from explora_geo.errors import ExploraGeoError
-    from explora_geo.sensors import SENSORS, get_sensor
 
-    key = args.bands.strip().lower().replace("-", "_")
-    if key in SENSORS:
-        sensor = get_sensor(args.sensor or key)
-        bands = get_sensor(key).band_names
-    else:
-        sensor = get_sensor(args.sensor or "sentinel2")
-        bands = [b.strip() for b in args.bands.split(",") if b.strip()]
-    try:
-        offset: float | str = args.dn_offset if args.dn_offset == "auto" else float(args.dn_offset)
-    except ValueError as err:
-        raise ExploraGeoError(f"--dn-offset {args.dn_offset!r} is not 'auto' or a number.") from err
+    chosen = data_args(args)
+    sensor, bands, offset, band_names = chosen.sensor, chosen.bands, chosen.dn_offset, chosen.band_names
     if args.patches < 1:
         raise ExploraGeoError(f"--patches {args.patches}: a store needs at least 1 patch; pass e.g. --patches 10000.")
     check_store_target(args.out, args.overwrite)  # before scanning the data
-    band_names = [b.strip() for b in args.band_names.split(",")] if args.band_names else None
     provenance: dict[str, Any] = {"command": "explora-geo prepare", "data": [str(d) for d in args.data or []]}
     # STAC input (a catalog among --data, or --stac-search): explora_geo/cli/_stac.py
     stac = stac_input_from_args(args, bands=bands, sensor=sensor, nodata=args.nodata, res=args.res,
@@ -82,9 +74,14 @@ def run(args: argparse.Namespace) -> int:
     summary = prepare_store(
         catalog, args.out, patches=args.patches, patch_size=args.patch_size, sampler=args.sampler, roi=args.roi,
         max_nodata_fraction=args.max_nodata_fraction, workers=args.workers, seed=args.seed,
-        overwrite=args.overwrite, skipped_files=skipped,
-        provenance=provenance,
+        overwrite=args.overwrite, skipped_files=skipped, provenance=provenance,
+        compression=None if args.compression == "none" else args.compression,
     )
+    if "node" in summary:  # one of several nodes; the last one writes the store's summary
+        print(f"node {summary['node']} of {summary['nodes']}: {summary['node_patches_written']} patches written "
+              f"of the store's {summary['patches_requested']}; the store is complete", file=sys.stderr)
+        print(json.dumps(summary))
+        return 0
     print(f"patches: {summary['patches_requested']} requested, {summary['patches_written']} written, "
           f"{summary['patches_rejected']} rejected (nodata > {args.max_nodata_fraction:g}), "
           f"{summary['patches_unreadable']} unreadable; {summary['patches_per_s']:.1f} patches/s", file=sys.stderr)

@@ -35,22 +35,11 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Compute, print and optionally save the statistics."""
+    from explora_geo.cli._data_args import data_args
     from explora_geo.data.stats import compute_stats, save_stats
-    from explora_geo.errors import ExploraGeoError
-    from explora_geo.sensors import SENSORS, get_sensor
 
-    key = args.bands.strip().lower().replace("-", "_")
-    if key in SENSORS:
-        sensor = get_sensor(args.sensor or key)
-        bands = get_sensor(key).band_names
-    else:
-        sensor = get_sensor(args.sensor or "sentinel2")
-        bands = [b for b in args.bands.split(",") if b.strip()]
-    try:
-        offset: float | str = args.dn_offset if args.dn_offset == "auto" else float(args.dn_offset)
-    except ValueError as err:
-        raise ExploraGeoError(f"--dn-offset {args.dn_offset!r} is not 'auto' or a number.") from err
-    band_names = [b.strip() for b in args.band_names.split(",")] if args.band_names else None
+    chosen = data_args(args)
+    sensor, bands, offset, band_names = chosen.sensor, chosen.bands, chosen.dn_offset, chosen.band_names
     stats = compute_stats(
         args.data, bands=bands, sensor=sensor, band_names=band_names, nodata=args.nodata,
         patch_size=args.patch_size, num_patches=args.patches, seed=args.seed, roi=args.roi,

@@ -31,6 +31,7 @@ from explora_geo.errors import ExploraGeoError
 __all__ = [
     "INDEX_FILE",
     "METADATA_FILE",
+    "NODES_DIR",
     "STATS_FILE",
     "STORE_FORMAT",
     "STORE_VERSION",
@@ -49,6 +50,8 @@ STORE_VERSION = 1
 METADATA_FILE = "explora-store.json"
 STATS_FILE = "stats.json"
 INDEX_FILE = "index.json"
+#: Folder inside a store where the nodes of a multi-node prepare leave their reports and failure notes.
+NODES_DIR = ".explora-prepare"
 #: Object stores LitData reads and writes.
 URL_SCHEMES: tuple[str, ...] = ("s3://", "gs://", "r2://")
 
@@ -60,7 +63,7 @@ def is_url(path: Any) -> bool:
 
 def looks_like_store(data: Any) -> bool:
     """True when ``data`` (a ``--data`` value) names a prepared store: a URL, or a folder holding
-    ``explora-store.json`` or a LitData ``index.json``."""
+    ``explora-store.json``, a LitData ``index.json`` or the notes of a multi-node prepare."""
     if isinstance(data, (list, tuple)):
         if len(data) != 1:
             return False
@@ -70,7 +73,8 @@ def looks_like_store(data: Any) -> bool:
     if is_url(os.fspath(data)):
         return True
     folder = Path(data)
-    return folder.is_dir() and ((folder / METADATA_FILE).is_file() or (folder / INDEX_FILE).is_file())
+    return folder.is_dir() and ((folder / METADATA_FILE).is_file() or (folder / INDEX_FILE).is_file()
+                                or (folder / NODES_DIR).is_dir())
 
 
 def _join(store: str, name: str) -> str:
@@ -170,6 +174,10 @@ def read_store_metadata(store: str | os.PathLike[str], storage_options: dict[str
             raise ExploraGeoError(f"store {text} does not exist; run `explora-geo prepare --out {text}` first.")
         meta_path = folder / METADATA_FILE
         if not meta_path.is_file():
+            if (folder / NODES_DIR).is_dir():
+                raise ExploraGeoError(f"{text} has no {METADATA_FILE}: it is incomplete (a multi-node prepare failed "
+                                      f"or is still running; its nodes' notes are in {NODES_DIR}/); delete it and "
+                                      "run `explora-geo prepare` again on every node.")
             what = "it is incomplete (an interrupted prepare?)" if (folder / INDEX_FILE).exists() else "not a store"
             raise ExploraGeoError(f"{text} has no {METADATA_FILE}: {what}; run `explora-geo prepare` again "
                                   "with --overwrite.")

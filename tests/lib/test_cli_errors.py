@@ -110,3 +110,24 @@ def test_a_mistyped_sensor_preset_is_named_as_one(tmp_path: Path, capsys: pytest
     assert main(_tiny_s2(tmp_path / "run", "--bands", "sentinel9")) == 2
     assert "'sentinel9' is not a sensor preset; did you mean sentinel2?" in _one_line_error(capsys)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["stats", "prepare"])
+def test_data_flags_are_read_alike_by_stats_and_prepare(command: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """``stats`` and ``prepare`` share one reading of --bands/--band-names/--dn-offset (cli/_data_args.py)."""
+    from explora_geo.cli import build_parser
+    from explora_geo.cli._data_args import data_args
+
+    extra = ["--out", str(tmp_path / "store"), "--patches", "4", "--patch-size", "16"] if command == "prepare" else []
+    args = build_parser().parse_args([command, "--data", str(tmp_path), "--bands", " B04, B02 ,",
+                                      "--band-names", "B02, B04", "--dn-offset", "1000", *extra])
+    chosen = data_args(args)
+    assert chosen.bands == ["B04", "B02"] and chosen.band_names == ["B02", "B04"] and chosen.dn_offset == 1000.0
+    assert chosen.sensor.name == "sentinel2"
+    preset = data_args(build_parser().parse_args([command, "--data", str(tmp_path), "--bands", "sentinel2_l2a",
+                                                  *extra]))
+    assert preset.sensor.name == "sentinel2_l2a" and "B10" not in preset.bands and preset.dn_offset == "auto"
+    assert main([command, "--data", str(tmp_path), "--bands", "B04", "--dn-offset", "lots", *extra]) == 2
+    assert "--dn-offset 'lots' is not 'auto' or a number" in _one_line_error(capsys)
+    assert not (tmp_path / "store").exists()

@@ -324,3 +324,123 @@ def test_roi_in_another_crs_confines_the_patches(t33: Any, tmp_path: Path) -> No
     with pytest.raises(ExploraGeoError, match="region of interest does not overlap"):
         prepare_store(build_catalog(path, bands=BANDS), tmp_path / "none", patches=5, patch_size=32,
                       roi=str(outside), workers=1, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Several nodes: LitData's multi-node optimize (DATA_OPTIMIZER_NUM_NODES / DATA_OPTIMIZER_NODE_RANK)
+# ----------------------------------------------------------------------------------------------------------
+
+def _node_command(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "explora_geo", "prepare", "--data", str(data), "--bands", "B02,B08", "--out",
+            str(out), "--patches", "160", "--patch-size", "32", "--workers", "1", "--seed", "3", *extra]
+
+
+def _start_nodes(commands: list[list[str]], timeout_s: str = "120") -> list[tuple[int, str, str]]:
+    """Run one process per node (rank = position), all at once, as on separate machines sharing a folder."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DATA_OPTIMIZER_NUM_NODES": str(len(commands)),
+           "EXPLORA_PREPARE_NODE_TIMEOUT_S": timeout_s}
+    procs = [subprocess.Popen(c, env={**env, "DATA_OPTIMIZER_NODE_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=REPO) for r, c in enumerate(commands)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        results.append((proc.returncode, out, err))
+    return results
+
+
+def _patch_set(store: Path) -> set[tuple[Any, ...]]:
+    return {(int(s["patch_id"]), tuple(np.round(s["bounds"], 6)), s["source"], np.asarray(s["image"]).tobytes())
+            for s in stream_raw(store)}
+
+
+def test_two_nodes_make_the_store_of_one_node(t33: Any, tmp_path: Path) -> None:
+    """Two node processes writing one shared folder give the same patches (as a set) as one node, same seed."""
+    pixels, transform, crs = t33
+    data = tmp_path / "data"
+    data.mkdir()
+    write_crop(data / "a.tif", pixels, transform, crs, 0, 0, 256)
+    write_crop(data / "b.tif", pixels, transform, crs, 300, 600, 200)
+    single = prepare_store(build_catalog(data, bands=["B02", "B08"]), tmp_path / "one", patches=160, patch_size=32,
+                           workers=1, seed=3, progress=False)
+    out = tmp_path / "two"
+    results = _start_nodes([_node_command(data, out), _node_command(data, out)])
+    for rc, _, err in results:
+        assert rc == 0, err[-3000:]
+    node0, node1 = (json.loads(o.strip().splitlines()[-1]) for _, o, _ in results)
+    assert node0["node"] == 0 and 0 < node0["node_patches_written"] < single["patches_written"]
+    assert node1["nodes"] == 2 and node1["patches_written"] == single["patches_written"]  # the merging node
+    two = _patch_set(out)
+    assert len(two) == single["patches_written"] == read_store_metadata(out)["counts"]["written"]
+    assert two == _patch_set(tmp_path / "one")
+    assert read_store_metadata(out)["stats"]["pixels"] == read_store_metadata(tmp_path / "one")["stats"]["pixels"]
+    assert not (out / ".explora-prepare").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "one", "two"]  # no staging left beside
+
+
+def test_a_failed_node_leaves_an_incomplete_store_and_the_others_stop(t33: Any, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    pixels, transform, crs = t33
+    data = tmp_path / "data"
+    data.mkdir()
+    write_crop(data / "a.tif", pixels, transform, crs, 0, 0, 256)
+    out = tmp_path / "store"
+    # node 0 fails while planning (a patch larger than the data); node 1 does its share, then must not hang
+    results = _start_nodes([_node_command(data, out, "--patch-size", "5000"), _node_command(data, out)],
+                           timeout_s="600")
+    (rc0, _, err0), (rc1, _, err1) = results
+    assert rc0 == 2 and len(err0.strip().splitlines()[-1:]) == 1 and "larger than every input" in err0, err0
+    assert rc1 == 2, err1[-2000:]
+    last = err1.strip().splitlines()[-1]
+    assert "node 0: " in last and "larger than every input" in last and "incomplete" in last, last
+    assert list(out.glob("*.bin")) or list((out / ".explora-prepare").rglob("*.bin"))  # node 1's work is kept
+    with pytest.raises(ExploraGeoError, match="incomplete"):
+        read_store_metadata(out)
+    status, _, stderr = run_cli(capsys, "pretrain", "--data", str(out), "--bands", "B02,B08", "--model",
+                                "vit_tiny_patch16_224", "--weights", "random", "--out", str(tmp_path / "run"))
+    assert status == 2 and len(stderr.strip().splitlines()) == 1 and "incomplete" in stderr, stderr
+
+
+def test_a_node_that_never_finishes_makes_the_others_give_up(t33: Any, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Node 1 of 2 never starts (killed, out of quota): node 0 writes its share, then stops at the timeout."""
+    pixels, transform, crs = t33
+    write_crop(tmp_path / "a.tif", pixels, transform, crs, 0, 0, 256)
+    monkeypatch.setenv("DATA_OPTIMIZER_NUM_NODES", "2")
+    monkeypatch.setenv("DATA_OPTIMIZER_NODE_RANK", "0")
+    monkeypatch.setenv("EXPLORA_PREPARE_NODE_TIMEOUT_S", "3")
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(ExploraGeoError, match=r"waited 3 s .* node 1 to finish the store.*incomplete"):
+        prepare_store(build_catalog(tmp_path / "a.tif", bands=["B02"]), tmp_path / "store", patches=160,
+                      patch_size=32, workers=1, progress=False)
+    assert time.monotonic() - started < 60
+    with pytest.raises(ExploraGeoError, match="incomplete"):
+        read_store_metadata(tmp_path / "store")
+    with pytest.raises(ExploraGeoError, match="left from an earlier prepare"):  # a rerun must start clean
+        prepare_store(build_catalog(tmp_path / "a.tif", bands=["B02"]), tmp_path / "store", patches=160,
+                      patch_size=32, workers=1, progress=False)
+
+
+def test_prepare_workers_run_one_torch_thread(t33: Any, tmp_path: Path) -> None:
+    """torch's intra-op threads in every worker process fight over the cores (2.1x slower per patch measured)."""
+    import torch
+
+    from explora_geo.data import prepare as prep
+
+    pixels, transform, crs = t33
+    write_crop(tmp_path / "a.tif", pixels, transform, crs, 0, 0, 128)
+    catalog = build_catalog(tmp_path / "a.tif", bands=BANDS)
+    groups, _ = prep._plan(catalog, 4, 32, "random", None, 0)
+    writer = prep._ShardWriter([groups[0].dataset], ["EPSG:32633"], catalog.files, {}, catalog.nodata, 0.0, 0.5,
+                               64, 100, 0, str(tmp_path))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        list(writer((0, 0, groups[0].boxes)))
+        assert torch.get_num_threads() == 2  # the calling process keeps its threads
+        writer._parent_pid = -1  # as in a LitData worker process
+        list(writer((0, 1, groups[0].boxes)))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
