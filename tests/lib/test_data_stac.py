@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,6 +32,17 @@ EARTH_SEARCH = {"B01": "coastal", "B02": "blue", "B03": "green", "B04": "red", "
                 "B06": "rededge2", "B07": "rededge3", "B08": "nir", "B8A": "nir08", "B09": "nir09",
                 "B10": "cirrus", "B11": "swir16", "B12": "swir22"}
 COMMON = {"B05": "rededge", "B06": "rededge", "B07": "rededge"}  # shared common names are not unique
+
+
+@pytest.fixture(autouse=True)
+def _restore_gdal_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading remote hrefs sets GDAL variables in ``os.environ`` for the whole process (and its workers);
+    ``GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR`` also hides local ``.aux.xml`` files from later reads, so every
+    test here gets them put back as they were (monkeypatch restores what it touched)."""
+    for key in ("GDAL_DISABLE_READDIR_ON_OPEN", "GDAL_HTTP_MAX_RETRY", "GDAL_HTTP_RETRY_DELAY"):
+        monkeypatch.setenv(key, os.environ.get(key, "unset"))  # records the value (or its absence) to restore
+        if os.environ[key] == "unset":
+            monkeypatch.delenv(key)
 
 
 @pytest.fixture(scope="session")
