@@ -3,15 +3,7 @@ pre-training, downstream tasks and export.
 
 The weights are a plain, merged backbone (fused ``qkv``, no LoRA keys, no classification head) that loads
 with ``strict=True`` into the timm architecture named in the sidecar. The sidecar says how to rebuild and
-feed it (schema in ``docs/architecture.md``)::
-
-    {"format": "explora-geo-backbone", "format_version": 1,
-     "architecture": "<timm registered name>", "model_kwargs": {...},
-     "bands": [...], "band_groups": [[...], ...] | null, "sensor": "sentinel2" | null,
-     "gsd_m": 10.0 | null, "img_size": 96, "patch_size": 8, "embed_dim": 192,
-     "normalization": Normalization.to_dict() | null,
-     "source_weights": "<spec>" | null, "explora": ExploraConfig.to_dict() | null,
-     "objective": "mae" | "dinov2" | null}
+feed it; its schema and validation live in :mod:`explora_geo.sidecar` (and ``docs/architecture.md``).
 
 Both files are written to temporary names in the destination folder and moved into place with
 ``os.replace``, so a failure never leaves a half-written backbone.
